@@ -1,0 +1,64 @@
+"""Input checks shared by the public ops: each error names the argument, what it got and what it needs."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, layout: str | None = None):
+    """A tensor of rank ``ndim`` and one of ``dtypes``, with a contiguous last dimension."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        shape = f" {layout}" if layout else ""
+        raise ValueError(f"{name} must have {ndim} dimensions{shape}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {t.dtype}")
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must be contiguous in its last dimension (stride(-1) == 1), got strides {t.stride()}"
+        )
+    return t
+
+
+def check_same(names_tensors, attr: str):
+    """All given tensors (``None`` entries skipped) agree on ``attr``: "device" or "dtype"."""
+    items = [(n, t) for n, t in names_tensors if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if getattr(t, attr) != getattr(first, attr):
+            raise ValueError(
+                f"{name} has {attr} {getattr(t, attr)} but {first_name} has {getattr(first, attr)}; "
+                f"they must match"
+            )
+
+
+def check_cu_seqlens(name: str, cu, total: int, device):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with N+1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != torch.device(device):
+        raise ValueError(f"{name} is on device {cu.device} but the inputs are on {device}")
+    if not torch.compiler.is_compiling() and cu.device.type != "meta":
+        first, last = int(cu[0]), int(cu[-1])
+        if first != 0:
+            raise ValueError(f"{name}[0] must be 0, got {first}")
+        if last != total:
+            raise ValueError(f"{name}[-1] must equal the packed length {total}, got {last}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}")
+    return cu
+
+
+def check_dim(name: str, value: int, lo: int, hi: int, what: str = "head dim"):
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} has {what} {value}; supported {what}s are {lo}..{hi}")

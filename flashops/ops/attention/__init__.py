@@ -1,0 +1,422 @@
+"""Exact softmax attention (FlashAttention): public functions, input checks, autograd wiring.
+
+Every entry point funnels into one pair of custom ops, ``flashops::attention_fwd`` and
+``flashops::attention_bwd``, so that ``torch.compile(fullgraph=True)`` traces through without a graph break
+and the backward of every variant (causal, windows, softcap, ALiBi, dropout, block-sparse, varlen, GQA,
+additive masks) is the same code. The log-sum-exp output is differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ... import _dispatch
+from ..._triton_utils import triton_reasons
+from ..._validation import check_cu_seqlens, check_dim, check_same, check_tensor
+from .args import AttentionArgs
+
+OP = "attention"
+MAX_HEAD_DIM = 256
+_LAYOUT = "[B, T, H, D]"
+
+
+# ----------------------------------------------------------------------------------------------- backends
+def _torch_supports(req: _dispatch.Request) -> list:
+    return []
+
+
+def _triton_supports(req: _dispatch.Request) -> list:
+    reasons = triton_reasons(req.device, req.dtype)
+    if req.get("bias_grad"):
+        reasons.append("a gradient for attn_mask is computed only by the torch backend")
+    block = req.get("block_size")
+    if block is not None and (block[0] % 16 or block[1] % 16):
+        reasons.append(f"block-sparse block_size must be multiples of 16, got {tuple(block)}")
+    return reasons
+
+
+_dispatch.register(OP, _dispatch.Backend(
+    "triton", _dispatch.PRIORITY_TRITON, _triton_supports, f"{__name__}.triton",
+    "Triton FlashAttention-2 style kernels (forward, backward without atomics)"))
+_dispatch.register(OP, _dispatch.Backend(
+    "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__name__}.pytorch",
+    "chunked online-softmax PyTorch (linear memory; CPU and fallback)"))
+_dispatch.register_probe(OP, lambda device, dtype: _dispatch.Request(device, dtype, {"head_dim": 128}))
+
+
+# --------------------------------------------------------------------------------------------- custom ops
+def _args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, block_mask, block_m, block_n,
+          bias, seed, softmax_scale, window_left, window_right, softcap, dropout_p) -> AttentionArgs:
+    return AttentionArgs(
+        softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
+        dropout_p=dropout_p, seed=seed, alibi_slopes=alibi_slopes, block_mask=block_mask, block_m=block_m,
+        block_n=block_n, bias=bias, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+@torch.library.custom_op("flashops::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor], block_mask: Optional[Tensor],
+    block_m: int, block_n: int, bias: Optional[Tensor], seed: Optional[Tensor], softmax_scale: float,
+    window_left: Optional[int], window_right: Optional[int], softcap: float, dropout_p: float, backend: str,
+) -> tuple[Tensor, Tensor]:
+    a = _args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, block_mask, block_m, block_n,
+              bias, seed, softmax_scale, window_left, window_right, softcap, dropout_p)
+    return _dispatch.get(OP, backend).load().forward(q, k, v, a)
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, cu_seqlens_q, *rest):
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[2], q.shape[1]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("flashops::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+    alibi_slopes: Optional[Tensor], block_mask: Optional[Tensor], block_m: int, block_n: int,
+    bias: Optional[Tensor], seed: Optional[Tensor], softmax_scale: float, window_left: Optional[int],
+    window_right: Optional[int], softcap: float, dropout_p: float, want_dbias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    a = _args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, block_mask, block_m, block_n,
+              bias, seed, softmax_scale, window_left, window_right, softcap, dropout_p)
+    dq, dk, dv, dbias = _dispatch.get(OP, backend).load().backward(dout, dlse, q, k, v, out, lse, a, want_dbias)
+    # A custom op returns tensors only: an empty one stands for "no bias gradient".
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        alibi_slopes, block_mask, block_m, block_n, bias, seed, *rest):
+    want_dbias = rest[-2]
+    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if want_dbias else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+_FWD_TENSORS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m, block_n, bias, seed,
+     scale, left, right, softcap, dropout_p, backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes, block_mask, bias, seed)
+    ctx.config = (max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, slopes, block_mask, bias, seed = ctx.saved_tensors
+    max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend = ctx.config
+    want_dbias = bias is not None and ctx.needs_input_grad[11]
+    dq, dk, dv, dbias = _attention_bwd(
+        dout.contiguous() if dout.stride(-1) != 1 else dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+        slopes, block_mask, block_m, block_n, bias, seed, scale, left, right, softcap, dropout_p, want_dbias,
+        backend)
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, dbias if want_dbias else None,
+            *([None] * 7))
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _check_qkv(q, k, v, packed: bool):
+    layout = "[1, total, H, D] (or [total, H, D])" if packed else _LAYOUT
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4, layout=layout)
+    check_same((("q", q), ("k", k), ("v", v)), "device")
+    check_same((("q", q), ("k", k), ("v", v)), "dtype")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    h, h_kv = q.shape[2], k.shape[2]
+    if h_kv == 0 or h % h_kv:
+        raise ValueError(
+            f"the number of query heads ({h}) must be a multiple of the number of key/value heads ({h_kv})")
+    check_dim("q", q.shape[-1], 1, MAX_HEAD_DIM)
+
+
+def _window(causal: bool, window_size) -> tuple[Optional[int], Optional[int]]:
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+            and all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), got {window_size!r}")
+    left, right = window_size
+    left = None if left < 0 else left
+    right = None if right < 0 else right
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def _check_slopes(alibi_slopes, batch: int, heads: int, device):
+    if alibi_slopes is None:
+        return None
+    check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(
+            f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on device {alibi_slopes.device} but q is on {device}")
+    return alibi_slopes.contiguous()
+
+
+def _check_block_mask(block_mask, block_size, batch, heads, t_q, t_k, device):
+    if block_mask is None:
+        return None, (128, 128)
+    if not (isinstance(block_size, (tuple, list)) and len(block_size) == 2
+            and all(isinstance(x, int) and x > 0 for x in block_size)):
+        raise ValueError(f"block_size must be a pair of positive ints (block_m, block_n), got {block_size!r}")
+    if not isinstance(block_mask, torch.Tensor):
+        raise TypeError(f"block_mask must be a torch.Tensor, got {type(block_mask).__name__}")
+    if block_mask.dtype not in (torch.bool, torch.int8, torch.uint8, torch.int32):
+        raise TypeError(f"block_mask must be bool (or 0/1 integers), got {block_mask.dtype}")
+    bm, bn = block_size
+    want = (-(-t_q // bm), -(-t_k // bn))
+    if (block_mask.dim() != 4 or tuple(block_mask.shape[-2:]) != want
+            or block_mask.shape[0] not in (1, batch) or block_mask.shape[1] not in (1, heads)):
+        raise ValueError(
+            f"block_mask must have shape [{batch} or 1, {heads} or 1, {want[0]}, {want[1]}] for block_size "
+            f"{tuple(block_size)}, got {tuple(block_mask.shape)}")
+    if block_mask.device != device:
+        raise ValueError(f"block_mask is on device {block_mask.device} but q is on {device}")
+    return block_mask.to(torch.bool).contiguous(), (bm, bn)
+
+
+def _scalars(softmax_scale, softcap, dropout_p, head_dim):
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ValueError(f"softcap must be a float >= 0 (0 disables it), got {softcap!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return float(softmax_scale), float(softcap), float(dropout_p)
+
+
+def _seed(dropout_p: float, device, generator) -> Optional[Tensor]:
+    if dropout_p == 0.0:
+        return None
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=gen_device, generator=generator)
+    return seed.to(device)
+
+
+def _run(q, k, v, *, args: AttentionArgs, deterministic, backend):
+    features = {
+        "head_dim": q.shape[-1],
+        "varlen": args.varlen,
+        "bias_grad": args.bias is not None and args.bias.requires_grad,
+        "block_size": (args.block_m, args.block_n) if args.block_mask is not None else None,
+        "dropout": args.dropout_p > 0,
+        "deterministic": bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
+    }
+    chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, features), backend)
+    return _attention_fwd(
+        q, k, v, args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k, args.alibi_slopes,
+        args.block_mask, args.block_m, args.block_n, args.bias, args.seed, args.softmax_scale, args.window_left,
+        args.window_right, args.softcap, args.dropout_p, chosen.name)
+
+
+# ------------------------------------------------------------------------------------------ public API
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
+    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    dropout_p: float = 0.0, return_lse: bool = False, deterministic: bool = False,
+    block_mask: Optional[Tensor] = None, block_size: Sequence[int] = (128, 128),
+    generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+):
+    """Exact softmax attention, IO-aware (FlashAttention-2 tiling with an online softmax).
+
+    Args:
+        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA).
+            fp16, bf16 or fp32; D from 1 to 256 (any, powers of two are fastest); stride(-1) == 1.
+        causal: mask keys after the query. With ``Tq != Tk`` the mask is aligned bottom-right
+            (query i sees keys j <= i + Tk - Tq), as in flash-attn.
+        softmax_scale: multiplies q.k; default ``1/sqrt(D)``.
+        window_size: ``(left, right)`` sliding window around the bottom-right diagonal; -1 = unlimited.
+        softcap: if > 0, logits become ``softcap * tanh(logits / softcap)`` (Gemma-2 style).
+        alibi_slopes: fp32 ``[H]`` or ``[B, H]``; adds ``-slope * |i + Tk - Tq - j|`` to the logits.
+        dropout_p: dropout on the attention probabilities (training). The mask is a counter-based hash of
+            a seed drawn from ``generator``, so the backward pass regenerates it.
+        return_lse: also return the log-sum-exp ``[B, H, Tq]`` (fp32, natural log; -inf for a row with no
+            visible key). It is differentiable: a gradient on it flows into q and k.
+        deterministic: request a deterministic backward. Every current backend is deterministic
+            (no atomics), so this only restricts backend choice if a non-deterministic one is added.
+        block_mask: optional block-sparse mask ``[B|1, H|1, ceil(Tq/bm), ceil(Tk/bn)]`` (bool, True =
+            compute the block), combined with the other masks; cost scales with its density.
+        block_size: ``(bm, bn)`` of ``block_mask``.
+        backend: force a backend (``"triton"``, ``"torch"``); default: the first that supports the inputs.
+
+    Returns:
+        ``out`` ``[B, Tq, H, D]`` in the input dtype, or ``(out, lse)`` if ``return_lse``.
+        A row that sees no key (e.g. causal with Tq > Tk) gives zeros.
+
+    Example:
+        >>> q, k, v = (torch.randn(2, 1024, 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> out = flashops.flash_attention(q, k, v, causal=True)
+    """
+    _check_qkv(q, k, v, packed=False)
+    b, t_q, h, d = q.shape
+    t_k = k.shape[1]
+    left, right = _window(causal, window_size)
+    scale, softcap, dropout_p = _scalars(softmax_scale, softcap, dropout_p, d)
+    block_mask, (bm, bn) = _check_block_mask(block_mask, block_size, b, h, t_q, t_k, q.device)
+    args = AttentionArgs(
+        softmax_scale=scale, window_left=left, window_right=right, softcap=softcap, dropout_p=dropout_p,
+        seed=_seed(dropout_p, q.device, generator), alibi_slopes=_check_slopes(alibi_slopes, b, h, q.device),
+        block_mask=block_mask, block_m=bm, block_n=bn, max_seqlen_q=t_q, max_seqlen_k=t_k)
+    out, lse = _run(q, k, v, args=args, deterministic=deterministic, backend=backend)
+    return (out, lse) if return_lse else out
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor, *,
+                           block_size: Sequence[int] = (128, 128), **kwargs):
+    """Block-sparse exact attention (FlashAttention paper, section 3.3): only the blocks where
+    ``block_mask`` ``[B|1, H|1, ceil(Tq/bm), ceil(Tk/bn)]`` is True are computed. Other arguments as in
+    :func:`flash_attention` (causal, windows, etc. combine with the block mask)."""
+    if block_mask is None:
+        raise ValueError("block_sparse_attention needs a block_mask")
+    return flash_attention(q, k, v, block_mask=block_mask, block_size=block_size, **kwargs)
+
+
+def _max_seqlen(name, cu, given):
+    if given is None:
+        if torch.compiler.is_compiling():
+            raise ValueError(f"{name} must be given under torch.compile (it cannot be read from cu_seqlens)")
+        return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    if not isinstance(given, int) or given < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {given!r}")
+    if not torch.compiler.is_compiling() and cu.numel() > 1:
+        actual = int((cu[1:] - cu[:-1]).max())
+        if actual > given:
+            raise ValueError(f"{name}={given} is smaller than the longest sequence ({actual})")
+    return given
+
+
+def flash_attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *, causal: bool = False,
+    softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, return_lse: bool = False,
+    deterministic: bool = False, block_mask: Optional[Tensor] = None, block_size: Sequence[int] = (128, 128),
+    generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+):
+    """Exact attention over packed variable-length sequences.
+
+    Args:
+        q: ``[1, total_q, H, D]`` or ``[total_q, H, D]`` (flash-attn layout); k, v likewise with total_k
+            and Hkv heads. Sequence n holds rows ``cu_seqlens[n]:cu_seqlens[n+1]``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[N + 1]`` cumulative lengths starting at 0 (empty sequences
+            are allowed).
+        max_seqlen_q, max_seqlen_k: the longest sequence (computed from cu_seqlens when omitted; required
+            under torch.compile).
+        alibi_slopes: ``[H]`` or ``[N, H]``. block_mask: ``[N|1, H|1, ceil(max_q/bm), ceil(max_k/bn)]``,
+            indexed per sequence from its first row.
+        Other arguments as in :func:`flash_attention`; causal and windows apply per sequence,
+        bottom-right aligned.
+
+    Returns:
+        ``out`` in the layout of q, or ``(out, lse)`` with lse fp32 ``[H, total_q]``.
+    """
+    squeeze = q.dim() == 3
+    if squeeze:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    _check_qkv(q, k, v, packed=True)
+    if q.shape[0] != 1:
+        raise ValueError(f"packed q must have batch size 1 ([1, total, H, D]), got shape {tuple(q.shape)}")
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[1], q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    n_seq, h, d = cu_seqlens_q.numel() - 1, q.shape[2], q.shape[3]
+    max_q = _max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
+    max_k = _max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
+    left, right = _window(causal, window_size)
+    scale, softcap, dropout_p = _scalars(softmax_scale, softcap, dropout_p, d)
+    block_mask, (bm, bn) = _check_block_mask(block_mask, block_size, n_seq, h, max_q, max_k, q.device)
+    args = AttentionArgs(
+        softmax_scale=scale, window_left=left, window_right=right, softcap=softcap, dropout_p=dropout_p,
+        seed=_seed(dropout_p, q.device, generator), alibi_slopes=_check_slopes(alibi_slopes, n_seq, h, q.device),
+        block_mask=block_mask, block_m=bm, block_n=bn, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_q, max_seqlen_k=max_k)
+    out, lse = _run(q, k, v, args=args, deterministic=deterministic, backend=backend)
+    if squeeze:
+        out = out.squeeze(0)
+    return (out, lse) if return_lse else out
+
+
+def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+         is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
+         backend: Optional[str] = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Same signature and semantics: ``[..., H, L, E]`` inputs (any leading batch dims; 3-D means one head),
+    a boolean ``attn_mask`` where True means "attend", or a float mask added to the logits (broadcastable
+    to ``[..., H, L, S]``; it may require grad, which the torch backend computes), ``is_causal`` aligned
+    top-left as in PyTorch, ``enable_gqa`` for fewer key/value heads. One difference: a query row that
+    sees no key returns zeros instead of NaN.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(name, t, layout="[..., H, L, E]")
+        if t.dim() < 3:
+            raise ValueError(f"{name} must have at least 3 dimensions [..., L, E], got shape {tuple(t.shape)}")
+    if attn_mask is not None and is_causal:
+        raise ValueError("sdpa: attn_mask must be None when is_causal=True (as in PyTorch)")
+    lead = query.shape[:-3] if query.dim() > 3 else query.shape[:-2]
+
+    def heads_view(x):
+        x = x.unsqueeze(-3) if x.dim() == 3 else x
+        return x.reshape(-1, *x.shape[-3:]).transpose(1, 2)  # [B, L, H, E]
+
+    q, k, v = heads_view(query), heads_view(key), heads_view(value)
+    if q.shape[2] != k.shape[2] and not enable_gqa:
+        raise ValueError(f"query has {q.shape[2]} heads and key {k.shape[2]}: pass enable_gqa=True for GQA")
+    _check_qkv(q, k, v, packed=False)
+    b, t_q, h, d = q.shape
+    t_k = k.shape[1]
+    scale_, _, dropout_p = _scalars(scale, 0.0, dropout_p, d)
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask.is_floating_point():
+            bias = attn_mask
+        else:
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        while bias.dim() < query.dim():
+            bias = bias.unsqueeze(0)
+        if bias.dim() == 3:
+            bias = bias.unsqueeze(-3)
+        bias = bias.reshape(-1, *bias.shape[-3:]) if bias.dim() > 4 else bias
+        try:
+            torch.broadcast_shapes(bias.shape, (b, h, t_q, t_k))
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"{(*lead, h, t_q, t_k)}") from None
+        if bias.stride(-1) != 1 and bias.shape[-1] > 1:
+            bias = bias.contiguous()
+    args = AttentionArgs(
+        softmax_scale=scale_, window_right=(t_q - t_k) if is_causal else None, dropout_p=dropout_p,
+        seed=_seed(dropout_p, q.device, None), bias=bias, max_seqlen_q=t_q, max_seqlen_k=t_k)
+    out, _ = _run(q, k, v, args=args, deterministic=False, backend=backend)
+    out = out.transpose(1, 2)  # [B, H, L, E]
+    if query.dim() == 3:
+        return out.squeeze(1)
+    return out.reshape(*lead, h, t_q, d)
+
+
+__all__ = ["flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa"]

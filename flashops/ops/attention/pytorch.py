@@ -1,0 +1,253 @@
+"""Memory-efficient exact attention in pure PyTorch: the CPU path and the fallback on any device.
+
+Queries are processed in chunks and, inside a chunk, keys in chunks with an online softmax, so the largest
+temporary is one [B, H, Cq, Ck] score tile: peak memory grows linearly in T. Key chunks that the causal or
+sliding-window mask empties are never visited; masks are built only for chunks that straddle a boundary.
+The backward recomputes the probabilities from the saved log-sum-exp, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .args import AttentionArgs
+from .dropout import keep_mask
+
+# A score tile of [B*H, Cq, Ck] fp32 stays within this many elements (chunk sizes adapt to B*H).
+TILE_ELEMENTS = 1 << 22
+MAX_KEY_CHUNK = 1024
+MAX_QUERY_CHUNK = 512
+
+
+def _chunk_sizes(bh: int, t_q: int, t_k: int) -> tuple[int, int]:
+    key_chunk = max(16, min(MAX_KEY_CHUNK, t_k))
+    query_chunk = max(16, min(MAX_QUERY_CHUNK, TILE_ELEMENTS // max(1, bh * key_chunk), t_q))
+    return query_chunk, key_chunk
+
+
+def _key_range(a: AttentionArgs, i0: int, i1: int, off: int, t_k: int) -> tuple[int, int]:
+    """Keys visible to any of the queries [i0, i1)."""
+    lo = 0 if a.window_left is None else max(0, i0 + off - a.window_left)
+    hi = t_k if a.window_right is None else min(t_k, i1 - 1 + off + a.window_right + 1)
+    return lo, hi
+
+
+def _needs_mask(a: AttentionArgs, i0, i1, j0, j1, off) -> bool:
+    if a.block_mask is not None:
+        return True
+    if a.window_right is not None and j1 - 1 > i0 + off + a.window_right:
+        return True
+    if a.window_left is not None and j0 < i1 - 1 + off - a.window_left:
+        return True
+    return False
+
+
+class _Sequence:
+    """One dense problem in grouped layout: q [B, Hkv, G, Tq, D], k/v [B, Hkv, 1, Tk, D] (fp32)."""
+
+    def __init__(self, q, k, v, a: AttentionArgs, batch_ids, slopes, block_mask, bias):
+        b, t_q, h, d = q.shape
+        t_k, h_kv = k.shape[1], k.shape[2]
+        g = h // h_kv
+        self.shape = (b, h_kv, g, t_q, t_k, d)
+        self.off = t_k - t_q
+        self.a = a
+        self.q = q.float().reshape(b, t_q, h_kv, g, d).permute(0, 2, 3, 1, 4)
+        self.k = k.float().permute(0, 2, 1, 3).unsqueeze(2)
+        self.v = v.float().permute(0, 2, 1, 3).unsqueeze(2)
+        self.slopes = None if slopes is None else slopes.float().reshape(-1, h_kv, g, 1, 1)
+        self.block_mask = None if block_mask is None else self._grouped(block_mask.bool())
+        self.bias = None if bias is None else self._grouped(bias)
+        self.bh = (batch_ids[:, None] * h + torch.arange(h, device=q.device)).reshape(b, h_kv, g)
+        self.seed = int(a.seed) if a.dropout_p > 0 else 0
+
+    def _grouped(self, t):
+        """[B|1, H|1, X, Y] -> [B|1, Hkv|1, G|1, X, Y]."""
+        _, h_kv, g = self.shape[:3]
+        if t.shape[1] == 1:
+            return t.unsqueeze(1)
+        return t.reshape(t.shape[0], h_kv, g, t.shape[-2], t.shape[-1])
+
+    def scores(self, i0, i1, j0, j1):
+        """Logits of queries [i0, i1) against keys [j0, j1), and tanh of the capped scores (or None)."""
+        a = self.a
+        s = torch.matmul(self.q[..., i0:i1, :], self.k[..., j0:j1, :].transpose(-1, -2))
+        s.mul_(a.softmax_scale)
+        tanh = None
+        if a.softcap > 0:
+            tanh = torch.tanh(s / a.softcap)
+            s = tanh * a.softcap
+        rows = torch.arange(i0, i1, device=s.device)
+        cols = torch.arange(j0, j1, device=s.device)
+        if self.slopes is not None:
+            dist = (rows[:, None] + self.off - cols[None, :]).abs().float()
+            s = s - self.slopes * dist
+        if self.bias is not None:
+            bias = self.bias
+            if bias.shape[-2] > 1:
+                bias = bias[..., i0:i1, :]
+            if bias.shape[-1] > 1:
+                bias = bias[..., j0:j1]
+            s = s + bias.float()
+        if _needs_mask(a, i0, i1, j0, j1, self.off):
+            allowed = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=s.device)
+            diag = rows[:, None] + self.off
+            if a.window_right is not None:
+                allowed &= cols[None, :] <= diag + a.window_right
+            if a.window_left is not None:
+                allowed &= cols[None, :] >= diag - a.window_left
+            if self.block_mask is not None:
+                blocks = self.block_mask[..., rows // a.block_m, :][..., cols // a.block_n]
+                allowed = allowed & blocks
+            s = s.masked_fill(~allowed, float("-inf"))
+        return s, tanh
+
+    def keep(self, i0, i1, j0, j1):
+        dev = self.q.device
+        return keep_mask(self.seed, self.bh, torch.arange(i0, i1, device=dev), torch.arange(j0, j1, device=dev),
+                         self.a.dropout_p)
+
+
+def _forward_one(seq: _Sequence):
+    b, h_kv, g, t_q, t_k, d = seq.shape
+    a = seq.a
+    dev = seq.q.device
+    out = torch.zeros(b, h_kv, g, t_q, d, device=dev)
+    lse = torch.full((b, h_kv, g, t_q), float("-inf"), device=dev)
+    query_chunk, key_chunk = _chunk_sizes(b * h_kv * g, t_q, t_k)
+    for i0 in range(0, t_q, query_chunk):
+        i1 = min(i0 + query_chunk, t_q)
+        lo, hi = _key_range(a, i0, i1, seq.off, t_k)
+        if hi <= lo:
+            continue
+        m = torch.full((b, h_kv, g, i1 - i0, 1), float("-inf"), device=dev)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(b, h_kv, g, i1 - i0, d, device=dev)
+        for j0 in range(lo, hi, key_chunk):
+            j1 = min(j0 + key_chunk, hi)
+            s, _ = seq.scores(i0, i1, j0, j1)
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
+            p = torch.exp(s - m_safe)
+            alpha = torch.exp(m - m_safe)
+            l = l * alpha + p.sum(dim=-1, keepdim=True)
+            if a.dropout_p > 0:
+                p = p * seq.keep(i0, i1, j0, j1) * (1.0 / (1.0 - a.dropout_p))
+            acc = acc * alpha + torch.matmul(p, seq.v[..., j0:j1, :])
+            m = m_new
+        empty = l == 0
+        out[..., i0:i1, :] = acc / l.masked_fill(empty, 1.0)
+        lse[..., i0:i1] = (m + torch.log(l)).masked_fill(empty, float("-inf")).squeeze(-1)
+    return out, lse
+
+
+def _backward_one(seq: _Sequence, dout, lse, delta, want_dbias: bool):
+    """dout [B, Hkv, G, Tq, D], lse/delta [B, Hkv, G, Tq] fp32 -> dq, dk, dv (fp32, grouped), dbias full."""
+    b, h_kv, g, t_q, t_k, d = seq.shape
+    a = seq.a
+    dev = seq.q.device
+    dq = torch.zeros(b, h_kv, g, t_q, d, device=dev)
+    dk = torch.zeros(b, h_kv, t_k, d, device=dev)
+    dv = torch.zeros(b, h_kv, t_k, d, device=dev)
+    dbias = torch.zeros(b, h_kv, g, t_q, t_k, device=dev) if want_dbias else None
+    lse_safe = lse.masked_fill(torch.isneginf(lse), float("inf"))[..., None]
+    query_chunk, key_chunk = _chunk_sizes(b * h_kv * g, t_q, t_k)
+    keep_scale = 1.0 / (1.0 - a.dropout_p) if a.dropout_p > 0 else 1.0
+    for i0 in range(0, t_q, query_chunk):
+        i1 = min(i0 + query_chunk, t_q)
+        lo, hi = _key_range(a, i0, i1, seq.off, t_k)
+        do_c = dout[..., i0:i1, :]
+        q_c = seq.q[..., i0:i1, :]
+        for j0 in range(lo, hi, key_chunk):
+            j1 = min(j0 + key_chunk, hi)
+            s, tanh = seq.scores(i0, i1, j0, j1)
+            p = torch.exp(s - lse_safe[..., i0:i1, :])
+            dp = torch.matmul(do_c, seq.v[..., j0:j1, :].transpose(-1, -2))
+            if a.dropout_p > 0:
+                keep = seq.keep(i0, i1, j0, j1) * keep_scale
+                dv[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", p * keep, do_c)
+                dp = dp * keep
+            else:
+                dv[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", p, do_c)
+            ds = p * (dp - delta[..., i0:i1, None])
+            if dbias is not None:
+                dbias[..., i0:i1, j0:j1] = ds
+            if tanh is not None:
+                ds = ds * (1.0 - tanh * tanh)
+            dq[..., i0:i1, :] += torch.matmul(ds, seq.k[..., j0:j1, :])
+            dk[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", ds, q_c)
+    dq.mul_(a.softmax_scale)
+    dk.mul_(a.softmax_scale)
+    return dq, dk, dv, dbias
+
+
+def _ungroup(x):
+    """[B, Hkv, G, T, D] -> [B, T, H, D]."""
+    b, h_kv, g, t, d = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(b, t, h_kv * g, d)
+
+
+def _sequences(q, k, v, a: AttentionArgs):
+    """Yield (query slice, key slice, _Sequence) per dense problem: the whole batch, or each varlen sequence."""
+    if not a.varlen:
+        batch_ids = torch.arange(q.shape[0], device=q.device)
+        yield slice(None), slice(None), _Sequence(q, k, v, a, batch_ids, a.alibi_slopes, a.block_mask, a.bias)
+        return
+    cu_q, cu_k = a.cu_seqlens_q.tolist(), a.cu_seqlens_k.tolist()
+    for n in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[n], cu_q[n + 1]), slice(cu_k[n], cu_k[n + 1])
+        slopes = a.alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[n]
+        block_mask = None if a.block_mask is None else a.block_mask[n : n + 1]
+        batch_ids = torch.tensor([n], device=q.device)
+        yield qs, ks, _Sequence(q[:, qs], k[:, ks], v[:, ks], a, batch_ids, slopes, block_mask, None)
+
+
+def forward(q, k, v, a: AttentionArgs):
+    """q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> out [B, Tq, H, D] (input dtype), lse fp32 [B, H, Tq]
+    (varlen: q/k/v packed [1, total, ., D], lse [H, total_q])."""
+    out = torch.empty_like(q)
+    h = q.shape[2]
+    lse = torch.empty(h, q.shape[1], device=q.device) if a.varlen else torch.empty(q.shape[0], h, q.shape[1], device=q.device)
+    for qs, _, seq in _sequences(q, k, v, a):
+        o, l = _forward_one(seq)
+        out[:, qs] = _ungroup(o).to(q.dtype)
+        l = l.reshape(l.shape[0], h, -1)
+        if a.varlen:
+            lse[:, qs] = l[0]
+        else:
+            lse.copy_(l)
+    return out, lse
+
+
+def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool = False):
+    """Gradients (dq, dk, dv, dbias-or-None) in the input dtypes; dlse may be None."""
+    h, h_kv = q.shape[2], k.shape[2]
+    g = h // h_kv
+    # delta_i = rowsum(dO_i * O_i) - dLSE_i: the softmax Jacobian's diagonal term plus the lse gradient.
+    delta = (dout.float() * out.float()).sum(-1)  # [B, Tq, H]
+    delta = delta.permute(0, 2, 1)  # [B, H, Tq]
+    lse_bht = lse.unsqueeze(0) if a.varlen else lse
+    if dlse is not None:
+        delta = delta - (dlse.unsqueeze(0) if a.varlen else dlse).float()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbias = None
+    for qs, ks, seq in _sequences(q, k, v, a):
+        b, t_q = seq.shape[0], seq.shape[3]
+        grouped = lambda x: x.reshape(b, h_kv, g, t_q)  # noqa: E731
+        do_g = dout[:, qs].float().reshape(b, t_q, h_kv, g, -1).permute(0, 2, 3, 1, 4)
+        dq_s, dk_s, dv_s, dbias = _backward_one(
+            seq, do_g, grouped(lse_bht[..., qs]), grouped(delta[..., qs]), want_dbias
+        )
+        dq[:, qs] = _ungroup(dq_s).to(q.dtype)
+        dk[:, ks] = dk_s.permute(0, 2, 1, 3).to(k.dtype)
+        dv[:, ks] = dv_s.permute(0, 2, 1, 3).to(v.dtype)
+    if dbias is not None:
+        b, h_kv_, g_, t_q, t_k = dbias.shape
+        dbias = dbias.reshape(b, h, t_q, t_k)
+        reduce_dims = [i for i, n in enumerate(a.bias.shape) if n == 1 and dbias.shape[i] != 1]
+        dbias = dbias.sum(dim=reduce_dims, keepdim=True).to(a.bias.dtype)
+    return dq, dk, dv, dbias

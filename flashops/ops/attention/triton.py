@@ -1,0 +1,837 @@
+"""Triton FlashAttention-2 kernels: forward, and a backward without atomics (deterministic).
+
+Forward: one program per (query tile, batch * head) streams key/value tiles through an online softmax in
+the log2 domain (exp2 with log2(e) folded into the scale). Key tiles are visited in three ranges: the
+masked head of the window, the unmasked middle and the masked tail; tiles outside the causal / sliding
+window range are never touched, and masks are only evaluated on the two boundary ranges.
+Backward: ``_attn_bwd_dkdv_kernel`` (one program per key tile, looping over the query tiles of every
+query head of its GQA group) and ``_attn_bwd_dq_kernel`` (one program per query tile), so nothing is
+accumulated with atomics. Features (causal/window, softcap, ALiBi, dropout, block-sparse mask, additive
+bias, varlen, GQA) are constexpr switches: a plain call compiles none of their code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._triton_utils import autotune_enabled, configs, dot_precision
+from .args import AttentionArgs
+from .dropout import GOLDEN_BH, GOLDEN_COL, GOLDEN_ROW, KEEP_BITS, MUL_A, MUL_B, drop_threshold
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * tl.full([], MUL_A, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], MUL_B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _dropout_row_hash(seed, bh, rows):
+    base = _mix32(seed.to(tl.uint32) ^ (bh.to(tl.uint32) * tl.full([], GOLDEN_BH, tl.uint32)))
+    return _mix32(base + rows.to(tl.uint32) * tl.full([], GOLDEN_ROW, tl.uint32))
+
+
+@triton.jit
+def _dropout_keep(row_hash, cols, threshold):
+    """row_hash and cols are broadcastable index tensors ([M, 1] x [1, N] or transposed)."""
+    x = _mix32(row_hash ^ (cols.to(tl.uint32) * tl.full([], GOLDEN_COL, tl.uint32)))
+    return (x >> (32 - KEEP_BITS)) >= threshold
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^{2x} + 1): exact limits at +-inf, no libdevice call (works in the interpreter).
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _logits(qk, rows, cols, diag, qk_scale2, cap_scale, cap2, slope2,
+            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """log2-domain logits from raw q.k and the tanh of the capped score (or qk when no softcap)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * cap_scale)
+        s = t * cap2
+    else:
+        t = qk
+        s = qk * qk_scale2
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs(rows + diag - cols).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _mask_logits(s, rows, cols, seqlen_k, diag, window_left, window_right,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    ok = cols < seqlen_k
+    if HAS_RIGHT:
+        ok = ok & (cols <= rows + diag + window_right)
+    if HAS_LEFT:
+        ok = ok & (cols >= rows + diag - window_left)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def _key_ranges(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key tiles for query rows [start_m, start_m + BLOCK_M): [lo, a) masked, [a, b) unmasked, [b, end) masked."""
+    lo = 0
+    hi = seqlen_k
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, start_m + BLOCK_M + diag + window_right)
+    if HAS_LEFT:
+        lo = tl.maximum(0, start_m + diag - window_left)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    end = tl.cdiv(tl.maximum(hi, 0), BLOCK_N) * BLOCK_N
+    full_lo = lo
+    if HAS_LEFT:
+        full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + diag - window_left, 0), BLOCK_N) * BLOCK_N
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        full_hi = tl.minimum(full_hi, (tl.maximum(start_m + diag + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
+    a = tl.minimum(tl.maximum(full_lo, lo), end)
+    b = tl.minimum(tl.maximum(full_hi, a), end)
+    return lo, a, b, end
+
+
+@triton.jit
+def _query_ranges(start_n, seqlen_q, diag, window_left, window_right, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query tiles that see keys [start_n, start_n + BLOCK_N): [lo, a) masked, [a, b) unmasked, [b, end) masked."""
+    lo = 0
+    hi = seqlen_q
+    if HAS_RIGHT:
+        lo = tl.maximum(0, start_n - diag - window_right)
+    if HAS_LEFT:
+        hi = tl.minimum(hi, start_n + BLOCK_N - diag + window_left)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    end = tl.cdiv(tl.maximum(hi, 0), BLOCK_M) * BLOCK_M
+    full_lo = lo
+    if HAS_RIGHT:
+        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - window_right, 0), BLOCK_M) * BLOCK_M
+    full_hi = (seqlen_q // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        full_hi = tl.minimum(full_hi, (tl.maximum(start_n - diag + window_left + 1, 0) // BLOCK_M) * BLOCK_M)
+    a = tl.minimum(tl.maximum(full_lo, lo), end)
+    b = tl.minimum(tl.maximum(full_hi, a), end)
+    return lo, a, b, end
+
+
+# ----------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
+              seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn,
+              qk_scale2, cap_scale, cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale,
+              HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    k_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kt + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+    if MASKED:
+        col_ok = cols < seqlen_k
+        if EVEN_D:
+            kt = tl.load(k_ptrs, mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            d_ok = offs_d < HEAD_DIM
+            kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            kt = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            d_ok = offs_d < HEAD_DIM
+            kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    s, _ = _logits(qk, rows[:, None], cols[None, :], diag, qk_scale2, cap_scale, cap2, slope2,
+                   HAS_SOFTCAP, HAS_ALIBI)
+    if HAS_BIAS:
+        bias = tl.load(bias_base + rows[:, None] * stride_bm + cols[None, :] * stride_bn,
+                       mask=row_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
+        s = s + bias.to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        s = _mask_logits(s, rows[:, None], cols[None, :], seqlen_k, diag, window_left, window_right,
+                         HAS_LEFT, HAS_RIGHT)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED or HAS_BIAS:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    else:
+        m_ref = m_new
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        keep = _dropout_keep(drop_rows[:, None], cols[None, :], drop_threshold)
+        p = tl.where(keep, p * drop_scale, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, lo, hi, q, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n,
+               rows, offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn,
+               qk_scale2, cap_scale, cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale,
+               HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        if HAS_BLOCK_MASK:
+            if tl.load(mask_row_ptr + (start_n // mask_block_n) * stride_mn) != 0:
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
+                    seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2,
+                    slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D,
+                    MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, DOT_PRECISION)
+        else:
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
+                seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2,
+                slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D,
+                MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, SEED, SLOPES, BLOCK_MASK, BIAS, CU_Q, CU_K,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_sb, stride_sh,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    seqlen_q, seqlen_k, num_heads, kv_group, mask_block_m, mask_block_n,
+    qk_scale2, cap_scale, cap2, window_left, window_right, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    h_kv = h // kv_group
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    # Heaviest query tiles first when the mask is causal-like: better tail balance.
+    if HAS_RIGHT:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    diag = seqlen_k - seqlen_q
+    b64 = b.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen_q
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + (q_start + start_m).to(tl.int64) * stride_qt
+    q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kt
+    v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vt
+
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh) * 1.4426950408889634
+    bias_base = BIAS
+    if HAS_BIAS:
+        bias_base = BIAS + b64 * stride_bb + h.to(tl.int64) * stride_bh
+    mask_row_ptr = BLOCK_MASK
+    if HAS_BLOCK_MASK:
+        mask_row_ptr = BLOCK_MASK + b * stride_mb + h * stride_mh + (start_m // mask_block_m) * stride_mm
+    drop_rows = rows
+    if HAS_DROPOUT:
+        drop_rows = _dropout_row_hash(tl.load(SEED), b * num_heads + h, rows)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, a, bnd, end = _key_ranges(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                  HAS_LEFT, HAS_RIGHT)
+    acc, l_i, m_i = _fwd_range(
+        acc, l_i, m_i, lo, a, q, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows, offs_n,
+        offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2,
+        slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_range(
+        acc, l_i, m_i, a, bnd, q, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows, offs_n,
+        offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2,
+        slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
+        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_range(
+        acc, l_i, m_i, bnd, end, q, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale,
+        cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_ptrs = (O + b64 * stride_ob + h.to(tl.int64) * stride_oh + (q_start + start_m).to(tl.int64) * stride_ot
+              + offs_m[:, None] * stride_ot + offs_d[None, :])
+    if EVEN_D:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    lse_ptrs = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
+    tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh,
+    stride_lb, stride_lh, seqlen_q, num_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta_i = rowsum(dO_i * O_i) - dLSE_i (fp32, laid out like LSE)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    b64 = b.to(tl.int64)
+    row64 = (q_start + rows).to(tl.int64)
+    o = tl.load(O + b64 * stride_ob + h * stride_oh + row64[:, None] * stride_ot + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b64 * stride_db + h * stride_dh + row64[:, None] * stride_dt + offs_d[None, :], mask=ok,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse_off = b64 * stride_lb + h * stride_lh + q_start + rows
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + lse_off, mask=rows < seqlen_q, other=0.0)
+    tl.store(DELTA + lse_off, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, start_m, cols, offs_m, offs_d,
+                   seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm, stride_bn,
+                   qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
+                   drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """One query tile's contribution to dK, dV of a key tile; works on transposed scores [BLOCK_N, BLOCK_M]."""
+    rows = start_m + offs_m
+    row_ok = rows < seqlen_q
+    q_ptrs = q_base + tl.cast(start_m, tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = do_base + tl.cast(start_m, tl.int64) * stride_dot + offs_m[:, None] * stride_dot + offs_d[None, :]
+    if MASKED:
+        if EVEN_D:
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+            q = tl.load(q_ptrs, mask=ok, other=0.0)
+            do = tl.load(do_ptrs, mask=ok, other=0.0)
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    else:
+        if EVEN_D:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        else:
+            ok = offs_d[None, :] < HEAD_DIM
+            q = tl.load(q_ptrs, mask=ok, other=0.0)
+            do = tl.load(do_ptrs, mask=ok, other=0.0)
+        lse2 = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+    # log2-domain lse; a row with nothing visible (-inf) gets +inf so that its probabilities are 0.
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    s_t, t_t = _logits(qk_t, rows[None, :], cols[:, None], diag, qk_scale2, cap_scale, cap2, slope2,
+                       HAS_SOFTCAP, HAS_ALIBI)
+    if HAS_BIAS:
+        bias = tl.load(bias_base + rows[None, :] * stride_bm + cols[:, None] * stride_bn,
+                       mask=row_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
+        s_t = s_t + bias.to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        s_t = _mask_logits(s_t, rows[None, :], cols[:, None], seqlen_k, diag, window_left, window_right,
+                           HAS_LEFT, HAS_RIGHT)
+    p_t = tl.exp2(s_t - lse2[None, :])
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep_t = _dropout_keep(_dropout_row_hash(seed, bh, rows)[None, :], cols[:, None], drop_threshold)
+        dv = tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+    else:
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_range(dk, dv, lo, hi, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr,
+                    stride_mm, mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot,
+                    stride_bm, stride_bn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh,
+                    drop_threshold, drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        if HAS_BLOCK_MASK:
+            if tl.load(mask_col_ptr + (start_m // mask_block_m) * stride_mm) != 0:
+                dk, dv = _bwd_dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, start_m, cols, offs_m, offs_d,
+                    seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm, stride_bn, qk_scale2, cap_scale,
+                    cap2, slope2, window_left, window_right, seed, bh, drop_threshold, drop_scale, HEAD_DIM,
+                    EVEN_D, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT,
+                    DOT_PRECISION)
+        else:
+            dk, dv = _bwd_dkdv_tile(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, start_m, cols, offs_m, offs_d,
+                seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm, stride_bn, qk_scale2, cap_scale,
+                cap2, slope2, window_left, window_right, seed, bh, drop_threshold, drop_scale, HEAD_DIM,
+                EVEN_D, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT,
+                DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, SEED, SLOPES, BLOCK_MASK, BIAS, CU_Q, CU_K,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+    stride_lb, stride_lh, stride_sb, stride_sh, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    seqlen_q, seqlen_k, num_heads, kv_group, mask_block_m, mask_block_n,
+    sm_scale, qk_scale2, cap_scale, cap2, window_left, window_right, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    num_kv_heads = num_heads // kv_group
+    b = pid_bh // num_kv_heads
+    h_kv = pid_bh % num_kv_heads
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    diag = seqlen_k - seqlen_q
+    b64 = b.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n + offs_n
+    col_ok = cols < seqlen_k
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    kv_ok = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    row64 = (k_start + start_n).to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + row64 * stride_kt
+                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + row64 * stride_vt
+                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo, a, bnd, end = _query_ranges(start_n, seqlen_q, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                    HAS_LEFT, HAS_RIGHT)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    for g in range(0, kv_group):
+        h = h_kv * kv_group + g
+        h64 = h.to(tl.int64)
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
+        do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start.to(tl.int64) * stride_dot
+        lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
+        delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q_start
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh) * 1.4426950408889634
+        bias_base = BIAS
+        if HAS_BIAS:
+            bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
+        mask_col_ptr = BLOCK_MASK
+        if HAS_BLOCK_MASK:
+            mask_col_ptr = BLOCK_MASK + b * stride_mb + h * stride_mh + (start_n // mask_block_n) * stride_mn
+        bh = b * num_heads + h
+        dk, dv = _bwd_dkdv_range(
+            dk, dv, lo, a, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr, stride_mm,
+            mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm,
+            stride_bn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
+            drop_scale, HEAD_DIM, EVEN_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+            HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_range(
+            dk, dv, a, bnd, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr, stride_mm,
+            mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm,
+            stride_bn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
+            drop_scale, HEAD_DIM, EVEN_D, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+            HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_range(
+            dk, dv, bnd, end, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr, stride_mm,
+            mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm,
+            stride_bn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
+            drop_scale, HEAD_DIM, EVEN_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+            HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + row64 * stride_dkt
+             + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b64 * stride_dvb + h_kv.to(tl.int64) * stride_dvh + row64 * stride_dvt
+             + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
+                 seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2, slope2,
+                 window_left, window_right, drop_rows, drop_threshold, drop_scale,
+                 HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                 HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    k_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kt + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vt + offs_n[None, :] * stride_vt + offs_d[:, None]
+    if MASKED:
+        ok = (cols < seqlen_k)[None, :] & (offs_d < HEAD_DIM)[:, None]
+        kt = tl.load(k_ptrs, mask=ok, other=0.0)
+        vt = tl.load(v_ptrs, mask=ok, other=0.0)
+    else:
+        if EVEN_D:
+            kt = tl.load(k_ptrs)
+            vt = tl.load(v_ptrs)
+        else:
+            ok = (offs_d < HEAD_DIM)[:, None]
+            kt = tl.load(k_ptrs, mask=ok, other=0.0)
+            vt = tl.load(v_ptrs, mask=ok, other=0.0)
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    s, t = _logits(qk, rows[:, None], cols[None, :], diag, qk_scale2, cap_scale, cap2, slope2,
+                   HAS_SOFTCAP, HAS_ALIBI)
+    if HAS_BIAS:
+        bias = tl.load(bias_base + rows[:, None] * stride_bm + cols[None, :] * stride_bn,
+                       mask=row_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
+        s = s + bias.to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        s = _mask_logits(s, rows[:, None], cols[None, :], seqlen_k, diag, window_left, window_right,
+                         HAS_LEFT, HAS_RIGHT)
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(drop_rows[:, None], cols[None, :], drop_threshold)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_range(dq, lo, hi, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n,
+                  rows, offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn,
+                  qk_scale2, cap_scale, cap2, slope2, window_left, window_right, drop_rows, drop_threshold,
+                  drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        if HAS_BLOCK_MASK:
+            if tl.load(mask_row_ptr + (start_n // mask_block_n) * stride_mn) != 0:
+                dq = _bwd_dq_tile(
+                    dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
+                    seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2, slope2,
+                    window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, MASKED,
+                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, DOT_PRECISION)
+        else:
+            dq = _bwd_dq_tile(
+                dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
+                seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2, slope2,
+                window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, MASKED,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, SEED, SLOPES, BLOCK_MASK, BIAS, CU_Q, CU_K,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh, stride_sb, stride_sh, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    seqlen_q, seqlen_k, num_heads, kv_group, mask_block_m, mask_block_n,
+    sm_scale, qk_scale2, cap_scale, cap2, window_left, window_right, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    h_kv = h // kv_group
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    if HAS_RIGHT:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    diag = seqlen_k - seqlen_q
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen_q
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    row64 = (q_start + start_m).to(tl.int64)
+    ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row64 * stride_qt + offs_m[:, None] * stride_qt
+                + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row64 * stride_dot + offs_m[:, None] * stride_dot
+                 + offs_d[None, :], mask=ok, other=0.0)
+    lse_off = b64 * stride_lb + h64 * stride_lh + q_start + rows
+    lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
+    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kt
+    v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vt
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh) * 1.4426950408889634
+    bias_base = BIAS
+    if HAS_BIAS:
+        bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
+    mask_row_ptr = BLOCK_MASK
+    if HAS_BLOCK_MASK:
+        mask_row_ptr = BLOCK_MASK + b * stride_mb + h * stride_mh + (start_m // mask_block_m) * stride_mm
+    drop_rows = rows
+    if HAS_DROPOUT:
+        drop_rows = _dropout_row_hash(tl.load(SEED), b * num_heads + h, rows)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, a, bnd, end = _key_ranges(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                  HAS_LEFT, HAS_RIGHT)
+    dq = _bwd_dq_range(
+        dq, lo, a, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale,
+        cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+    dq = _bwd_dq_range(
+        dq, a, bnd, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale,
+        cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
+        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+    dq = _bwd_dq_range(
+        dq, bnd, end, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale,
+        cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row64 * stride_dqt + offs_m[:, None] * stride_dqt
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def _cfg(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages); the first entry of each list is the default when autotuning is off.
+_FWD_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+}
+# dK/dV: BLOCK_N keys held, BLOCK_M queries streamed.
+_DKDV_CONFIGS = {
+    64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
+    128: [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
+    256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+}
+_DQ_CONFIGS = {
+    64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2)],
+    128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)],
+}
+# Under the interpreter: small, unequal tiles so that short tests still cross tile and mask boundaries.
+_INTERPRETED = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
+_TUNING_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_TUNED: dict = {}
+
+
+def _tuned_kernel(kind: str, block_d: int, mask_block: tuple[int, int] | None):
+    """The autotuned launcher of one kernel for a head-dim bucket (and block-sparse block size)."""
+    cache_key = (kind, block_d, mask_block, autotune_enabled())
+    if cache_key in _TUNED:
+        return _TUNED[cache_key]
+    bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    entries = _TUNING_TABLES[kind][bucket]
+    if mask_block is not None:
+        # A tile must sit inside one block of the block mask.
+        fits = [e for e in entries if mask_block[0] % e[0] == 0 and mask_block[1] % e[1] == 0]
+        entries = fits or [(math.gcd(mask_block[0], 64), math.gcd(mask_block[1], 64), 4, 2)]
+    interpreted = _INTERPRETED[kind]
+    if mask_block is not None:
+        interpreted = (math.gcd(mask_block[0], interpreted[0]), math.gcd(mask_block[1], interpreted[1]), 1, 1)
+    candidates = configs([_cfg(*e) for e in entries], [_cfg(*interpreted)])
+    kernel = triton.autotune(configs=candidates, key=["BLOCK_D", "HAS_RIGHT", "IS_VARLEN"])(_KERNELS[kind])
+    _TUNED[cache_key] = kernel
+    return kernel
+
+
+def _features(q: torch.Tensor, a: AttentionArgs) -> dict:
+    d = q.shape[-1]
+    return dict(
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), IS_VARLEN=a.varlen,
+        HAS_LEFT=a.window_left is not None, HAS_RIGHT=a.window_right is not None, HAS_SOFTCAP=a.softcap > 0,
+        HAS_ALIBI=a.alibi_slopes is not None, HAS_BIAS=a.bias is not None, HAS_DROPOUT=a.dropout_p > 0,
+        HAS_BLOCK_MASK=a.block_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+    )
+
+
+def _scalars(a: AttentionArgs) -> dict:
+    cap = a.softcap if a.softcap > 0 else 1.0
+    return dict(
+        qk_scale2=a.softmax_scale * LOG2E, cap_scale=a.softmax_scale / cap, cap2=cap * LOG2E,
+        window_left=a.window_left if a.window_left is not None else 0,
+        window_right=a.window_right if a.window_right is not None else 0,
+        drop_threshold=drop_threshold(a.dropout_p), drop_scale=1.0 / (1.0 - a.dropout_p),
+    )
+
+
+def _aux(q: torch.Tensor, a: AttentionArgs):
+    """Pointers and strides of the optional inputs (a dummy tensor stands in for absent ones)."""
+    dummy = q.new_empty(1)
+    slopes = a.alibi_slopes
+    if slopes is None:
+        slope_strides = (0, 0)
+    elif slopes.dim() == 1:
+        slope_strides = (0, slopes.stride(0))
+    else:
+        slope_strides = (slopes.stride(0), slopes.stride(1))
+    bm = a.block_mask
+    mask_strides = (0, 0, 0, 0) if bm is None else tuple(
+        s if n > 1 else 0 for s, n in zip(bm.stride(), bm.shape))
+    bias = a.bias
+    bias_strides = (0, 0, 0, 0) if bias is None else tuple(
+        s if n > 1 else 0 for s, n in zip(bias.stride(), bias.shape))
+    seed = a.seed.reshape(1) if a.seed is not None else dummy
+    return dict(
+        tensors=(seed, slopes if slopes is not None else dummy, bm if bm is not None else dummy,
+                 bias if bias is not None else dummy,
+                 a.cu_seqlens_q if a.varlen else dummy, a.cu_seqlens_k if a.varlen else dummy),
+        strides=(*slope_strides, *mask_strides, *bias_strides),
+    )
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool):
+    # LSE is [B, H, Tq] (dense) or [H, total_q] (varlen, batch stride 0); rows are contiguous.
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _lengths(q, k, a: AttentionArgs):
+    if a.varlen:
+        return a.cu_seqlens_q.numel() - 1, a.max_seqlen_q, a.max_seqlen_k
+    return q.shape[0], q.shape[1], k.shape[1]
+
+
+def forward(q, k, v, a: AttentionArgs):
+    batch, max_q, max_k = _lengths(q, k, a)
+    h, h_kv = q.shape[2], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((h, q.shape[1]) if a.varlen else (batch, h, max_q), device=q.device, dtype=torch.float32)
+    if max_q == 0 or batch == 0:
+        return out, lse
+    feats = _features(q, a)
+    aux = _aux(q, a)
+    mask_block = (a.block_m, a.block_n) if a.block_mask is not None else None
+    kernel = _tuned_kernel("fwd", feats["BLOCK_D"], mask_block)
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h)  # noqa: E731
+    kernel[grid](
+        q, k, v, out, lse, *aux["tensors"],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *_lse_strides(lse, a.varlen), *aux["strides"],
+        max_q, max_k, h, h // h_kv, a.block_m, a.block_n, **_scalars(a), **feats,
+    )
+    return out, lse
+
+
+def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool = False):
+    if want_dbias:
+        raise NotImplementedError("the triton backend does not compute attn_mask gradients (use backend='torch')")
+    batch, max_q, max_k = _lengths(q, k, a)
+    h, h_kv = q.shape[2], k.shape[2]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if batch == 0 or max_q == 0 or max_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), None
+    feats = _features(q, a)
+    aux = _aux(q, a)
+    lse_strides = _lse_strides(lse, a.varlen)
+    delta = torch.empty_like(lse)
+    pre_block = 64 if not feats["HEAD_DIM"] > 128 else 32
+    _attn_bwd_preprocess_kernel[(triton.cdiv(max_q, pre_block), batch * h)](
+        out, dout, dlse.contiguous() if dlse is not None else lse, delta, aux["tensors"][4],
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), *lse_strides,
+        max_q, h, HEAD_DIM=feats["HEAD_DIM"], BLOCK_D=feats["BLOCK_D"], IS_VARLEN=a.varlen,
+        HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
+    )
+    scalars = _scalars(a)
+    mask_block = (a.block_m, a.block_n) if a.block_mask is not None else None
+    common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                      v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    tail = (max_q, max_k, h, h // h_kv, a.block_m, a.block_n, a.softmax_scale)
+    dkdv = _tuned_kernel("dkdv", feats["BLOCK_D"], mask_block)
+    dkdv[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch * h_kv)](
+        q, k, v, dout, lse, delta, dk, dv, *aux["tensors"], *common_strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        *lse_strides, *aux["strides"], *tail, **scalars, **feats,
+    )
+    dq_kernel = _tuned_kernel("dq", feats["BLOCK_D"], mask_block)
+    dq_kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h)](
+        q, k, v, dout, lse, delta, dq, *aux["tensors"], *common_strides,
+        dq.stride(0), dq.stride(1), dq.stride(2), *lse_strides, *aux["strides"], *tail, **scalars, **feats,
+    )
+    return dq, dk, dv, None
