@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -13,14 +13,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import (without importing triton) so that backend selection stays cheap and
+# traceable by torch.compile.
+_TRITON_MISSING = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
 def triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install that fails at import
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
+    return _TRITON_MISSING
 
 
 def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:

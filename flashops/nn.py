@@ -1,0 +1,3 @@
+"""``flashops.nn``: the torch.nn modules of every op family."""
+
+__all__: list = []
