@@ -18,6 +18,7 @@ from ... import _dispatch
 from ..._triton_utils import triton_reasons
 from ..._validation import check_cu_seqlens, check_dim, check_same, check_tensor
 from .args import AttentionArgs
+from .dropout import draw_seed
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -207,11 +208,7 @@ def _scalars(softmax_scale, softcap, dropout_p, head_dim):
 
 
 def _seed(dropout_p: float, device, generator) -> Optional[Tensor]:
-    if dropout_p == 0.0:
-        return None
-    gen_device = generator.device if generator is not None else device
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=gen_device, generator=generator)
-    return seed.to(device)
+    return draw_seed(device, generator) if dropout_p > 0.0 else None
 
 
 def _run(q, k, v, *, args: AttentionArgs, deterministic, backend):

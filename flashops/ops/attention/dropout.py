@@ -17,6 +17,13 @@ GOLDEN_BH, GOLDEN_ROW, GOLDEN_COL = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35
 KEEP_BITS = 24
 
 
+def draw_seed(device, generator=None) -> torch.Tensor:
+    """The int64 scalar seed a call draws from ``generator`` (or the default generator of ``device``)."""
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=gen_device, generator=generator)
+    return seed.to(device)
+
+
 def mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 16)
     x = (x * MUL_A) & MASK32

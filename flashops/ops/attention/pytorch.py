@@ -238,7 +238,7 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
     for qs, ks, seq in _sequences(q, k, v, a):
         b, t_q = seq.shape[0], seq.shape[3]
         grouped = lambda x: x.reshape(b, h_kv, g, t_q)  # noqa: E731
-        do_g = dout[:, qs].float().reshape(b, t_q, h_kv, g, -1).permute(0, 2, 3, 1, 4)
+        do_g = dout[:, qs].float().reshape(b, t_q, h_kv, g, q.shape[-1]).permute(0, 2, 3, 1, 4)
         dq_s, dk_s, dv_s, dbias = _backward_one(
             seq, do_g, grouped(lse_bht[..., qs]), grouped(delta[..., qs]), want_dbias
         )

@@ -693,7 +693,7 @@ _DQ_CONFIGS = {
     256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)],
 }
 # Under the interpreter: small, unequal tiles so that short tests still cross tile and mask boundaries.
-_INTERPRETED = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
+_INTERPRETED = {"fwd": (64, 32, 1, 1), "dkdv": (32, 64, 1, 1), "dq": (64, 32, 1, 1)}
 _TUNING_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 _TUNED: dict = {}
@@ -769,6 +769,13 @@ def _lse_strides(lse: torch.Tensor, varlen: bool):
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
+def _strides(t: torch.Tensor, a: AttentionArgs) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a [B, T, H, D] tensor. Varlen inputs are packed [1, total, H, D]:
+    the kernels' batch index is then the sequence index, which selects rows through cu_seqlens, so the
+    batch stride is 0."""
+    return (0 if a.varlen else t.stride(0)), t.stride(1), t.stride(2)
+
+
 def _lengths(q, k, a: AttentionArgs):
     if a.varlen:
         return a.cu_seqlens_q.numel() - 1, a.max_seqlen_q, a.max_seqlen_k
@@ -789,8 +796,8 @@ def forward(q, k, v, a: AttentionArgs):
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h)  # noqa: E731
     kernel[grid](
         q, k, v, out, lse, *aux["tensors"],
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *_strides(q, a), *_strides(k, a),
+        *_strides(v, a), *_strides(out, a),
         *_lse_strides(lse, a.varlen), *aux["strides"],
         max_q, max_k, h, h // h_kv, a.block_m, a.block_n, **_scalars(a), **feats,
     )
@@ -814,24 +821,24 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
     pre_block = 64 if not feats["HEAD_DIM"] > 128 else 32
     _attn_bwd_preprocess_kernel[(triton.cdiv(max_q, pre_block), batch * h)](
         out, dout, dlse.contiguous() if dlse is not None else lse, delta, aux["tensors"][4],
-        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), *lse_strides,
+        *_strides(out, a), *_strides(dout, a), *lse_strides,
         max_q, h, HEAD_DIM=feats["HEAD_DIM"], BLOCK_D=feats["BLOCK_D"], IS_VARLEN=a.varlen,
         HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
     )
     scalars = _scalars(a)
     mask_block = (a.block_m, a.block_n) if a.block_mask is not None else None
-    common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                      v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    common_strides = (*_strides(q, a), *_strides(k, a),
+                      *_strides(v, a), *_strides(dout, a))
     tail = (max_q, max_k, h, h // h_kv, a.block_m, a.block_n, a.softmax_scale)
     dkdv = _tuned_kernel("dkdv", feats["BLOCK_D"], mask_block)
     dkdv[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch * h_kv)](
         q, k, v, dout, lse, delta, dk, dv, *aux["tensors"], *common_strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        *_strides(dk, a), *_strides(dv, a),
         *lse_strides, *aux["strides"], *tail, **scalars, **feats,
     )
     dq_kernel = _tuned_kernel("dq", feats["BLOCK_D"], mask_block)
     dq_kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h)](
         q, k, v, dout, lse, delta, dq, *aux["tensors"], *common_strides,
-        dq.stride(0), dq.stride(1), dq.stride(2), *lse_strides, *aux["strides"], *tail, **scalars, **feats,
+        *_strides(dq, a), *lse_strides, *aux["strides"], *tail, **scalars, **feats,
     )
     return dq, dk, dv, None
