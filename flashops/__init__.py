@@ -1,5 +1,6 @@
 """flashops: fast attention and sequence-model kernels with autograd, references, modules and benchmarks."""
 
+from . import nn
 from .ops.attention import block_sparse_attention, flash_attention, flash_attention_varlen, sdpa
 
 __version__ = "0.1.0"

@@ -358,14 +358,15 @@ def flash_attention_varlen(
 
 def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
          is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
-         backend: Optional[str] = None) -> Tensor:
+         return_lse: bool = False, backend: Optional[str] = None):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Same signature and semantics: ``[..., H, L, E]`` inputs (any leading batch dims; 3-D means one head),
     a boolean ``attn_mask`` where True means "attend", or a float mask added to the logits (broadcastable
     to ``[..., H, L, S]``; it may require grad, which the torch backend computes), ``is_causal`` aligned
     top-left as in PyTorch, ``enable_gqa`` for fewer key/value heads. One difference: a query row that
-    sees no key returns zeros instead of NaN.
+    sees no key returns zeros instead of NaN. Extra keyword-only arguments: ``return_lse`` also returns
+    the differentiable log-sum-exp ``[..., H, L]`` (fp32); ``backend`` forces a backend.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, layout="[..., H, L, E]")
@@ -409,11 +410,13 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
     args = AttentionArgs(
         softmax_scale=scale_, window_right=(t_q - t_k) if is_causal else None, dropout_p=dropout_p,
         seed=_seed(dropout_p, q.device, None), bias=bias, max_seqlen_q=t_q, max_seqlen_k=t_k)
-    out, _ = _run(q, k, v, args=args, deterministic=False, backend=backend)
+    out, lse = _run(q, k, v, args=args, deterministic=False, backend=backend)
     out = out.transpose(1, 2)  # [B, H, L, E]
     if query.dim() == 3:
-        return out.squeeze(1)
-    return out.reshape(*lead, h, t_q, d)
+        out, lse = out.squeeze(1), lse.squeeze(1)
+    else:
+        out, lse = out.reshape(*lead, h, t_q, d), lse.reshape(*lead, h, t_q)
+    return (out, lse) if return_lse else out
 
 
 __all__ = ["flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa"]

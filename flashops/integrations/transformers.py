@@ -1,0 +1,51 @@
+"""Hugging Face transformers integration: an attention function with the ``AttentionInterface`` signature.
+
+    import flashops.integrations.transformers as fo_hf
+    fo_hf.register()                      # registers "flashops"
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flashops")
+
+transformers is optional: this module imports it only inside :func:`register`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops.attention import flash_attention, sdpa
+
+NAME = "flashops"
+
+
+def flashops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                               scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                               sliding_window: Optional[int] = None, softcap: Optional[float] = None,
+                               **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function. ``query`` ``[B, H, T, D]``, ``key``/``value`` ``[B, Hkv, S, D]``.
+
+    Returns ``(out [B, T, H, D], None)`` like the built-in implementations. With an ``attention_mask``
+    (bool True = attend, or additive float, ``[B, 1, T, S]``) the mask carries causality and padding, as
+    for SDPA. Without one, causal attention is aligned bottom-right (correct with a KV cache, as in the
+    flash-attention integration), with ``sliding_window`` and ``softcap`` passed to the kernel.
+    """
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        out = sdpa(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                   enable_gqa=key.shape[1] != query.shape[1])
+        return out.transpose(1, 2).contiguous(), None
+    causal = bool(is_causal) and query.shape[2] > 1
+    window = (sliding_window - 1, -1) if sliding_window else (-1, -1)
+    out = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
+                          softmax_scale=scaling, window_size=window, softcap=softcap or 0.0, dropout_p=dropout)
+    return out, None
+
+
+def register(name: str = NAME) -> str:
+    """Register :func:`flashops_attention_forward` in transformers' ``AttentionInterface`` under ``name``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, flashops_attention_forward)
+    return name
