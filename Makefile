@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine:
+#   make bench   the main job: correctness + timing table of every op on the device at hand (CPU: quick sweep)
+#   make test    the test suite (Triton kernels run under the interpreter when there is no GPU)
+# Both create .venv (seeing system packages, so a preinstalled GPU torch is used as is) and install what is missing.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that the project's CI machines carry; a GPU image brings its own torch.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?= -n 2
+
+.PHONY: setup test bench info clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q "triton>=3.4"
+	$(BIN)/python -m pip install -q setuptools wheel numpy scipy einops pytest pytest-xdist
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m bench
+
+info: setup
+	$(BIN)/python -m flashops.info
+
+clean:
+	rm -rf $(VENV) build *.egg-info
