@@ -20,33 +20,40 @@ import triton.language as tl
 
 from ..._triton_utils import autotune_enabled, configs, dot_precision
 from .args import AttentionArgs
-from .dropout import GOLDEN_BH, GOLDEN_COL, GOLDEN_ROW, KEEP_BITS, MUL_A, MUL_B, drop_threshold
+from . import dropout
+from .dropout import drop_threshold
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# The dropout hash constants, as constexpr globals (compiled Triton reads no other globals).
+_MUL_A = tl.constexpr(dropout.MUL_A)
+_MUL_B = tl.constexpr(dropout.MUL_B)
+_GOLDEN_BH = tl.constexpr(dropout.GOLDEN_BH)
+_GOLDEN_ROW = tl.constexpr(dropout.GOLDEN_ROW)
+_GOLDEN_COL = tl.constexpr(dropout.GOLDEN_COL)
+_HASH_SHIFT = tl.constexpr(32 - dropout.KEEP_BITS)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 @triton.jit
 def _mix32(x):
     x = x ^ (x >> 16)
-    x = x * tl.full([], MUL_A, tl.uint32)
+    x = x * tl.full([], _MUL_A, tl.uint32)
     x = x ^ (x >> 15)
-    x = x * tl.full([], MUL_B, tl.uint32)
+    x = x * tl.full([], _MUL_B, tl.uint32)
     return x ^ (x >> 16)
 
 
 @triton.jit
 def _dropout_row_hash(seed, bh, rows):
-    base = _mix32(seed.to(tl.uint32) ^ (bh.to(tl.uint32) * tl.full([], GOLDEN_BH, tl.uint32)))
-    return _mix32(base + rows.to(tl.uint32) * tl.full([], GOLDEN_ROW, tl.uint32))
+    base = _mix32(seed.to(tl.uint32) ^ (bh.to(tl.uint32) * tl.full([], _GOLDEN_BH, tl.uint32)))
+    return _mix32(base + rows.to(tl.uint32) * tl.full([], _GOLDEN_ROW, tl.uint32))
 
 
 @triton.jit
 def _dropout_keep(row_hash, cols, threshold):
     """row_hash and cols are broadcastable index tensors ([M, 1] x [1, N] or transposed)."""
-    x = _mix32(row_hash ^ (cols.to(tl.uint32) * tl.full([], GOLDEN_COL, tl.uint32)))
-    return (x >> (32 - KEEP_BITS)) >= threshold
+    x = _mix32(row_hash ^ (cols.to(tl.uint32) * tl.full([], _GOLDEN_COL, tl.uint32)))
+    return (x >> _HASH_SHIFT) >= threshold
 
 
 @triton.jit
