@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from ... import _dispatch
 from ..._triton_utils import triton_reasons
@@ -59,8 +60,7 @@ def _args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, 
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
-@torch.library.custom_op("flashops::attention_fwd", mutates_args=())
-def _attention_fwd(
+def _attention_fwd_impl(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor], block_mask: Optional[Tensor],
     block_m: int, block_n: int, bias: Optional[Tensor], seed: Optional[Tensor], softmax_scale: float,
@@ -69,6 +69,9 @@ def _attention_fwd(
     a = _args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, block_mask, block_m, block_n,
               bias, seed, softmax_scale, window_left, window_right, softcap, dropout_p)
     return _dispatch.get(OP, backend).load().forward(q, k, v, a)
+
+
+_attention_fwd = torch.library.custom_op("flashops::attention_fwd", _attention_fwd_impl, mutates_args=())
 
 
 @_attention_fwd.register_fake
@@ -80,8 +83,7 @@ def _attention_fwd_fake(q, k, v, cu_seqlens_q, *rest):
     return torch.empty_like(q), lse
 
 
-@torch.library.custom_op("flashops::attention_bwd", mutates_args=())
-def _attention_bwd(
+def _attention_bwd_impl(
     dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
     alibi_slopes: Optional[Tensor], block_mask: Optional[Tensor], block_m: int, block_n: int,
@@ -95,6 +97,9 @@ def _attention_bwd(
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
 
 
+_attention_bwd = torch.library.custom_op("flashops::attention_bwd", _attention_bwd_impl, mutates_args=())
+
+
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         alibi_slopes, block_mask, block_m, block_n, bias, seed, *rest):
@@ -103,30 +108,66 @@ def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
-_FWD_TENSORS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")
+def _needs_dispatcher(x: Tensor) -> bool:
+    """Eager calls on plain tensors run the backend directly (the dispatcher round trip costs more than a
+    short kernel); tracing (torch.compile, export, make_fx), tensor subclasses (fake, functional) and meta
+    tensors go through the registered custom ops and their fake kernels."""
+    return (torch.compiler.is_compiling() or x.is_meta or type(x) not in (torch.Tensor, torch.nn.Parameter)
+            or _python_dispatch._get_current_dispatch_mode() is not None)
 
 
-def _setup_context(ctx, inputs, output):
+def _attention_backward(saved, config, dout, dlse, want_dbias: bool):
+    """dq, dk, dv, dbias from what the forward saved; shared by the Function and the custom op's autograd."""
+    q, k, v, out, lse, cu_q, cu_k, slopes, block_mask, bias, seed = saved
+    max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend = config
+    if dout is None:
+        dout = torch.zeros_like(out)
+    elif dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    bwd = _attention_bwd if _needs_dispatcher(q) else _attention_bwd_impl
+    dq, dk, dv, dbias = bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m,
+                            block_n, bias, seed, scale, left, right, softcap, dropout_p, want_dbias, backend)
+    return dq, dk, dv, (dbias if want_dbias else None)
+
+
+class _Attention(torch.autograd.Function):
+    """The autograd path of the public functions. The custom op also has ``register_autograd`` (for direct
+    callers of ``torch.ops.flashops.attention_fwd``), but that generic wrapper costs several hundred
+    microseconds per call, which dominates short sequences; this Function costs a few, and torch.compile
+    traces it and the opaque custom ops without graph breaks."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m, block_n, seed, scale,
+                left, right, softcap, dropout_p, backend):
+        fwd = _attention_fwd if _needs_dispatcher(q) else _attention_fwd_impl
+        out, lse = fwd(q, k, v, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m, block_n, bias, seed, scale,
+                       left, right, softcap, dropout_p, backend)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes, block_mask, bias, seed)
+        ctx.config = (max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        grads = _attention_backward(ctx.saved_tensors, ctx.config, dout, dlse,
+                                    ctx.saved_tensors[9] is not None and ctx.needs_input_grad[3])
+        return (*grads, *([None] * 15))
+
+
+def _op_setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m, block_n, bias, seed,
      scale, left, right, softcap, dropout_p, backend) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes, block_mask, bias, seed)
+    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k, slopes, block_mask, bias, seed)
     ctx.config = (max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, slopes, block_mask, bias, seed = ctx.saved_tensors
-    max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend = ctx.config
-    want_dbias = bias is not None and ctx.needs_input_grad[11]
-    dq, dk, dv, dbias = _attention_bwd(
-        dout.contiguous() if dout.stride(-1) != 1 else dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
-        slopes, block_mask, block_m, block_n, bias, seed, scale, left, right, softcap, dropout_p, want_dbias,
-        backend)
-    return (dq, dk, dv, None, None, None, None, None, None, None, None, dbias if want_dbias else None,
-            *([None] * 7))
+def _op_backward(ctx, dout, dlse):
+    dq, dk, dv, dbias = _attention_backward(ctx.saved_tensors, ctx.config, dout, dlse,
+                                            ctx.saved_tensors[9] is not None and ctx.needs_input_grad[11])
+    return (dq, dk, dv, *([None] * 8), dbias, *([None] * 7))
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -221,10 +262,10 @@ def _run(q, k, v, *, args: AttentionArgs, deterministic, backend):
         "deterministic": bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
     }
     chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, features), backend)
-    return _attention_fwd(
-        q, k, v, args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k, args.alibi_slopes,
-        args.block_mask, args.block_m, args.block_n, args.bias, args.seed, args.softmax_scale, args.window_left,
-        args.window_right, args.softcap, args.dropout_p, chosen.name)
+    return _Attention.apply(
+        q, k, v, args.bias, args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k,
+        args.alibi_slopes, args.block_mask, args.block_m, args.block_n, args.seed, args.softmax_scale,
+        args.window_left, args.window_right, args.softcap, args.dropout_p, chosen.name)
 
 
 # ------------------------------------------------------------------------------------------ public API

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_utils import autotune_enabled, configs, dot_precision
+from ..._triton_utils import autotune_enabled, dot_precision, interpreter_enabled
 from .args import AttentionArgs
 from . import dropout
 from .dropout import drop_threshold
@@ -703,27 +703,58 @@ _DQ_CONFIGS = {
 _INTERPRETED = {"fwd": (64, 32, 1, 1), "dkdv": (32, 64, 1, 1), "dq": (64, 32, 1, 1)}
 _TUNING_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+# Autotune only on calls this large (forward FLOPs): below it, launch overhead hides the differences
+# between configs and the tuner would pick one at random; small calls use the default chain instead.
+_TUNE_MIN_FLOPS = 2**35
 _TUNED: dict = {}
+_DEFAULTS: dict = {}
 
 
-def _tuned_kernel(kind: str, block_d: int, mask_block: tuple[int, int] | None):
-    """The autotuned launcher of one kernel for a head-dim bucket (and block-sparse block size)."""
-    cache_key = (kind, block_d, mask_block, autotune_enabled())
-    if cache_key in _TUNED:
-        return _TUNED[cache_key]
+def _candidates(kind: str, block_d: int, elem_size: int, mask_block) -> list:
+    """Configs to try for one kernel, best first. 4-byte inputs also get halved tiles with one
+    pipeline stage less, so that fp32 fits in shared memory."""
     bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
-    entries = _TUNING_TABLES[kind][bucket]
+    entries = list(_TUNING_TABLES[kind][bucket])
+    if elem_size == 4:
+        entries += [(max(16, m // 2), max(16, n // 2), w, max(1, st - 1)) for m, n, w, st in entries]
+        entries += [(16, 16, 4, 1)]
     if mask_block is not None:
         # A tile must sit inside one block of the block mask.
-        fits = [e for e in entries if mask_block[0] % e[0] == 0 and mask_block[1] % e[1] == 0]
-        entries = fits or [(math.gcd(mask_block[0], 64), math.gcd(mask_block[1], 64), 4, 2)]
-    interpreted = _INTERPRETED[kind]
-    if mask_block is not None:
-        interpreted = (math.gcd(mask_block[0], interpreted[0]), math.gcd(mask_block[1], interpreted[1]), 1, 1)
-    candidates = configs([_cfg(*e) for e in entries], [_cfg(*interpreted)])
-    kernel = triton.autotune(configs=candidates, key=["BLOCK_D", "HAS_RIGHT", "IS_VARLEN"])(_KERNELS[kind])
-    _TUNED[cache_key] = kernel
-    return kernel
+        entries = [e for e in entries if mask_block[0] % e[0] == 0 and mask_block[1] % e[1] == 0] or [
+            (math.gcd(mask_block[0], 64), math.gcd(mask_block[1], 64), 4, 1)]
+    return list(dict.fromkeys(entries))
+
+
+def _launch(kind: str, grid, args: tuple, kwargs: dict, elem_size: int, mask_block, flops: float):
+    """Launch one kernel: autotuned (tuning once per head-dim bucket, dtype and mask kind) when the call is
+    large enough to measure, else the first default candidate that fits the GPU's resources."""
+    block_d = kwargs["BLOCK_D"]
+    if interpreter_enabled():
+        interpreted = _INTERPRETED[kind]
+        if mask_block is not None:
+            interpreted = (math.gcd(mask_block[0], interpreted[0]), math.gcd(mask_block[1], interpreted[1]), 1, 1)
+        return _KERNELS[kind][grid](*args, **kwargs, **_config_kwargs(interpreted))
+    key = (kind, block_d, elem_size, mask_block)
+    entries = _candidates(kind, block_d, elem_size, mask_block)
+    if autotune_enabled() and flops >= _TUNE_MIN_FLOPS:
+        if key not in _TUNED:
+            _TUNED[key] = triton.autotune(configs=[_cfg(*e) for e in entries],
+                                          key=["BLOCK_D", "HAS_RIGHT", "IS_VARLEN"])(_KERNELS[kind])
+        return _TUNED[key][grid](*args, **kwargs)
+    start = _DEFAULTS.get(key, 0)
+    for index in range(start, len(entries)):
+        try:
+            result = _KERNELS[kind][grid](*args, **kwargs, **_config_kwargs(entries[index]))
+        except triton.runtime.errors.OutOfResources:
+            continue
+        _DEFAULTS[key] = index
+        return result
+    raise RuntimeError(f"no {kind} attention config fits this GPU for head dim bucket {block_d}")
+
+
+def _config_kwargs(entry) -> dict:
+    block_m, block_n, warps, stages = entry
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
 def _features(q: torch.Tensor, a: AttentionArgs) -> dict:
@@ -789,6 +820,11 @@ def _lengths(q, k, a: AttentionArgs):
     return q.shape[0], q.shape[1], k.shape[1]
 
 
+def _forward_flops(q, a: AttentionArgs, batch: int, max_q: int, max_k: int) -> float:
+    flops = 4.0 * batch * q.shape[2] * max_q * max_k * q.shape[-1]
+    return flops / 2 if a.window_right is not None else flops
+
+
 def forward(q, k, v, a: AttentionArgs):
     batch, max_q, max_k = _lengths(q, k, a)
     h, h_kv = q.shape[2], k.shape[2]
@@ -799,15 +835,11 @@ def forward(q, k, v, a: AttentionArgs):
     feats = _features(q, a)
     aux = _aux(q, a)
     mask_block = (a.block_m, a.block_n) if a.block_mask is not None else None
-    kernel = _tuned_kernel("fwd", feats["BLOCK_D"], mask_block)
-    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h)  # noqa: E731
-    kernel[grid](
-        q, k, v, out, lse, *aux["tensors"],
-        *_strides(q, a), *_strides(k, a),
-        *_strides(v, a), *_strides(out, a),
-        *_lse_strides(lse, a.varlen), *aux["strides"],
-        max_q, max_k, h, h // h_kv, a.block_m, a.block_n, **_scalars(a), **feats,
-    )
+    args = (q, k, v, out, lse, *aux["tensors"], *_strides(q, a), *_strides(k, a), *_strides(v, a),
+            *_strides(out, a), *_lse_strides(lse, a.varlen), *aux["strides"],
+            max_q, max_k, h, h // h_kv, a.block_m, a.block_n)
+    _launch("fwd", lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h), args,
+            {**_scalars(a), **feats}, q.element_size(), mask_block, _forward_flops(q, a, batch, max_q, max_k))
     return out, lse
 
 
@@ -825,27 +857,22 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
     aux = _aux(q, a)
     lse_strides = _lse_strides(lse, a.varlen)
     delta = torch.empty_like(lse)
-    pre_block = 64 if not feats["HEAD_DIM"] > 128 else 32
+    pre_block = 64 if feats["HEAD_DIM"] <= 128 else 32
     _attn_bwd_preprocess_kernel[(triton.cdiv(max_q, pre_block), batch * h)](
         out, dout, dlse.contiguous() if dlse is not None else lse, delta, aux["tensors"][4],
         *_strides(out, a), *_strides(dout, a), *lse_strides,
         max_q, h, HEAD_DIM=feats["HEAD_DIM"], BLOCK_D=feats["BLOCK_D"], IS_VARLEN=a.varlen,
         HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
     )
-    scalars = _scalars(a)
+    kwargs = {**_scalars(a), **feats}
     mask_block = (a.block_m, a.block_n) if a.block_mask is not None else None
-    common_strides = (*_strides(q, a), *_strides(k, a),
-                      *_strides(v, a), *_strides(dout, a))
+    flops = 2.5 * _forward_flops(q, a, batch, max_q, max_k)
+    inputs = (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(dout, a))
     tail = (max_q, max_k, h, h // h_kv, a.block_m, a.block_n, a.softmax_scale)
-    dkdv = _tuned_kernel("dkdv", feats["BLOCK_D"], mask_block)
-    dkdv[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch * h_kv)](
-        q, k, v, dout, lse, delta, dk, dv, *aux["tensors"], *common_strides,
-        *_strides(dk, a), *_strides(dv, a),
-        *lse_strides, *aux["strides"], *tail, **scalars, **feats,
-    )
-    dq_kernel = _tuned_kernel("dq", feats["BLOCK_D"], mask_block)
-    dq_kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h)](
-        q, k, v, dout, lse, delta, dq, *aux["tensors"], *common_strides,
-        *_strides(dq, a), *lse_strides, *aux["strides"], *tail, **scalars, **feats,
-    )
+    _launch("dkdv", lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch * h_kv),
+            (q, k, v, dout, lse, delta, dk, dv, *aux["tensors"], *inputs, *_strides(dk, a), *_strides(dv, a),
+             *lse_strides, *aux["strides"], *tail), kwargs, q.element_size(), mask_block, flops)
+    _launch("dq", lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h),
+            (q, k, v, dout, lse, delta, dq, *aux["tensors"], *inputs, *_strides(dq, a), *lse_strides,
+             *aux["strides"], *tail), kwargs, q.element_size(), mask_block, flops)
     return dq, dk, dv, None
