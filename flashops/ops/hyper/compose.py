@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import flash_attention, flash_attention_varlen
-from .plan import HyperLevel, HyperPlan
+from .plan import HyperLevel, HyperPlan, segment_ids
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -79,8 +79,7 @@ def approximate(q: Tensor, k: Tensor, v: Tensor, level: HyperLevel, scale: float
         res_out, res_lse = _blockwise(q_sorted, _gather_rows(k, level.samples), _gather_rows(v, level.samples),
                                       level.q_bounds, level.sample_bounds, scale, backend)
         # The sampling-rate correction of block i, at each sorted query slot of block i.
-        correction = torch.tensor(level.log_weights, device=q.device).repeat_interleave(
-            torch.tensor(_sizes(level.q_bounds), device=q.device), output_size=q.shape[1])
+        correction = torch.tensor(level.log_weights, device=q.device)[segment_ids(level.q_bounds, q.device)]
         out, lse = merge(out, lse, res_out, res_lse + correction[:, None])
     else:
         out = out.float()
@@ -112,8 +111,9 @@ def run(q: Tensor, k: Tensor, v: Tensor, plan: HyperPlan, scale: float,
     # first-half keys) non-causal part merged into the second half's causal result.
     for depth in reversed(range(len(plan.levels))):
         pieces, half = b << depth, padded >> (depth + 1)
-        low_out, low_lse = approximate(q.reshape(pieces, 2, half, h, d)[:, 1], k.reshape(pieces, 2, half, h_kv, d)[:, 0],
-                                       v.reshape(pieces, 2, half, h_kv, d)[:, 0], plan.levels[depth], scale, backend)
+        second_q = q.reshape(pieces, 2, half, h, d)[:, 1]
+        first_k, first_v = (x.reshape(pieces, 2, half, h_kv, d)[:, 0] for x in (k, v))
+        low_out, low_lse = approximate(second_q, first_k, first_v, plan.levels[depth], scale, backend)
         out, lse = out.view(pieces, 2, half, h, d), lse.reshape(pieces, 2, half, h)
         second_out, second_lse = merge(out[:, 1], lse[:, 1], low_out, low_lse)
         out = torch.stack((out[:, 0], second_out), dim=1).view(pieces, 2 * half, h, d)

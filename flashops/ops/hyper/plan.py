@@ -112,6 +112,12 @@ def balanced_bounds(total: int, num_blocks: int) -> tuple:
     return tuple(i * total // num_blocks for i in range(num_blocks + 1))
 
 
+def segment_ids(bounds: tuple, device) -> Tensor:
+    """The block index of every slot ``0 .. bounds[-1] - 1`` (block i = ``[bounds[i], bounds[i + 1])``)."""
+    inner = torch.tensor(bounds[1:-1], dtype=torch.int64, device=device)
+    return torch.bucketize(torch.arange(bounds[-1], device=device), inner, right=True)
+
+
 def _draw(shape, high: int, device, generator: Optional[torch.Generator]) -> Tensor:
     where = generator.device if generator is not None else device
     draws = torch.randint(0, high, shape, device=where, generator=generator, dtype=torch.int64)
@@ -131,9 +137,10 @@ def _samples(k_perm: Tensor, k_bounds: tuple, sample_size: int, generator) -> tu
     if total == 0:
         return k_perm.new_empty(n, 0, h_kv), sample_bounds, log_weights
 
+    blocks = segment_ids(sample_bounds, device)
+
     def per_slot(values):  # a per-block list -> its value at each of the `total` sample slots
-        return torch.tensor(values, dtype=torch.int64, device=device).repeat_interleave(
-            torch.tensor(counts, device=device), output_size=total)
+        return torch.tensor(values, dtype=torch.int64, device=device)[blocks]
 
     slot_outside = per_slot(outside)
     within = torch.arange(total, device=device) - per_slot(list(sample_bounds[:-1]))
