@@ -75,20 +75,20 @@ class _Sequence:
         s.mul_(a.softmax_scale)
         tanh = None
         if a.softcap > 0:
-            tanh = torch.tanh(s / a.softcap)
+            tanh = s.div_(a.softcap).tanh_()
             s = tanh * a.softcap
         rows = torch.arange(i0, i1, device=s.device)
         cols = torch.arange(j0, j1, device=s.device)
         if self.slopes is not None:
             dist = (rows[:, None] + self.off - cols[None, :]).abs().float()
-            s = s - self.slopes * dist
+            s.sub_(self.slopes * dist)
         if self.bias is not None:
             bias = self.bias
             if bias.shape[-2] > 1:
                 bias = bias[..., i0:i1, :]
             if bias.shape[-1] > 1:
                 bias = bias[..., j0:j1]
-            s = s + bias.float()
+            s.add_(bias)
         if _needs_mask(a, i0, i1, j0, j1, self.off):
             allowed = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=s.device)
             diag = rows[:, None] + self.off
@@ -99,7 +99,7 @@ class _Sequence:
             if self.block_mask is not None:
                 blocks = self.block_mask[..., rows // a.block_m, :][..., cols // a.block_n]
                 allowed = allowed & blocks
-            s = s.masked_fill(~allowed, float("-inf"))
+            s.masked_fill_(~allowed, float("-inf"))
         return s, tanh
 
     def keep(self, i0, i1, j0, j1):
@@ -128,12 +128,12 @@ def _forward_one(seq: _Sequence):
             s, _ = seq.scores(i0, i1, j0, j1)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
-            p = torch.exp(s - m_safe)
+            p = s.sub_(m_safe).exp_()  # in place: a CPU pays for every fresh tile-sized buffer
             alpha = torch.exp(m - m_safe)
-            l = l * alpha + p.sum(dim=-1, keepdim=True)
+            l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
             if a.dropout_p > 0:
-                p = p * seq.keep(i0, i1, j0, j1) * (1.0 / (1.0 - a.dropout_p))
-            acc = acc * alpha + torch.matmul(p, seq.v[..., j0:j1, :])
+                p.mul_(seq.keep(i0, i1, j0, j1)).mul_(1.0 / (1.0 - a.dropout_p))
+            acc = torch.matmul(p, seq.v[..., j0:j1, :]).add_(acc.mul_(alpha))
             m = m_new
         empty = l == 0
         out[..., i0:i1, :] = acc / l.masked_fill(empty, 1.0)
@@ -161,15 +161,15 @@ def _backward_one(seq: _Sequence, dout, lse, delta, want_dbias: bool):
         for j0 in range(lo, hi, key_chunk):
             j1 = min(j0 + key_chunk, hi)
             s, tanh = seq.scores(i0, i1, j0, j1)
-            p = torch.exp(s - lse_safe[..., i0:i1, :])
+            p = s.sub_(lse_safe[..., i0:i1, :]).exp_()
             dp = torch.matmul(do_c, seq.v[..., j0:j1, :].transpose(-1, -2))
             if a.dropout_p > 0:
                 keep = seq.keep(i0, i1, j0, j1) * keep_scale
                 dv[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", p * keep, do_c)
-                dp = dp * keep
+                dp.mul_(keep)
             else:
                 dv[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", p, do_c)
-            ds = p * (dp - delta[..., i0:i1, None])
+            ds = dp.sub_(delta[..., i0:i1, None]).mul_(p)
             if dbias is not None:
                 dbias[..., i0:i1, j0:j1] = ds
             if tanh is not None:
