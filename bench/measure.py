@@ -1,0 +1,252 @@
+"""Measuring one provider on one case: the correctness check against the reference, time and peak memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from flashops.testing import FORWARD_FACTOR, GRAD_FACTOR, Comparison, compare
+
+from .registry import Case, Op, Provider
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def as_tuple(outputs) -> tuple:
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+
+
+def named_outputs(op: Op, outputs) -> dict:
+    """Outputs by name (``op.outputs``), dropping ``None`` entries (e.g. an optional final state)."""
+    values = as_tuple(outputs)
+    if len(values) > len(op.outputs):
+        raise ValueError(f"{op.name}: got {len(values)} outputs but op.outputs names {len(op.outputs)}: "
+                         f"{op.outputs}")
+    return {name: t for name, t in zip(op.outputs, values) if isinstance(t, torch.Tensor)}
+
+
+def differentiable_outputs(outs: dict) -> dict:
+    return {n: t for n, t in outs.items() if t.is_floating_point() and t.requires_grad}
+
+
+def leaves(op: Op, inputs: dict) -> list:
+    return [inputs[name] for name in op.differentiable]
+
+
+def grads(op: Op, inputs: dict, outs: dict, douts: dict, retain_graph: bool = False) -> dict:
+    """Gradients of sum(out * dout) with respect to ``op.differentiable``; ``None`` where none flows."""
+    diff = differentiable_outputs(outs)
+    got = torch.autograd.grad([diff[n] for n in diff], leaves(op, inputs), [douts[n] for n in diff],
+                              retain_graph=retain_graph, allow_unused=True)
+    return dict(zip(op.differentiable, got))
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def prepare_inputs(op: Op, raw: dict, dtype: Optional[torch.dtype] = None, requires_grad: bool = True) -> dict:
+    """Fresh leaves: floating inputs cast to ``dtype`` (if given), ``op.differentiable`` ones requiring grad."""
+    out = {}
+    for name, t in raw.items():
+        if isinstance(t, torch.Tensor):
+            t = t.detach()
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            if requires_grad and name in op.differentiable:
+                t.requires_grad_(True)
+        out[name] = t
+    return out
+
+
+def make_douts(outs: dict, generator: torch.Generator) -> dict:
+    """A fixed random output gradient per differentiable output (shared by every provider of a case)."""
+    return {n: torch.randn(t.shape, generator=generator, device=t.device, dtype=torch.float32).to(t.dtype)
+            for n, t in differentiable_outputs(outs).items()}
+
+
+# ------------------------------------------------------------------------------------------------- check
+@dataclass
+class Reference:
+    """The oracle (fp32, from fp32 copies) and the baseline (same math in the input dtype) on the checked
+    part of a case: outputs and, when wanted, gradients."""
+
+    out: dict
+    base_out: Optional[dict]
+    grads: Optional[dict] = None
+    base_grads: Optional[dict] = None
+
+
+def _narrow(slicer, items: dict) -> dict:
+    return dict(items) if slicer is None else {n: slicer(n, t) for n, t in items.items()}
+
+
+def compute_reference(op: Op, case: Case, inputs: dict, douts: Optional[dict], slicer, want_grads: bool,
+                      ) -> Reference:
+    checked = _narrow(slicer, {n: t for n, t in inputs.items() if isinstance(t, torch.Tensor)})
+    checked = {**inputs, **checked}
+    low_precision = case.dtype not in (torch.float32, torch.float64)
+
+    def run(dtype, upcast):
+        x = prepare_inputs(op, checked, dtype=dtype, requires_grad=want_grads)
+        with torch.set_grad_enabled(want_grads):
+            outs = named_outputs(op, op.reference(x, case, upcast))
+        g = None
+        if want_grads:
+            d = _narrow(slicer, douts)
+            g = grads(op, x, outs, {n: d[n].to(outs[n].dtype) for n in d})
+            g = {n: t.detach() for n, t in g.items()}
+        return {n: t.detach() for n, t in outs.items()}, g
+
+    out, g = run(torch.float32, True)
+    base_out, base_g = run(None, False) if low_precision else (None, None)
+    return Reference(out, base_out, g, base_g)
+
+
+@dataclass
+class Check:
+    """The verdict of one provider on one case: forward and gradient comparisons (worst first)."""
+
+    forward: list = field(default_factory=list)  # list[Comparison]
+    backward: list = field(default_factory=list)
+    missing: list = field(default_factory=list)  # gradients the provider did not produce
+
+    @staticmethod
+    def _worst(comparisons) -> Optional[Comparison]:
+        return max(comparisons, key=lambda c: c.error / c.bound if c.bound > 0 else float("inf"), default=None)
+
+    def ok(self, mode: str) -> bool:
+        parts = self.forward if mode == "fwd" else self.forward + self.backward
+        return all(c.ok for c in parts) and (mode == "fwd" or not self.missing)
+
+    def error(self, mode: str) -> Optional[Comparison]:
+        """The comparison closest to (or furthest past) its bound among those that ``mode`` depends on."""
+        return self._worst(self.forward if mode == "fwd" else self.forward + self.backward)
+
+    def reason(self, mode: str) -> str:
+        if mode != "fwd" and self.missing:
+            return "no gradient for " + ", ".join(self.missing)
+        worst = self.error(mode)
+        return str(worst) if worst is not None else ""
+
+
+def check_provider(op: Op, provider: Provider, case: Case, inputs: dict, douts: dict, reference: Reference,
+                   slicer, want_grads: bool) -> Check:
+    """Run ``provider`` on the full inputs and compare (the checked part of) its outputs and gradients
+    with the reference by the tolerance rule of ``flashops.testing``."""
+    result = Check()
+    with torch.no_grad():
+        outs = named_outputs(op, provider.run(inputs, case))
+    _compare_all(result.forward, _narrow(slicer, outs), reference.out, reference.base_out, FORWARD_FACTOR, case)
+    del outs
+    if want_grads:
+        outs = named_outputs(op, provider.run(inputs, case))
+        _compare_all(result.forward, _narrow(slicer, {n: t.detach() for n, t in outs.items()}),
+                     reference.out, reference.base_out, FORWARD_FACTOR, case, suffix=" (with grad)")
+        got = grads(op, inputs, outs, douts)
+        result.missing = [n for n, g in got.items() if g is None]
+        got = {f"grad_{n}": g for n, g in _narrow(slicer, {n: g for n, g in got.items() if g is not None}).items()}
+        _compare_all(result.backward, got, {f"grad_{n}": g for n, g in reference.grads.items()},
+                     None if reference.base_grads is None else
+                     {f"grad_{n}": g for n, g in reference.base_grads.items()}, GRAD_FACTOR, case)
+    return result
+
+
+def _compare_all(into: list, actual: dict, ref: dict, base: Optional[dict], factor: float, case: Case,
+                 suffix: str = ""):
+    for name, value in actual.items():
+        into.append(compare(name + suffix, value, ref[name], None if base is None else base[name],
+                            factor=factor, dtype=case.dtype))
+
+
+# ------------------------------------------------------------------------------------------ timing, memory
+def mode_fn(op: Op, provider: Provider, case: Case, inputs: dict, douts: dict, mode: str) -> Callable:
+    """A no-argument callable that runs one ``mode`` call (fwd: inference forward without autograd; bwd: the
+    backward of a forward made once beforehand; fwd+bwd: both)."""
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return provider.run(inputs, case)
+        return fwd
+    if mode == "bwd":
+        outs = named_outputs(op, provider.run(inputs, case))
+        return lambda: grads(op, inputs, outs, douts, retain_graph=True)
+    if mode == "fwd+bwd":
+        return lambda: grads(op, inputs, named_outputs(op, provider.run(inputs, case)), douts)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    min_reps: int = 3  # CPU: at least this many timed calls, more while under rep_ms
+    max_reps: int = 100
+
+
+def median_ms(fn: Callable, device: torch.device, timing: Timing) -> float:
+    """Median time of ``fn`` in milliseconds: triton's do_bench on a GPU (CUDA events, L2 flushed between
+    calls), else a wall-clock median after a warmup."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            return _cuda_events_ms(fn, timing)
+        return float(do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median"))
+    return _wall_clock_ms(fn, timing)
+
+
+def _wall_clock_ms(fn: Callable, timing: Timing) -> float:
+    start = time.perf_counter()
+    fn()  # the first call may compile or allocate: always a warmup
+    while (time.perf_counter() - start) * 1e3 < timing.warmup_ms:
+        fn()
+    times = []
+    while len(times) < timing.min_reps or (sum(times) * 1e3 < timing.rep_ms and len(times) < timing.max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _cuda_events_ms(fn: Callable, timing: Timing) -> float:
+    fn()
+    torch.cuda.synchronize()
+    estimate = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    estimate[0].record()
+    for _ in range(3):
+        fn()
+    estimate[1].record()
+    torch.cuda.synchronize()
+    per_call = max(estimate[0].elapsed_time(estimate[1]) / 3, 1e-3)
+    for _ in range(max(1, int(timing.warmup_ms / per_call))):
+        fn()
+    times = []
+    for _ in range(max(timing.min_reps, min(timing.max_reps * 10, int(timing.rep_ms / per_call)))):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        times.append((begin, end))
+    torch.cuda.synchronize()
+    return statistics.median(b.elapsed_time(e) for b, e in times)
+
+
+def peak_memory_mib(fn: Callable, device: torch.device) -> Optional[float]:
+    """Peak GPU memory allocated by one call of ``fn`` beyond what was allocated before it (MiB); ``None``
+    on the CPU, where the allocator keeps no such statistic (see the memory-scaling sweep instead)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del result
+    return peak / 2**20

@@ -1,0 +1,248 @@
+"""The benchmark: the CLI's quick mode on a tiny sweep, its files, the WRONG verdict, the case-file contract."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashops
+from bench import registry, run
+from bench.cases import attention as attention_cases
+from bench.registry import Provider, case
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = {"date", "device", "op", "family", "suite", "provider", "peer", "mode", "shape", "dtype", "metric",
+          "value", "status", "note", "torch", "triton", "flashops"}
+# One tiny shape, and just enough timing to produce numbers (the minimum of 3 timed calls still applies).
+TINY = ["--quick", "--op", "flash_attention", "--set", "T=128", "--no-progress", "--warmup-ms", "0", "--rep-ms", "1",
+        "--threads", "1"]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _metric(rows, provider, mode, metric):
+    return [r for r in rows if r["provider"] == provider and r["mode"] == mode and r["metric"] == metric]
+
+
+def _bench(args, tmp_path):
+    code = run.main([*TINY, *args, "--out", str(tmp_path)])
+    return code, _rows(tmp_path / "quick.csv")
+
+
+@pytest.fixture
+def planted(request):
+    """Providers added to the attention op for one test, removed afterwards."""
+    op = registry.load_ops().op("flash_attention")
+    added = []
+
+    def add(provider):
+        op.providers.append(provider)
+        added.append(provider)
+
+    yield add
+    for p in added:
+        op.providers.remove(p)
+
+
+def test_quick_cli_writes_csv_and_json_with_the_schema(tmp_path):
+    cmd = [sys.executable, "-m", "bench", *TINY, "--set", "causal=1", "--provider", "flashops-torch,sdpa-math",
+           "--no-memory", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "flashops-torch" in proc.stdout and "sdpa-math" in proc.stdout
+
+    rows = _rows(tmp_path / "quick.csv")
+    with open(tmp_path / "quick.json") as f:
+        json_rows = json.load(f)
+    assert len(rows) == len(json_rows) > 0
+    assert SCHEMA | {"B", "T", "H", "D", "causal"} <= set(rows[0])
+    for row in rows:
+        assert row["device"] and row["torch"] == torch.__version__ and row["flashops"] == flashops.__version__
+        assert row["date"] and row["triton"]
+    for provider in ("flashops-torch", "sdpa-math"):
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            assert [r["value"] for r in _metric(rows, provider, mode, "status")] == ["OK"], (provider, mode)
+            times, tflops = _metric(rows, provider, mode, "time_ms"), _metric(rows, provider, mode, "tflops")
+            assert len(times) == len(tflops) == 1
+            # TFLOP/s follows the stated convention: 4*B*H*T*T*D, halved when causal, 2.5x/3.5x for bwd.
+            row = times[0]
+            b, t, h, d = (int(row[k]) for k in ("B", "T", "H", "D"))
+            flops = 4 * b * h * t * t * d * 0.5 * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+            ms = float(row["value"])
+            assert ms > 0
+            assert math.isclose(float(tflops[0]["value"]), flops / (ms * 1e-3) / 1e12, rel_tol=1e-6)
+            assert row["shape"] == f"B={b} T={t} H={h} D={d} causal=1"
+    err = _metric(rows, "flashops-torch", "fwd+bwd", "max_abs_err")
+    bound = _metric(rows, "flashops-torch", "fwd+bwd", "err_bound")
+    assert all(0 <= float(e["value"]) <= float(b["value"]) for e, b in zip(err, bound))
+    # The speedup column compares with the fastest correct peer, here sdpa-math.
+    for r in _metric(rows, "sdpa-math", "fwd", "speedup_vs_best_peer"):
+        assert float(r["value"]) == 1.0
+    for r in json_rows:
+        if r["metric"] != "status":
+            assert isinstance(r["value"], float)
+
+
+def test_wrong_provider_is_flagged_and_not_timed(tmp_path, planted):
+    def wrong_output(inputs, c):
+        return flashops.flash_attention(inputs["q"], inputs["k"], inputs["v"], causal=c["causal"],
+                                        backend="torch") + 1e-2
+
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.01
+
+    def wrong_grads(inputs, c):
+        return WrongGrad.apply(flashops.flash_attention(inputs["q"], inputs["k"], inputs["v"],
+                                                        causal=c["causal"], backend="torch"))
+
+    planted(Provider("planted-wrong-out", wrong_output))
+    planted(Provider("planted-wrong-grad", wrong_grads))
+    code, rows = _bench(["--provider", "planted-*,sdpa-math", "--set", "causal=1", "--no-memory"], tmp_path)
+    assert code == 0  # only a flashops backend that is WRONG fails the command
+
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        assert [r["value"] for r in _metric(rows, "planted-wrong-out", mode, "status")] == ["WRONG"]
+        err = float(_metric(rows, "planted-wrong-out", mode, "max_abs_err")[0]["value"])
+        bound = float(_metric(rows, "planted-wrong-out", mode, "err_bound")[0]["value"])
+        assert err > bound and math.isclose(err, 1e-2, rel_tol=1e-3)
+    timed = {r["mode"] for r in rows if r["provider"] == "planted-wrong-out" and r["metric"] in
+             ("time_ms", "tflops", "peak_mem_mib", "speedup_vs_best_peer")}
+    assert timed == set()
+
+    # Right forward, wrong gradients: the forward is timed, the backward modes are WRONG and untimed.
+    assert [r["value"] for r in _metric(rows, "planted-wrong-grad", "fwd", "status")] == ["OK"]
+    assert len(_metric(rows, "planted-wrong-grad", "fwd", "time_ms")) == 1
+    for mode in ("bwd", "fwd+bwd"):
+        status = _metric(rows, "planted-wrong-grad", mode, "status")
+        assert [r["value"] for r in status] == ["WRONG"] and "grad_" in status[0]["note"]
+        assert _metric(rows, "planted-wrong-grad", mode, "time_ms") == []
+    # The correct peer is unaffected.
+    assert {r["value"] for r in rows if r["provider"] == "sdpa-math" and r["metric"] == "status"} == {"OK"}
+
+
+def test_failing_flashops_backend_is_an_error_and_fails_the_command(tmp_path, planted):
+    def broken(inputs, c):
+        raise RuntimeError("kernel launch failed")
+
+    planted(Provider("flashops-broken", broken, peer=False))
+    code, rows = _bench(["--provider", "flashops-broken", "--set", "causal=0", "--mode", "fwd", "--no-memory"],
+                        tmp_path)
+    assert code == 1
+    status = _metric(rows, "flashops-broken", "fwd", "status")
+    assert [r["value"] for r in status] == ["ERROR"] and "kernel launch failed" in status[0]["note"]
+
+
+def test_unavailable_provider_is_skipped_with_its_reason(tmp_path, planted):
+    planted(Provider("peer-absent", lambda inputs, c: None, unavailable=lambda: "peer_pkg is not importable"))
+    code, rows = _bench(["--provider", "peer-absent", "--set", "causal=0", "--mode", "fwd", "--no-memory"],
+                        tmp_path)
+    assert code == 0
+    status = _metric(rows, "peer-absent", "fwd", "status")
+    assert [(r["value"], r["note"]) for r in status] == [("SKIP", "peer_pkg is not importable")]
+
+
+def test_memory_sweep_rows(tmp_path):
+    code = run.main(["--quick", "--op", "flash_attention", "--memory-only", "--set", "T=512", "--provider",
+                     "flashops-torch,reference", "--no-progress", "--out", str(tmp_path)])
+    assert code == 0
+    rows = _rows(tmp_path / "quick.csv")
+    for provider in ("flashops-torch", "reference"):
+        mem = [r for r in rows if r["provider"] == provider and r["metric"] == "mem_scaling_mib"]
+        assert len(mem) == 1 and mem[0]["suite"] == "memory" and mem[0]["status"] == "OK"
+        # At least q, k, v's gradients and the output: 4 * 512 * 4 * 64 fp32 values.
+        assert float(mem[0]["value"]) >= 4 * 512 * 4 * 64 * 4 / 2**20
+
+
+_TOY_FAMILY = '''
+import torch
+from bench.registry import Op, Provider, case
+
+def _scale(inputs, c):
+    return inputs["x"] * c["alpha"]
+
+OPS = [Op(
+    name="toy_scale", family="toy",
+    cases=lambda sweep, device: [case("toy_scale", torch.float32, T=t, alpha=2.0) for t in (8, 16)],
+    make_inputs=lambda c, device, g: {"x": torch.randn(c["T"], 3, generator=g, device=device)},
+    reference=lambda inputs, c, upcast: inputs["x"] * c["alpha"],
+    flops=lambda c, mode: 3 * c["T"] * (1 if mode == "fwd" else 2),
+    flop_formula="fwd = T * 3 multiplies",
+    providers=[Provider("toy-mul", _scale, peer=False), Provider("toy-off", lambda i, c: _scale(i, c) + 1)],
+    differentiable=("x",),
+)]
+'''
+
+
+def test_a_new_case_file_needs_no_framework_change(tmp_path, monkeypatch):
+    cases_dir = tmp_path / "cases"
+    cases_dir.mkdir()
+    (cases_dir / "toy.py").write_text(textwrap.dedent(_TOY_FAMILY))
+    (cases_dir / "unmerged.py").write_text("import flashops.ops.not_merged_yet\n")
+    import bench.cases
+
+    monkeypatch.setattr(bench.cases, "__path__", [*bench.cases.__path__, str(cases_dir)])
+    monkeypatch.setattr(registry, "_REGISTRY", None)
+    loaded = registry.load_ops()
+    assert {"flash_attention", "toy_scale"} <= {op.name for op in loaded.ops}
+    assert any("unmerged" in note for note in loaded.notes)
+
+    code = run.main(["--quick", "--op", "toy", "--no-progress", "--out", str(tmp_path / "out")])
+    rows = _rows(tmp_path / "out" / "quick.csv")
+    status = {(r["provider"], r["T"], r["mode"]): r["value"] for r in rows if r["metric"] == "status"}
+    assert code == 0 and len(status) == 2 * 2 * 3
+    assert {v for (p, _, _), v in status.items() if p == "toy-mul"} == {"OK"}
+    assert {v for (p, _, _), v in status.items() if p == "toy-off"} == {"WRONG"}
+
+
+def test_attention_flops_and_check_slice():
+    c = case("flash_attention", torch.bfloat16, B=2, T=20000, H=16, D=64, causal=True)
+    fwd = 4 * 2 * 16 * 20000 * 20000 * 64 / 2
+    assert attention_cases.flops(c, "fwd") == fwd
+    assert attention_cases.flops(c, "bwd") == 2.5 * fwd and attention_cases.flops(c, "fwd+bwd") == 3.5 * fwd
+    narrow, note = attention_cases.check_slice(c, torch.device("cpu"))
+    x = torch.arange(2 * 3 * 16 * 4).reshape(2, 3, 16, 4)
+    assert torch.equal(narrow("q", x), x[1:, :, 15:]) and "batch 1, heads 15..15" in note
+    small = case("flash_attention", torch.float32, B=1, T=128, H=4, D=64, causal=False)
+    assert attention_cases.check_slice(small, torch.device("cpu")) == (None, "")
+
+
+def test_plot_draws_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.plot import plot_files
+
+    code = run.main([*TINY, "--provider", "flashops-torch,sdpa-math", "--mode", "fwd", "--no-memory",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    written = plot_files([tmp_path / "quick.csv"], tmp_path / "plots")
+    assert {p.name for p in written} == {"flash-attention-fwd-float32-tflops.png",
+                                         "flash-attention-fwd-float32-time-ms.png"}
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    from bench import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plot.main([str(tmp_path / "none.csv")]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_run_py_works_as_a_script():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--quick" in proc.stdout
