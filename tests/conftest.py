@@ -12,6 +12,11 @@ os.environ.setdefault("FLASHOPS_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
+if os.environ.get("FLASHOPS_RECORD_LAUNCHES") and os.environ.get("TRITON_INTERPRET") == "1":
+    from .tools.triton_launches import install_recorder
+
+    install_recorder(os.environ["FLASHOPS_RECORD_LAUNCHES"])
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 
