@@ -1,7 +1,9 @@
 """flashops: fast attention and sequence-model kernels with autograd, references, modules and benchmarks."""
 
 from .ops.attention import block_sparse_attention, flash_attention, flash_attention_varlen, sdpa
+from .ops.lla import local_linear_attention, local_linear_attention_decode
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa"]
+__all__ = ["flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa",
+           "local_linear_attention", "local_linear_attention_decode"]

@@ -1,3 +1,5 @@
 """``flashops.nn``: the torch.nn modules of every op family."""
 
-__all__: list = []
+from .modules.lla import LLACache, LocalLinearAttention
+
+__all__: list = ["LocalLinearAttention", "LLACache"]
