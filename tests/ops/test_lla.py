@@ -102,6 +102,27 @@ def test_matches_reference_fp32(backend, shape, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_keys_with_a_large_common_offset(backend, device):
+    """Key moments are taken about the first key: an offset shared by all keys (common in trained models)
+    must not cost precision, although it does for a naive fp32 evaluation of the same formulas."""
+    _skip_unless_supported(backend, device, torch.float32)
+    q, k, v = (x.requires_grad_() for x in _qkv(1, 40, 40, 2, 1, 16, device, key_mean=30.0))
+    out = flashops.local_linear_attention(q, k, v, ridge_lambda=0.3, backend=backend)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    want, leaves = _oracle(q, k, v, torch.tensor(0.3, device=device))
+    want_grads = torch.autograd.grad(want, leaves[:3], g.double())
+    assert_close("out", out, want)
+    for name, got, exp in zip(("dq", "dk", "dv"), grads, want_grads):
+        assert_close(name, got, exp)
+    with torch.no_grad():
+        last = flashops.local_linear_attention_decode(q[:, -1:], k, v, ridge_lambda=0.3, backend=backend)
+    assert_close("decode", last, want[:, -1:])
+    naive = ref.local_linear_attention(q, k, v, ridge_lambda=0.3)  # fp32, no shift
+    assert not torch.allclose(naive.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_two_reference_rule(backend, dtype, device):
     _skip_unless_supported(backend, device, dtype)

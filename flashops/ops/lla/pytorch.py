@@ -40,6 +40,10 @@ class _Problem:
         self.off = t_k - t_q
         self.q = q.float().reshape(b, t_q, h_kv, g, d).permute(0, 2, 3, 1, 4)
         self.k = k.float().permute(0, 2, 1, 3).unsqueeze(2)
+        # Keys shifted by one of them: the covariance is shift-invariant, and moments of keys that share a
+        # large common offset lose less to cancellation. q, k_bar are shifted alike where they meet keys.
+        self.shift = self.k[..., :1, :] if t_k else torch.zeros_like(self.k[..., :1, :])
+        self.ks = self.k - self.shift
         self.v = v.float().permute(0, 2, 1, 3).unsqueeze(2)
         self.lam = ridge.float().expand(b, t_q, h).reshape(b, t_q, h_kv, g).permute(0, 2, 3, 1)
         self.key_lengths = key_lengths
@@ -77,12 +81,12 @@ class _Problem:
         return x
 
     def outer(self, j0, j1):
-        """k_j k_j^T of a key chunk, flattened: [B, Hkv, 1, Ck, D*D]."""
-        k = self.k[..., j0:j1, :]
+        """k_j k_j^T of a chunk of shifted keys, flattened: [B, Hkv, 1, Ck, D*D]."""
+        k = self.ks[..., j0:j1, :]
         return (k[..., :, None] * k[..., None, :]).flatten(-2)
 
     def system(self, second, k_bar, i0, i1):
-        """A = E_s[k k^T] - k_bar k_bar^T + lambda I for queries [i0, i1): [B, Hkv, G, Cq, D, D]."""
+        """A = E_s[k k^T] - k_bar k_bar^T + lambda I for queries [i0, i1) from shifted moments."""
         d = self.shape[-1]
         cov = second.reshape(*second.shape[:-1], d, d) - k_bar[..., :, None] * k_bar[..., None, :]
         return cov + self.lam[..., i0:i1, None, None] * self.eye
@@ -118,13 +122,13 @@ def _forward_one(p: _Problem):
             w = torch.exp(x - m_safe)
             alpha = torch.exp(m - m_safe)
             total = total * alpha + w.sum(dim=-1, keepdim=True)
-            k_sum = k_sum * alpha + torch.matmul(w, p.k[..., j0:j1, :])
+            k_sum = k_sum * alpha + torch.matmul(w, p.ks[..., j0:j1, :])
             second = second * alpha + torch.matmul(w, p.outer(j0, j1))
             m = m_new
         seen = total > 0
         norm = total.masked_fill(~seen, 1.0)
-        k_bar = k_sum / norm
-        z = _solve(p.system(second / norm, k_bar, i0, i1), k_bar - p.q[..., i0:i1, :]) * seen
+        k_bar = k_sum / norm  # shifted
+        z = _solve(p.system(second / norm, k_bar, i0, i1), k_bar - (p.q[..., i0:i1, :] - p.shift)) * seen
         row_lse = (m + torch.log(norm)).masked_fill(~seen, float("-inf"))
         # Rows with no key get +inf so that their weights vanish.
         lse_safe = row_lse.masked_fill(~seen, float("inf"))
@@ -133,11 +137,11 @@ def _forward_one(p: _Problem):
         for j0 in range(0, hi, key_chunk):
             j1 = min(j0 + key_chunk, hi)
             s = torch.exp(p.logits(i0, i1, j0, j1) - lse_safe)
-            centred = torch.matmul(z, p.k[..., j0:j1, :].transpose(-1, -2)) - z_kbar
+            centred = torch.matmul(z, p.ks[..., j0:j1, :].transpose(-1, -2)) - z_kbar
             acc = acc + torch.matmul(s * (1.0 - centred), p.v[..., j0:j1, :])
         out[..., i0:i1, :] = acc
         lse[..., i0:i1] = row_lse.squeeze(-1)
-        k_bar_all[..., i0:i1, :] = k_bar
+        k_bar_all[..., i0:i1, :] = (k_bar + p.shift) * seen
         z_all[..., i0:i1, :] = z
     return out, lse, k_bar_all, z_all
 
@@ -184,7 +188,7 @@ def backward(dout, q, k, v, out, lse, k_bar, z, ridge, a: LLAArgs):
             continue
         rows = (b, h_kv, g, i1 - i0)
         q_c, do_c = p.q[..., i0:i1, :], do_all[..., i0:i1, :]
-        k_bar_c, z_c = k_bar_all[..., i0:i1, :], z_all[..., i0:i1, :]
+        k_bar_c, z_c = k_bar_all[..., i0:i1, :] - p.shift, z_all[..., i0:i1, :]  # shifted k_bar
         row_lse = lse_all[..., i0:i1, None]
         lse_safe = row_lse.masked_fill(torch.isneginf(row_lse), float("inf"))
         # c = sum_j s_ij G_ij (k_j - k_bar_i) with G_ij = g_i . v_j: the right-hand side of the adjoint solve.
@@ -196,25 +200,25 @@ def backward(dout, q, k, v, out, lse, k_bar, z, ridge, a: LLAArgs):
             s = torch.exp(p.logits(i0, i1, j0, j1) - lse_safe)
             second = second + torch.matmul(s, p.outer(j0, j1))
             sg = s * torch.matmul(do_c, p.v[..., j0:j1, :].transpose(-1, -2))
-            c = c + torch.matmul(sg, p.k[..., j0:j1, :])
+            c = c + torch.matmul(sg, p.ks[..., j0:j1, :])
             g_bar = g_bar + sg.sum(-1, keepdim=True)
         c = c - g_bar * k_bar_c
         lam = p.lam[..., i0:i1, None]
         r = _solve(p.system(second, k_bar_c, i0, i1), c)
         r_z = (r * z_c).sum(-1, keepdim=True)
         phi_bar = ((do_c * o_all[..., i0:i1, :]).sum(-1, keepdim=True)
-                   + (r * (k_bar_c - q_c)).sum(-1, keepdim=True) - lam * r_z)
+                   + (r * (k_bar_c - (q_c - p.shift))).sum(-1, keepdim=True) - lam * r_z)
         dlam[..., i0:i1] = r_z.squeeze(-1)
         z_kbar = (z_c * k_bar_c).sum(-1, keepdim=True)
         r_kbar = (r * k_bar_c).sum(-1, keepdim=True)
         dq_c = r.clone()
         for j0 in range(0, hi, key_chunk):
             j1 = min(j0 + key_chunk, hi)
-            k_c, v_c = p.k[..., j0:j1, :], p.v[..., j0:j1, :]
+            k_c, ks_c, v_c = p.k[..., j0:j1, :], p.ks[..., j0:j1, :], p.v[..., j0:j1, :]
             s = torch.exp(p.logits(i0, i1, j0, j1) - lse_safe)
             gv = torch.matmul(do_c, v_c.transpose(-1, -2))
-            zy = torch.matmul(z_c, k_c.transpose(-1, -2)) - z_kbar
-            ry = torch.matmul(r, k_c.transpose(-1, -2)) - r_kbar
+            zy = torch.matmul(z_c, ks_c.transpose(-1, -2)) - z_kbar
+            ry = torch.matmul(r, ks_c.transpose(-1, -2)) - r_kbar
             ell = s * (1.0 - zy)
             # dL/dlogit_ij and the coefficient of z_i in the direct (non-logit) dependence on k_j.
             dlogit = ell * gv + s * (g_bar * zy - ry + ry * zy - phi_bar)

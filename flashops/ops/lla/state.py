@@ -18,6 +18,7 @@ import torch
 def combine_partials(q, m, l, k_sum, v_sum, kk, vk, lam, *, log2: bool = False):
     """Combine statistics over the last "split" axis and return the LLA output.
 
+    The key moments may be taken about any origin c (keys k - c) if q is given as q - c too.
     q [..., D] fp32; m, l [..., S]; k_sum, v_sum [..., S, D]; kk, vk [..., S, D, D]; lam [...].
     ``log2``: m is in log2 units (the Triton kernels' exp2 domain). A query with no key gives 0.
     """

@@ -61,6 +61,22 @@ def _load_tile(base, start, offs, offs_d, limit, stride, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
+def _load_keys(k_base, shift, start, offs, offs_d, limit, stride, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """A key tile as stored (for the logits) and shifted by the sequence's first key (for everything centred:
+    moments, y_ij products; the shift keeps a common key offset from costing precision)."""
+    k = _load_tile(k_base, start, offs, offs_d, limit, stride, HEAD_DIM, EVEN_D, MASK_ROWS)
+    return k, (k.to(tl.float32) - shift[None, :]).to(k.dtype)
+
+
+@triton.jit
+def _key_origin(k_base, offs_d, seqlen_k, HEAD_DIM: tl.constexpr):
+    """The first key of the sequence (zeros if there is none), fp32 [BLOCK_D]."""
+    width = tl.minimum(seqlen_k, 1) * HEAD_DIM  # 0 when there is no key
+    return tl.load(k_base + offs_d, mask=offs_d < width, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _logits2(q, k, rows, cols, seqlen_k, diag, qk_scale2, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
     """log2-domain logits [BLOCK_M, BLOCK_N]; invisible keys are -inf."""
@@ -74,11 +90,11 @@ def _logits2(q, k, rows, cols, seqlen_k, diag, qk_scale2, MASKED: tl.constexpr, 
 
 
 @triton.jit
-def _row_scaled(x, dtype: tl.constexpr):
-    """x / max|x| per row in ``dtype`` (an operand of tl.dot) and the fp32 scale."""
+def _row_scaled(x):
+    """x / max|x| per row (to be cast into a tl.dot operand without overflow) and the fp32 scale."""
     scale = tl.max(tl.abs(x), 1)
     scale = tl.where(scale > 0, scale, 1.0)
-    return (x / scale[:, None]).to(dtype), scale
+    return x / scale[:, None], scale
 
 
 @triton.jit
@@ -103,77 +119,78 @@ def _key_ranges(start_m, seqlen_k, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 # -------------------------------------------------------------------------------------- streamed passes
 @triton.jit
-def _stats_tile(m, l, k_sum, k_sq, q, k_base, start_n, rows, offs_n, offs_d, seqlen_k, diag, stride_kt,
+def _stats_tile(m, l, k_sum, k_sq, q, k_base, shift, start_n, rows, offs_n, offs_d, seqlen_k, diag, stride_kt,
                 qk_scale2, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, PRECOND: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    k = _load_tile(k_base, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, MASKED)
+    k, ks = _load_keys(k_base, shift, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, MASKED)
     x = _logits2(q, k, rows, start_n + offs_n, seqlen_k, diag, qk_scale2, MASKED, CAUSAL, DOT_PRECISION)
     m_new = tl.maximum(m, tl.max(x, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
     w = tl.exp2(x - m_ref[:, None]).to(k.dtype)
     alpha = tl.exp2(m - m_ref)
     l = l * alpha + tl.sum(w.to(tl.float32), 1)
-    k_sum = tl.dot(w, k, k_sum * alpha[:, None], input_precision=DOT_PRECISION)
+    k_sum = tl.dot(w, ks, k_sum * alpha[:, None], input_precision=DOT_PRECISION)
     if PRECOND:
-        kf = k.to(tl.float32)
+        kf = ks.to(tl.float32)
         k_sq = tl.dot(w, (kf * kf).to(k.dtype), k_sq * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l, k_sum, k_sq
 
 
 @triton.jit
-def _stats(q, k_base, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, qk_scale2, full, end,
+def _stats(q, k_base, shift, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, qk_scale2, full, end,
            HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
            BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECOND: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Row max m (log2), normalizer l = sum_j 2^(x_ij - m_i), sum_j w_ij k_j and sum_j w_ij k_j^2."""
+    """Row max m (log2), normalizer l = sum_j 2^(x_ij - m_i), sum_j w_ij k'_j and sum_j w_ij k'_j^2 (k' shifted)."""
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     k_sum = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_sq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        m, l, k_sum, k_sq = _stats_tile(m, l, k_sum, k_sq, q, k_base, start_n, rows, offs_n, offs_d, seqlen_k,
+        m, l, k_sum, k_sq = _stats_tile(m, l, k_sum, k_sq, q, k_base, shift, start_n, rows, offs_n, offs_d, seqlen_k,
                                         diag, stride_kt, qk_scale2, HEAD_DIM, EVEN_D, False, CAUSAL, PRECOND,
                                         DOT_PRECISION)
     for start_n in range(full, end, BLOCK_N):
-        m, l, k_sum, k_sq = _stats_tile(m, l, k_sum, k_sq, q, k_base, start_n, rows, offs_n, offs_d, seqlen_k,
+        m, l, k_sum, k_sq = _stats_tile(m, l, k_sum, k_sq, q, k_base, shift, start_n, rows, offs_n, offs_d, seqlen_k,
                                         diag, stride_kt, qk_scale2, HEAD_DIM, EVEN_D, True, CAUSAL, PRECOND,
                                         DOT_PRECISION)
     return m, l, k_sum, k_sq
 
 
 @triton.jit
-def _matvec_tile(y, y_sum, p_lo, p_kbar, q, lse2, k_base, start_n, rows, offs_n, offs_d, seqlen_k, diag,
+def _matvec_tile(y, y_sum, p_lo, p_kbar, q, lse2, k_base, shift, start_n, rows, offs_n, offs_d, seqlen_k, diag,
                  stride_kt, qk_scale2, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    k = _load_tile(k_base, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, MASKED)
+    k, ks = _load_keys(k_base, shift, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, MASKED)
     x = _logits2(q, k, rows, start_n + offs_n, seqlen_k, diag, qk_scale2, MASKED, CAUSAL, DOT_PRECISION)
     s = tl.exp2(x - lse2[:, None])
-    t = tl.dot(p_lo, tl.trans(k), input_precision=DOT_PRECISION) - p_kbar[:, None]
+    t = tl.dot(p_lo, tl.trans(ks), input_precision=DOT_PRECISION) - p_kbar[:, None]
     st = (s * t).to(k.dtype)
-    y = tl.dot(st, k, y, input_precision=DOT_PRECISION)
+    y = tl.dot(st, ks, y, input_precision=DOT_PRECISION)
     y_sum += tl.sum(st.to(tl.float32), 1)
     return y, y_sum
 
 
 @triton.jit
-def _apply_system(p, q, k_bar, lam, lse2, k_base, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, qk_scale2,
+def _apply_system(p, q, k_bar, lam, lse2, k_base, shift, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, qk_scale2,
                   full, end, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """A p = sum_j s_ij (y_ij . p_i) y_ij + lambda_i p_i for every row, streaming the keys once."""
-    p_lo, p_scale = _row_scaled(p, q.dtype)
+    p_lo, p_scale = _row_scaled(p)
+    p_lo = p_lo.to(q.dtype)
     p_kbar = tl.sum(p_lo.to(tl.float32) * k_bar, 1)
     y = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     y_sum = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        y, y_sum = _matvec_tile(y, y_sum, p_lo, p_kbar, q, lse2, k_base, start_n, rows, offs_n, offs_d, seqlen_k,
+        y, y_sum = _matvec_tile(y, y_sum, p_lo, p_kbar, q, lse2, k_base, shift, start_n, rows, offs_n, offs_d, seqlen_k,
                                 diag, stride_kt, qk_scale2, HEAD_DIM, EVEN_D, False, CAUSAL, DOT_PRECISION)
     for start_n in range(full, end, BLOCK_N):
-        y, y_sum = _matvec_tile(y, y_sum, p_lo, p_kbar, q, lse2, k_base, start_n, rows, offs_n, offs_d, seqlen_k,
+        y, y_sum = _matvec_tile(y, y_sum, p_lo, p_kbar, q, lse2, k_base, shift, start_n, rows, offs_n, offs_d, seqlen_k,
                                 diag, stride_kt, qk_scale2, HEAD_DIM, EVEN_D, True, CAUSAL, DOT_PRECISION)
     return (y - y_sum[:, None] * k_bar) * p_scale[:, None] + lam[:, None] * p
 
 
 @triton.jit
-def _cg_solve(rhs, inv_diag, active, q, k_bar, lam, lse2, k_base, rows, offs_n, offs_d, seqlen_k, diag,
+def _cg_solve(rhs, inv_diag, active, q, k_bar, lam, lse2, k_base, shift, rows, offs_n, offs_d, seqlen_k, diag,
               stride_kt, qk_scale2, full, end, cg_tol2, cg_max_iters, HEAD_DIM: tl.constexpr,
               EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, PRECOND: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -192,7 +209,7 @@ def _cg_solve(rhs, inv_diag, active, q, k_bar, lam, lse2, k_base, rows, offs_n, 
     n_active = tl.sum(active.to(tl.int32), 0)
     it = tl.full([], 0, tl.int32)
     while (n_active > 0) & (it < cg_max_iters):
-        ap = _apply_system(p, q, k_bar, lam, lse2, k_base, rows, offs_n, offs_d, seqlen_k, diag, stride_kt,
+        ap = _apply_system(p, q, k_bar, lam, lse2, k_base, shift, rows, offs_n, offs_d, seqlen_k, diag, stride_kt,
                            qk_scale2, full, end, HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, DOT_PRECISION)
         curvature = tl.sum(p * ap, 1)
         step_ok = active & (curvature > 0)
@@ -221,14 +238,14 @@ def _inverse_diagonal(k_sq, k_bar, lam):
 
 
 @triton.jit
-def _output_tile(acc, z_lo, z_kbar, z_scale, gain, q, lse2, k_base, v_base, start_n, rows, offs_n, offs_d,
+def _output_tile(acc, z_lo, z_kbar, z_scale, gain, q, lse2, k_base, shift, v_base, start_n, rows, offs_n, offs_d,
                  seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    k = _load_tile(k_base, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, MASKED)
+    k, ks = _load_keys(k_base, shift, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, MASKED)
     v = _load_tile(v_base, start_n, offs_n, offs_d, seqlen_k, stride_vt, HEAD_DIM, EVEN_D, MASKED)
     x = _logits2(q, k, rows, start_n + offs_n, seqlen_k, diag, qk_scale2, MASKED, CAUSAL, DOT_PRECISION)
     s = tl.exp2(x - lse2[:, None])
-    zy = _centred(z_lo, z_scale, z_kbar, k, DOT_PRECISION)
+    zy = _centred(z_lo, z_scale, z_kbar, ks, DOT_PRECISION)
     # l_ij / gain_i: bounded even when z is huge (tiny ridge), so it fits the dot operand's dtype.
     ell = s * (1.0 - zy) / gain[:, None]
     return tl.dot(ell.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -269,30 +286,32 @@ def _lla_fwd_kernel(
                   other=1.0)
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
+    shift = _key_origin(k_base, offs_d, seqlen_k, HEAD_DIM)
     full, end = _key_ranges(start_m, seqlen_k, diag, BLOCK_M, BLOCK_N, CAUSAL)
 
-    m, l, k_sum, k_sq = _stats(q, k_base, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, qk_scale2, full, end,
+    m, l, k_sum, k_sq = _stats(q, k_base, shift, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, qk_scale2, full, end,
                                HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECOND, DOT_PRECISION)
     seen = l > 0.0
     norm = tl.where(seen, l, 1.0)
-    k_bar = k_sum / norm[:, None]
+    k_bar = k_sum / norm[:, None]  # shifted, as every key-side quantity below
     lse2 = tl.where(seen, m + tl.log2(norm), float("inf"))  # +inf: a row with no key gets zero weights
     inv_diag = _inverse_diagonal(k_sq / norm[:, None], k_bar, lam)
-    rhs = tl.where(seen[:, None], k_bar - q.to(tl.float32), 0.0)
-    z = _cg_solve(rhs, inv_diag, seen & row_ok, q, k_bar, lam, lse2, k_base, rows, offs_n, offs_d, seqlen_k,
+    rhs = tl.where(seen[:, None], k_bar - (q.to(tl.float32) - shift[None, :]), 0.0)
+    z = _cg_solve(rhs, inv_diag, seen & row_ok, q, k_bar, lam, lse2, k_base, shift, rows, offs_n, offs_d, seqlen_k,
                   diag, stride_kt, qk_scale2, full, end, cg_tol2, cg_max_iters, HEAD_DIM, EVEN_D, BLOCK_M,
                   BLOCK_N, BLOCK_D, CAUSAL, PRECOND, DOT_PRECISION)
 
-    z_lo, z_scale = _row_scaled(z, q.dtype)
+    z_lo, z_scale = _row_scaled(z)
+    z_lo = z_lo.to(q.dtype)
     z_kbar = tl.sum(z_lo.to(tl.float32) * k_bar, 1)
     gain = 1.0 + z_scale
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        acc = _output_tile(acc, z_lo, z_kbar, z_scale, gain, q, lse2, k_base, v_base, start_n, rows, offs_n,
+        acc = _output_tile(acc, z_lo, z_kbar, z_scale, gain, q, lse2, k_base, shift, v_base, start_n, rows, offs_n,
                            offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM, EVEN_D, False, CAUSAL,
                            DOT_PRECISION)
     for start_n in range(full, end, BLOCK_N):
-        acc = _output_tile(acc, z_lo, z_kbar, z_scale, gain, q, lse2, k_base, v_base, start_n, rows, offs_n,
+        acc = _output_tile(acc, z_lo, z_kbar, z_scale, gain, q, lse2, k_base, shift, v_base, start_n, rows, offs_n,
                            offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM, EVEN_D, True, CAUSAL,
                            DOT_PRECISION)
     out = acc * gain[:, None]
@@ -302,7 +321,7 @@ def _lla_fwd_kernel(
     tl.store(O + b64 * stride_ob + h64 * stride_oh + row64[:, None] * stride_ot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=ok)
     side = b64 * stride_sb + h64 * stride_sh + row64[:, None] * stride_st + offs_d[None, :]
-    tl.store(KBAR + side, k_bar, mask=ok)
+    tl.store(KBAR + side, tl.where(seen[:, None], k_bar + shift[None, :], 0.0), mask=ok)
     tl.store(Z + side, z, mask=ok)
     lse = tl.where(seen, (m + tl.log2(norm)) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + (b64 * num_heads + h64) * seqlen_q + rows, lse, mask=row_ok)
@@ -310,37 +329,38 @@ def _lla_fwd_kernel(
 
 # ---------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _adjoint_tile(c, g_sum, k_sq, q, do, lse2, k_base, v_base, start_n, rows, offs_n, offs_d, seqlen_k, diag,
+def _adjoint_tile(c, g_sum, k_sq, q, do, lse2, k_base, shift, v_base, start_n, rows, offs_n, offs_d, seqlen_k, diag,
                   stride_kt, stride_vt, qk_scale2, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECOND: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    k = _load_tile(k_base, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, MASKED)
+    k, ks = _load_keys(k_base, shift, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, MASKED)
     v = _load_tile(v_base, start_n, offs_n, offs_d, seqlen_k, stride_vt, HEAD_DIM, EVEN_D, MASKED)
     x = _logits2(q, k, rows, start_n + offs_n, seqlen_k, diag, qk_scale2, MASKED, CAUSAL, DOT_PRECISION)
     s = tl.exp2(x - lse2[:, None])
     gv = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     sg = (s * gv).to(k.dtype)
-    c = tl.dot(sg, k, c, input_precision=DOT_PRECISION)
+    c = tl.dot(sg, ks, c, input_precision=DOT_PRECISION)
     g_sum += tl.sum(sg.to(tl.float32), 1)
     if PRECOND:
-        kf = k.to(tl.float32)
+        kf = ks.to(tl.float32)
         k_sq = tl.dot(s.to(k.dtype), (kf * kf).to(k.dtype), k_sq, input_precision=DOT_PRECISION)
     return c, g_sum, k_sq
 
 
 @triton.jit
-def _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q, do, lse2, k_base, v_base,
+def _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q, do, lse2, k_base, shift, v_base,
              start_n, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2,
              HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
-    k = _load_tile(k_base, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, MASKED)
+    k, ks = _load_keys(k_base, shift, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, MASKED)
     v = _load_tile(v_base, start_n, offs_n, offs_d, seqlen_k, stride_vt, HEAD_DIM, EVEN_D, MASKED)
     x = _logits2(q, k, rows, start_n + offs_n, seqlen_k, diag, qk_scale2, MASKED, CAUSAL, DOT_PRECISION)
     s = tl.exp2(x - lse2[:, None])
     gv = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    zy = _centred(z_lo, z_scale, z_kbar, k, DOT_PRECISION)
-    ry = _centred(r_lo, r_scale, r_kbar, k, DOT_PRECISION)
+    zy = _centred(z_lo, z_scale, z_kbar, ks, DOT_PRECISION)
+    ry = _centred(r_lo, r_scale, r_kbar, ks, DOT_PRECISION)
     dlogit = s * ((1.0 - zy) * gv + g_bar[:, None] * zy - ry + ry * zy - phi_bar[:, None])
-    return tl.dot(dlogit.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    # sum_j dlogit_ij = 0 (softmax), so sum_j dlogit_ij k_j = sum_j dlogit_ij k'_j: the shifted keys lose less.
+    return tl.dot(dlogit.to(k.dtype), ks, dq, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -379,9 +399,9 @@ def _lla_bwd_dq_kernel(
                     HEAD_DIM, EVEN_D, True)
     o = _load_tile(O + b64 * stride_ob + h64 * stride_oh, start_m, offs_m, offs_d, seqlen_q, stride_ot,
                    HEAD_DIM, EVEN_D, True)
+    do_o = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     side = b64 * stride_sb + h64 * stride_sh + row64[:, None] * stride_st + offs_d[None, :]
-    k_bar = tl.load(KBAR + side, mask=ok, other=0.0)
-    z = tl.load(Z + side, mask=ok, other=0.0)
+    k_bar_stored = tl.load(KBAR + side, mask=ok, other=0.0)
     lam = tl.load(RIDGE + b64 * stride_rb + row64 * stride_rt + h64 * stride_rh, mask=row_ok, other=1.0)
     scalar_off = (b64 * num_heads + h64) * seqlen_q + rows
     lse = tl.load(LSE + scalar_off, mask=row_ok, other=float("-inf"))
@@ -389,6 +409,8 @@ def _lla_bwd_dq_kernel(
     lse2 = tl.where(seen, lse * 1.4426950408889634, float("inf"))
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
+    shift = _key_origin(k_base, offs_d, seqlen_k, HEAD_DIM)
+    k_bar = k_bar_stored - shift[None, :]
     full, end = _key_ranges(start_m, seqlen_k, diag, BLOCK_M, BLOCK_N, CAUSAL)
 
     # Adjoint right-hand side c_i = sum_j s_ij (g_i . v_j) (k_j - k_bar_i).
@@ -396,32 +418,36 @@ def _lla_bwd_dq_kernel(
     g_bar = tl.zeros([BLOCK_M], tl.float32)
     k_sq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        c, g_bar, k_sq = _adjoint_tile(c, g_bar, k_sq, q, do, lse2, k_base, v_base, start_n, rows, offs_n, offs_d,
+        c, g_bar, k_sq = _adjoint_tile(c, g_bar, k_sq, q, do, lse2, k_base, shift, v_base, start_n, rows, offs_n, offs_d,
                                        seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM, EVEN_D, False,
                                        CAUSAL, PRECOND, DOT_PRECISION)
     for start_n in range(full, end, BLOCK_N):
-        c, g_bar, k_sq = _adjoint_tile(c, g_bar, k_sq, q, do, lse2, k_base, v_base, start_n, rows, offs_n, offs_d,
+        c, g_bar, k_sq = _adjoint_tile(c, g_bar, k_sq, q, do, lse2, k_base, shift, v_base, start_n, rows, offs_n, offs_d,
                                        seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM, EVEN_D, True,
                                        CAUSAL, PRECOND, DOT_PRECISION)
     c = c - g_bar[:, None] * k_bar
-    r = _cg_solve(c, _inverse_diagonal(k_sq, k_bar, lam), seen & row_ok, q, k_bar, lam, lse2, k_base, rows, offs_n,
+    r = _cg_solve(c, _inverse_diagonal(k_sq, k_bar, lam), seen & row_ok, q, k_bar, lam, lse2, k_base, shift, rows, offs_n,
                   offs_d, seqlen_k, diag, stride_kt, qk_scale2, full, end, cg_tol2, cg_max_iters, HEAD_DIM, EVEN_D,
                   BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECOND, DOT_PRECISION)
 
+    z = tl.load(Z + side, mask=ok, other=0.0)
     r_z = tl.sum(r * z, 1)
-    phi_bar = (tl.sum(do.to(tl.float32) * o.to(tl.float32), 1) + tl.sum(r * (k_bar - q.to(tl.float32)), 1)
-               - lam * r_z)
-    z_lo, z_scale = _row_scaled(z, q.dtype)
-    r_lo, r_scale = _row_scaled(r, q.dtype)
+    phi_bar = do_o + tl.sum(r * (k_bar - (q.to(tl.float32) - shift[None, :])), 1) - lam * r_z
+    z_lo, z_scale = _row_scaled(z)
+    z_lo = z_lo.to(q.dtype)
+    r_lo, r_scale = _row_scaled(r)
+    r_lo = r_lo.to(q.dtype)
     z_kbar = tl.sum(z_lo.to(tl.float32) * k_bar, 1)
     r_kbar = tl.sum(r_lo.to(tl.float32) * k_bar, 1)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        dq = _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q, do, lse2, k_base, v_base,
+        dq = _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q, do, lse2, k_base, shift,
+                      v_base,
                       start_n, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM,
                       EVEN_D, False, CAUSAL, DOT_PRECISION)
     for start_n in range(full, end, BLOCK_N):
-        dq = _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q, do, lse2, k_base, v_base,
+        dq = _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q, do, lse2, k_base, shift,
+                      v_base,
                       start_n, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM,
                       EVEN_D, True, CAUSAL, DOT_PRECISION)
     dq = dq * sm_scale + r
@@ -435,7 +461,7 @@ def _lla_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, kbar_base, z_base, r_base, lse_base, gbar_base, phibar_base,
+def _dkdv_tile(dk, dv, k, ks, shift, v, q_base, do_base, kbar_base, z_base, r_base, lse_base, gbar_base, phibar_base,
                start_m, cols, offs_m, offs_d, seqlen_q, diag, stride_qt, stride_dot, stride_st, sm_scale, qk_scale2,
                HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
@@ -445,14 +471,17 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, kbar_base, z_base, r_base, lse_bas
     q = _load_tile(q_base, start_m, offs_m, offs_d, seqlen_q, stride_qt, HEAD_DIM, EVEN_D, True)
     do = _load_tile(do_base, start_m, offs_m, offs_d, seqlen_q, stride_dot, HEAD_DIM, EVEN_D, True)
     k_bar = _load_tile(kbar_base, start_m, offs_m, offs_d, seqlen_q, stride_st, HEAD_DIM, EVEN_D, True)
+    k_bar = k_bar - shift[None, :]
     z = _load_tile(z_base, start_m, offs_m, offs_d, seqlen_q, stride_st, HEAD_DIM, EVEN_D, True)
     r = _load_tile(r_base, start_m, offs_m, offs_d, seqlen_q, stride_st, HEAD_DIM, EVEN_D, True)
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, float("inf"))
     g_bar = tl.load(gbar_base + rows, mask=row_ok, other=0.0)
     phi_bar = tl.load(phibar_base + rows, mask=row_ok, other=0.0)
-    z_lo, z_scale = _row_scaled(z, q.dtype)
-    r_lo, r_scale = _row_scaled(r, q.dtype)
+    z_lo, z_scale = _row_scaled(z)
+    z_lo = z_lo.to(q.dtype)
+    r_lo, r_scale = _row_scaled(r)
+    r_lo = r_lo.to(q.dtype)
     z_kbar = tl.sum(z_lo.to(tl.float32) * k_bar, 1)
     r_kbar = tl.sum(r_lo.to(tl.float32) * k_bar, 1)
 
@@ -462,8 +491,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, kbar_base, z_base, r_base, lse_bas
             x_t = tl.where(cols[:, None] <= rows[None, :] + diag, x_t, float("-inf"))
     s_t = tl.exp2(x_t - lse2[None, :])
     gv_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    zy_t = (tl.dot(k, tl.trans(z_lo), input_precision=DOT_PRECISION) - z_kbar[None, :]) * z_scale[None, :]
-    ry_t = (tl.dot(k, tl.trans(r_lo), input_precision=DOT_PRECISION) - r_kbar[None, :]) * r_scale[None, :]
+    zy_t = (tl.dot(ks, tl.trans(z_lo), input_precision=DOT_PRECISION) - z_kbar[None, :]) * z_scale[None, :]
+    ry_t = (tl.dot(ks, tl.trans(r_lo), input_precision=DOT_PRECISION) - r_kbar[None, :]) * r_scale[None, :]
     ell_t = s_t * (1.0 - zy_t)
     dlogit_t = ell_t * gv_t + s_t * (g_bar[None, :] * zy_t - ry_t + ry_t * zy_t - phi_bar[None, :])
     # Direct (non-logit) dependence of the loss on k_j: sum_i [s_ij (g_bar_i - G_ij + r_i.y_ij) z_i - l_ij r_i].
@@ -498,8 +527,9 @@ def _lla_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     cols = start_n + offs_n
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    k = _load_tile(K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh, start_n, offs_n, offs_d, seqlen_k,
-                   stride_kt, HEAD_DIM, EVEN_D, True)
+    k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
+    shift = _key_origin(k_base, offs_d, seqlen_k, HEAD_DIM)
+    k, ks = _load_keys(k_base, shift, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, True)
     v = _load_tile(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh, start_n, offs_n, offs_d, seqlen_k,
                    stride_vt, HEAD_DIM, EVEN_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -520,12 +550,12 @@ def _lla_bwd_dkdv_kernel(
         side = b64 * stride_sb + h64 * stride_sh
         scalar = (b64 * num_heads + h64) * seqlen_q
         for start_m in range(lo, full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, KBAR + side, Z + side, R + side, LSE + scalar,
+            dk, dv = _dkdv_tile(dk, dv, k, ks, shift, v, q_base, do_base, KBAR + side, Z + side, R + side, LSE + scalar,
                                 GBAR + scalar, PHIBAR + scalar, start_m, cols, offs_m, offs_d, seqlen_q, diag,
                                 stride_qt, stride_dot, stride_st, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, True, CAUSAL,
                                 DOT_PRECISION)
         for start_m in range(full, end, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, KBAR + side, Z + side, R + side, LSE + scalar,
+            dk, dv = _dkdv_tile(dk, dv, k, ks, shift, v, q_base, do_base, KBAR + side, Z + side, R + side, LSE + scalar,
                                 GBAR + scalar, PHIBAR + scalar, start_m, cols, offs_m, offs_d, seqlen_q, diag,
                                 stride_qt, stride_dot, stride_st, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, False,
                                 CAUSAL, DOT_PRECISION)
@@ -546,7 +576,9 @@ def _lla_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Partial D x D statistics of one query against one split of the KV cache, with online max rescaling."""
+    """Partial D x D statistics of one query against one split of the KV cache, with online max rescaling.
+    Key moments are taken about the cache's first key (the covariance is shift-invariant; a shared offset of
+    the keys then costs no precision)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // num_heads
@@ -564,6 +596,7 @@ def _lla_decode_kernel(
     q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
+    shift = tl.load(k_base + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.zeros([], tl.float32)
     k_sum = tl.zeros([BLOCK_D], tl.float32)
@@ -583,13 +616,15 @@ def _lla_decode_kernel(
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.exp2(x - m_ref)
         alpha = tl.exp2(m - m_ref)
-        wk = k.to(tl.float32) * w[:, None]
+        k_shifted = k.to(tl.float32) - shift[None, :]
+        wk = k_shifted * w[:, None]
         wv = v.to(tl.float32) * w[:, None]
+        k_shifted = k_shifted.to(k.dtype)
         l = l * alpha + tl.sum(w, 0)
         k_sum = k_sum * alpha + tl.sum(wk, 0)
         v_sum = v_sum * alpha + tl.sum(wv, 0)
-        kk = tl.dot(tl.trans(wk.to(k.dtype)), k, kk * alpha, input_precision=DOT_PRECISION)
-        vk = tl.dot(tl.trans(wv.to(v.dtype)), k, vk * alpha, input_precision=DOT_PRECISION)
+        kk = tl.dot(tl.trans(wk.to(k.dtype)), k_shifted, kk * alpha, input_precision=DOT_PRECISION)
+        vk = tl.dot(tl.trans(wv.to(v.dtype)), k_shifted, vk * alpha, input_precision=DOT_PRECISION)
         m = m_new
     part = pid_bh.to(tl.int64) * num_splits + pid_s
     tl.store(M_OUT + part, m)
@@ -708,6 +743,8 @@ def decode(q, k_cache, v_cache, cache_seqlens, ridge, a: LLAArgs):
     """q [B, 1, H, D] against the first cache_seqlens[b] (default: all) keys of k/v_cache [B, Tk, Hkv, D]."""
     b, _, h, d = q.shape
     t_k, h_kv = k_cache.shape[1], k_cache.shape[2]
+    if t_k == 0 or b * h == 0:
+        return torch.zeros_like(q)
     block_d = max(16, triton.next_power_of_2(d))
     splits = _num_splits(b * h, t_k)
     keys_per_split = triton.cdiv(triton.cdiv(max(t_k, 1), splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
@@ -728,6 +765,7 @@ def decode(q, k_cache, v_cache, cache_seqlens, ridge, a: LLAArgs):
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_N=DECODE_BLOCK_N, num_warps=4 if block_d <= 64 else 8,
     )
     lam = ridge[:, 0, :]
-    out = combine_partials(q_rows.float(), m, l, k_sum[..., :d], v_sum[..., :d], kk[..., :d, :d], vk[..., :d, :d],
+    shift = k_cache[:, 0].float().repeat_interleave(h // h_kv, dim=1)  # the kernel's key origin, [B, H, D]
+    out = combine_partials(q_rows.float() - shift, m, l, k_sum[..., :d], v_sum[..., :d], kk[..., :d, :d], vk[..., :d, :d],
                            lam, log2=True)
     return out.unsqueeze(1).to(q.dtype)
