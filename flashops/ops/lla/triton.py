@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_utils import configs, dot_precision
+from ..._triton_utils import autotune_enabled, configs, dot_precision
 from .args import LLAArgs
 from .state import combine_partials
 
@@ -661,7 +661,7 @@ DECODE_BLOCK_N = 32
 
 
 def _tuned_kernel(kind: str, block_d: int):
-    key = (kind, block_d)
+    key = (kind, block_d, autotune_enabled())
     if key not in _TUNED:
         entries = _CONFIGS[kind][64 if block_d <= 64 else 128]
         candidates = configs([_cfg(*e) for e in entries], [_cfg(*_INTERPRETED[kind])])
