@@ -8,6 +8,7 @@ import torch
 
 import flashops
 from flashops import _dispatch
+from flashops.ops.lla import pytorch as lla_pytorch
 from flashops.ops.lla import reference as ref
 from flashops.testing import GRAD_FACTOR, assert_close
 
@@ -84,9 +85,12 @@ SHAPES = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference_fp32(backend, shape, device):
+def test_matches_reference_fp32(backend, shape, device, monkeypatch):
     b, t_q, t_k, h, h_kv, d, causal = shape
     _skip_unless_supported(backend, device, torch.float32, head_dim=d)
+    # Small chunks, so that the PyTorch path crosses query and key chunk boundaries (online rescaling).
+    monkeypatch.setattr(lla_pytorch, "MAX_QUERY_CHUNK", 16)
+    monkeypatch.setattr(lla_pytorch, "MAX_KEY_CHUNK", 16)
     q, k, v = (x.requires_grad_() for x in _qkv(b, t_q, t_k, h, h_kv, d, device))
     ridge = torch.linspace(0.3, 2.0, h, device=device).requires_grad_()
     out = flashops.local_linear_attention(q, k, v, ridge_lambda=ridge, causal=causal, backend=backend)

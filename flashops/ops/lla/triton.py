@@ -418,17 +418,17 @@ def _lla_bwd_dq_kernel(
     g_bar = tl.zeros([BLOCK_M], tl.float32)
     k_sq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        c, g_bar, k_sq = _adjoint_tile(c, g_bar, k_sq, q, do, lse2, k_base, shift, v_base, start_n, rows, offs_n, offs_d,
-                                       seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM, EVEN_D, False,
-                                       CAUSAL, PRECOND, DOT_PRECISION)
+        c, g_bar, k_sq = _adjoint_tile(c, g_bar, k_sq, q, do, lse2, k_base, shift, v_base, start_n, rows, offs_n,
+                                       offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM, EVEN_D,
+                                       False, CAUSAL, PRECOND, DOT_PRECISION)
     for start_n in range(full, end, BLOCK_N):
-        c, g_bar, k_sq = _adjoint_tile(c, g_bar, k_sq, q, do, lse2, k_base, shift, v_base, start_n, rows, offs_n, offs_d,
-                                       seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM, EVEN_D, True,
-                                       CAUSAL, PRECOND, DOT_PRECISION)
+        c, g_bar, k_sq = _adjoint_tile(c, g_bar, k_sq, q, do, lse2, k_base, shift, v_base, start_n, rows, offs_n,
+                                       offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM, EVEN_D,
+                                       True, CAUSAL, PRECOND, DOT_PRECISION)
     c = c - g_bar[:, None] * k_bar
-    r = _cg_solve(c, _inverse_diagonal(k_sq, k_bar, lam), seen & row_ok, q, k_bar, lam, lse2, k_base, shift, rows, offs_n,
-                  offs_d, seqlen_k, diag, stride_kt, qk_scale2, full, end, cg_tol2, cg_max_iters, HEAD_DIM, EVEN_D,
-                  BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECOND, DOT_PRECISION)
+    r = _cg_solve(c, _inverse_diagonal(k_sq, k_bar, lam), seen & row_ok, q, k_bar, lam, lse2, k_base, shift, rows,
+                  offs_n, offs_d, seqlen_k, diag, stride_kt, qk_scale2, full, end, cg_tol2, cg_max_iters, HEAD_DIM,
+                  EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECOND, DOT_PRECISION)
 
     z = tl.load(Z + side, mask=ok, other=0.0)
     r_z = tl.sum(r * z, 1)
@@ -442,14 +442,12 @@ def _lla_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, full, BLOCK_N):
         dq = _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q, do, lse2, k_base, shift,
-                      v_base,
-                      start_n, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM,
-                      EVEN_D, False, CAUSAL, DOT_PRECISION)
+                      v_base, start_n, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2,
+                      HEAD_DIM, EVEN_D, False, CAUSAL, DOT_PRECISION)
     for start_n in range(full, end, BLOCK_N):
         dq = _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q, do, lse2, k_base, shift,
-                      v_base,
-                      start_n, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM,
-                      EVEN_D, True, CAUSAL, DOT_PRECISION)
+                      v_base, start_n, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2,
+                      HEAD_DIM, EVEN_D, True, CAUSAL, DOT_PRECISION)
     dq = dq * sm_scale + r
 
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row64[:, None] * stride_dqt + offs_d[None, :],
@@ -766,6 +764,6 @@ def decode(q, k_cache, v_cache, cache_seqlens, ridge, a: LLAArgs):
     )
     lam = ridge[:, 0, :]
     shift = k_cache[:, 0].float().repeat_interleave(h // h_kv, dim=1)  # the kernel's key origin, [B, H, D]
-    out = combine_partials(q_rows.float() - shift, m, l, k_sum[..., :d], v_sum[..., :d], kk[..., :d, :d], vk[..., :d, :d],
-                           lam, log2=True)
+    out = combine_partials(q_rows.float() - shift, m, l, k_sum[..., :d], v_sum[..., :d], kk[..., :d, :d],
+                           vk[..., :d, :d], lam, log2=True)
     return out.unsqueeze(1).to(q.dtype)
