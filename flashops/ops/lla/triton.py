@@ -651,7 +651,7 @@ _CONFIGS = {
              128: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]},
 }
 # Under the interpreter: small, unequal tiles so that short tests still cross tile and mask boundaries.
-_INTERPRETED = {"fwd": (32, 32, 1, 1), "dq": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1)}
+_INTERPRETED = {"fwd": (32, 16, 1, 1), "dq": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1)}
 _KERNELS = {"fwd": _lla_fwd_kernel, "dq": _lla_bwd_dq_kernel, "dkdv": _lla_bwd_dkdv_kernel}
 _TUNED: dict = {}
 MAX_HEAD_DIM = 128
