@@ -48,10 +48,10 @@ def test_forward_and_ridge_gradient_match_the_reference(backend, device):
     assert_close("d q_proj.weight", got[1], expected[1])
 
 
-def test_fixed_ridge_is_a_buffer():
-    layer = LocalLinearAttention(32, 2, ridge_lambda=3.0, learnable_ridge=False)
+def test_fixed_ridge_is_a_buffer(device):
+    layer = LocalLinearAttention(32, 2, ridge_lambda=3.0, learnable_ridge=False, device=device)
     assert "ridge_raw" not in dict(layer.named_parameters())
-    torch.testing.assert_close(layer.ridge_lambda, torch.full((2,), 3.0))
+    torch.testing.assert_close(layer.ridge_lambda, torch.full((2,), 3.0, device=device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -72,20 +72,20 @@ def test_generation_with_cache_matches_the_full_forward(backend, device):
         assert_close(f"step {7 + i}", y, full[:, 7 + i])
 
 
-def test_bad_usage_raises():
-    layer = LocalLinearAttention(32, 2, backend="torch")
+def test_bad_usage_raises(device):
+    layer = LocalLinearAttention(32, 2, backend="torch", device=device)
     with pytest.raises(ValueError, match=r"x must be \[B, T, 32\]"):
-        layer(torch.randn(2, 5, 16))
+        layer(torch.randn(2, 5, 16, device=device))
     cache = layer.init_cache(1, 4)
     with torch.no_grad():
-        layer(torch.randn(1, 3, 32), cache)
+        layer(torch.randn(1, 3, 32, device=device), cache)
         with pytest.raises(ValueError, match="step takes one token"):
-            layer.step(torch.randn(1, 2, 32), cache)
-        layer.step(torch.randn(1, 32), cache)
+            layer.step(torch.randn(1, 2, 32, device=device), cache)
+        layer.step(torch.randn(1, 32, device=device), cache)
         with pytest.raises(ValueError, match="the cache holds 4 positions"):
-            layer.step(torch.randn(1, 32), cache)
+            layer.step(torch.randn(1, 32, device=device), cache)
     with pytest.raises(RuntimeError, match="inference-only"):
-        layer.step(torch.randn(1, 32), layer.init_cache(1, 4))
+        layer.step(torch.randn(1, 32, device=device), layer.init_cache(1, 4))
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         LocalLinearAttention(32, 3, num_kv_heads=2)
     with pytest.raises(ValueError, match="ridge_lambda must be finite and > 0"):

@@ -38,23 +38,23 @@ def _oracle(q, k, v, ridge, **kw):
 
 # ------------------------------------------------------------------------------------- the reference itself
 @pytest.mark.parametrize("causal,t_q,t_k", [(True, 9, 9), (True, 4, 11), (False, 6, 10)])
-def test_reference_closed_form_is_the_weighted_ridge_regression(causal, t_q, t_k):
-    q, k, v = _qkv(2, t_q, t_k, 4, 2, 6, "cpu", torch.float64)
-    ridge = torch.rand(2, t_q, 4, dtype=torch.float64) + 0.05
+def test_reference_closed_form_is_the_weighted_ridge_regression(causal, t_q, t_k, device):
+    q, k, v = _qkv(2, t_q, t_k, 4, 2, 6, device, torch.float64)
+    ridge = torch.rand(2, t_q, 4, dtype=torch.float64, device=device) + 0.05
     closed = ref.local_linear_attention(q, k, v, ridge_lambda=ridge, causal=causal)
     direct = ref.local_linear_attention_regression(q, k, v, ridge_lambda=ridge, causal=causal)
     torch.testing.assert_close(closed, direct, rtol=1e-10, atol=1e-10)
 
 
-def test_reference_limits():
-    q, k, v = _qkv(1, 12, 12, 2, 2, 5, "cpu", torch.float64)
+def test_reference_limits(device):
+    q, k, v = _qkv(1, 12, 12, 2, 2, 5, device, torch.float64)
     # lambda -> infinity: softmax attention (local constant fit).
     huge = ref.local_linear_attention(q, k, v, ridge_lambda=1e9)
     torch.testing.assert_close(huge, ref.softmax_attention(q, k, v), rtol=0, atol=1e-7)
     # flat weights (scale 0), lambda -> 0, all keys: the global least-squares fit with intercept, at q.
     ols = ref.local_linear_attention(q, k, v, ridge_lambda=1e-10, softmax_scale=0.0, causal=False)
     for h in range(2):
-        design = torch.cat([torch.ones(12, 1, dtype=torch.float64), k[0, :, h]], dim=1)
+        design = torch.cat([torch.ones(12, 1, dtype=torch.float64, device=device), k[0, :, h]], dim=1)
         coef = torch.linalg.lstsq(design, v[0, :, h]).solution
         want = coef[0] + q[0, :, h] @ coef[1:]
         torch.testing.assert_close(ols[0, :, h], want, rtol=1e-6, atol=1e-6)
@@ -63,9 +63,9 @@ def test_reference_limits():
     torch.testing.assert_close(tiny[:, 0], v[:, 0], rtol=0, atol=1e-10)
 
 
-def test_reference_gradcheck_fp64():
-    q, k, v = _qkv(1, 6, 6, 2, 1, 4, "cpu", torch.float64)
-    ridge = torch.rand(2, dtype=torch.float64) + 0.2
+def test_reference_gradcheck_fp64(device):
+    q, k, v = _qkv(1, 6, 6, 2, 1, 4, device, torch.float64)
+    ridge = torch.rand(2, dtype=torch.float64, device=device) + 0.2
     inputs = [x.requires_grad_() for x in (q, k, v, ridge)]
     assert torch.autograd.gradcheck(
         lambda q, k, v, r: ref.local_linear_attention(q, k, v, ridge_lambda=r, softmax_scale=0.8), inputs)
@@ -229,8 +229,8 @@ def test_decode_equals_last_row_of_the_full_forward(backend, device):
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
-def test_bad_inputs_raise_clear_errors():
-    q, k, v = _qkv(1, 8, 8, 2, 1, 16, "cpu")
+def test_bad_inputs_raise_clear_errors(device):
+    q, k, v = _qkv(1, 8, 8, 2, 1, 16, device)
     lla = flashops.local_linear_attention
     with pytest.raises(ValueError, match="q must have 4 dimensions"):
         lla(q[0], k, v, ridge_lambda=1.0)
@@ -243,14 +243,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="same head dim"):
         lla(q, k[..., :8], v[..., :8], ridge_lambda=1.0)
     with pytest.raises(ValueError, match="head dim 300"):
-        big = torch.randn(1, 4, 1, 300)
+        big = torch.randn(1, 4, 1, 300, device=device)
         lla(big, big, big, ridge_lambda=1.0)
     with pytest.raises(ValueError, match="ridge_lambda must be finite and > 0"):
         lla(q, k, v, ridge_lambda=0.0)
     with pytest.raises(ValueError, match="ridge_lambda must be finite and > 0 everywhere"):
-        lla(q, k, v, ridge_lambda=torch.tensor([1.0, -1.0]))
+        lla(q, k, v, ridge_lambda=torch.tensor([1.0, -1.0], device=device))
     with pytest.raises(ValueError, match="does not broadcast"):
-        lla(q, k, v, ridge_lambda=torch.ones(3))
+        lla(q, k, v, ridge_lambda=torch.ones(3, device=device))
     with pytest.raises(TypeError, match="ridge_lambda must be a float or a tensor"):
         lla(q, k, v, ridge_lambda="1")
     with pytest.raises(TypeError, match="ridge_lambda"):
@@ -260,7 +260,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="cg_tol"):
         lla(q, k, v, ridge_lambda=1.0, cg_tol=-1.0)
     with pytest.raises(flashops._dispatch.BackendError, match="head dim 160 > 128"):
-        wide = torch.randn(1, 4, 1, 160)
+        wide = torch.randn(1, 4, 1, 160, device=device)
         lla(wide, wide, wide, ridge_lambda=1.0, backend="triton")
     with pytest.raises(ValueError, match="is not a backend"):
         lla(q, k, v, ridge_lambda=1.0, backend="cuda")
@@ -268,17 +268,17 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"one new token per sequence"):
         dec(q[:, :2], k, v, ridge_lambda=1.0)
     with pytest.raises(ValueError, match="cache_seqlens must be int32"):
-        dec(q[:, :1], k, v, ridge_lambda=1.0, cache_seqlens=torch.tensor([3]))
+        dec(q[:, :1], k, v, ridge_lambda=1.0, cache_seqlens=torch.tensor([3], device=device))
     with pytest.raises(ValueError, match=r"cache_seqlens must be in \[0, 8\]"):
-        dec(q[:, :1], k, v, ridge_lambda=1.0, cache_seqlens=torch.tensor([9], dtype=torch.int32))
+        dec(q[:, :1], k, v, ridge_lambda=1.0, cache_seqlens=torch.tensor([9], dtype=torch.int32, device=device))
     with pytest.raises(RuntimeError, match="inference-only"):
         dec(q[:, :1].requires_grad_(), k, v, ridge_lambda=1.0)
 
 
 # ------------------------------------------------------------------------------------ custom ops, compile
-def test_opcheck():
-    q, k, v = _qkv(1, 9, 9, 2, 1, 16, "cpu")
-    ridge = torch.full((1, 1, 1), 0.5).expand(1, 9, 2)
+def test_opcheck(device):
+    q, k, v = _qkv(1, 9, 9, 2, 1, 16, device)
+    ridge = torch.full((1, 1, 1), 0.5, device=device).expand(1, 9, 2)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), ridge, 0.25, True, 32, 1e-6, False, "torch")
     torch.library.opcheck(torch.ops.flashops.lla_fwd.default, args)
     saved = [t.detach() for t in (q, k, v, *torch.ops.flashops.lla_fwd(*args))]
@@ -289,9 +289,9 @@ def test_opcheck():
                           (q[:, :1].detach(), k.detach(), v.detach(), None, ridge[:, :1], 0.25, "torch"))
 
 
-def test_torch_compile_fullgraph():
-    q, k, v = (x.requires_grad_() for x in _qkv(1, 12, 12, 2, 1, 16, "cpu"))
-    ridge = torch.tensor([0.5, 1.5], requires_grad=True)
+def test_torch_compile_fullgraph(device):
+    q, k, v = (x.requires_grad_() for x in _qkv(1, 12, 12, 2, 1, 16, device))
+    ridge = torch.tensor([0.5, 1.5], device=device, requires_grad=True)
 
     def f(q, k, v, ridge):
         return flashops.local_linear_attention(q, k, v, ridge_lambda=ridge, backend="torch").sum()
