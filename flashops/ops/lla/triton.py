@@ -38,7 +38,6 @@ from .args import LLAArgs
 from .state import combine_partials
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -640,21 +639,21 @@ def _cfg(block_m, block_n, warps, stages):
 
 
 # (BLOCK_M, BLOCK_N, warps, stages); the first entry is the default when autotuning is off. The CG loop keeps
-# about six [BLOCK_M, D] fp32 row vectors live, so query tiles are smaller than in exact attention.
+# about six [BLOCK_M, D] fp32 row vectors live (x, residual, direction, A p, k_bar, the product accumulator),
+# so the defaults spread a tile over 8 warps and use smaller query tiles than exact attention.
 _CONFIGS = {
-    "fwd": {64: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)],
-            128: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2)]},
-    "dq": {64: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
-           128: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]},
+    "fwd": {64: [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)],
+            128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)]},
+    "dq": {64: [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+           128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)]},
     # dK/dV: BLOCK_N keys held, BLOCK_M queries streamed.
-    "dkdv": {64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)],
-             128: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]},
+    "dkdv": {64: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)],
+             128: [(32, 64, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]},
 }
 # Under the interpreter: small, unequal tiles so that short tests still cross tile and mask boundaries.
 _INTERPRETED = {"fwd": (32, 16, 1, 1), "dq": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1)}
 _KERNELS = {"fwd": _lla_fwd_kernel, "dq": _lla_bwd_dq_kernel, "dkdv": _lla_bwd_dkdv_kernel}
 _TUNED: dict = {}
-MAX_HEAD_DIM = 128
 DECODE_BLOCK_N = 32
 
 
