@@ -15,8 +15,9 @@ Forward, one program per (query tile, batch * head):
   3. output pass: ``o = sum_j l_ij v_j`` with the equivalent-kernel weights l_ij = s_ij (1 - z_i . y_ij).
 Backward (implicit differentiation, never through the CG iterations):
   ``_lla_bwd_dq_kernel`` per query tile: the adjoint right-hand side c_i = sum_j s_ij (g_i . v_j) y_ij,
-  a second CG solve A_i r_i = c_i, then dq; ``_lla_bwd_dkdv_kernel`` per key tile over the query tiles of
-  every head of its GQA group (no atomics). The gradient of the ridge is r_i . z_i.
+  a second CG solve A_i r_i = c_i, then dq; it hands z and r (row-scaled, input dtype) and six scalars per row
+  to ``_lla_bwd_dkdv_kernel``, one program per key tile over the query tiles of every head of its GQA group
+  (no atomics). The gradient of the ridge is r_i . z_i.
 Decode: ``_lla_decode_kernel`` splits the KV cache across programs; each accumulates the exact D x D
 statistics of its keys (sum w k k^T, sum w v k^T, ...) with online max rescaling, and ``state.py`` merges the
 splits and solves the D x D system directly (no CG).
@@ -364,13 +365,13 @@ def _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q
 
 @triton.jit
 def _lla_bwd_dq_kernel(
-    Q, K, V, RIDGE, O, DO, LSE, KBAR, Z, DQ, R, GBAR, PHIBAR, DRIDGE,
+    Q, K, V, RIDGE, O, DO, LSE, KBAR, Z, DQ, Z_LO, R_LO, ROWS, DRIDGE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
     stride_rb, stride_rt, stride_rh, stride_sb, stride_st, stride_sh,
     seqlen_q, seqlen_k, num_heads, kv_group, sm_scale, qk_scale2, cg_tol2, cg_max_iters,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECOND: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROW_FIELDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -451,65 +452,69 @@ def _lla_bwd_dq_kernel(
 
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row64[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=ok)
-    tl.store(R + side, r, mask=ok)
-    tl.store(GBAR + scalar_off, g_bar, mask=row_ok)
-    tl.store(PHIBAR + scalar_off, phi_bar, mask=row_ok)
+    # For the dK/dV kernel: z and r as its dot operands, and the per-row scalars it needs.
+    tl.store(Z_LO + side, z_lo, mask=ok)
+    tl.store(R_LO + side, r_lo, mask=ok)
+    row_base = ROWS + scalar_off * ROW_FIELDS
+    tl.store(row_base + 0, g_bar, mask=row_ok)
+    tl.store(row_base + 1, phi_bar, mask=row_ok)
+    tl.store(row_base + 2, z_scale, mask=row_ok)
+    tl.store(row_base + 3, z_kbar, mask=row_ok)
+    tl.store(row_base + 4, r_scale, mask=row_ok)
+    tl.store(row_base + 5, r_kbar, mask=row_ok)
     tl.store(DRIDGE + scalar_off, r_z, mask=row_ok)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, ks, shift, v, q_base, do_base, kbar_base, z_base, r_base, lse_base, gbar_base, phibar_base,
-               start_m, cols, offs_m, offs_d, seqlen_q, diag, stride_qt, stride_dot, stride_st, sm_scale, qk_scale2,
-               HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _dkdv_tile(dk, dv, k, ks, v, q_base, do_base, zlo_base, rlo_base, lse_base, rows_base, start_m, cols, offs_m,
+               offs_d, seqlen_q, diag, stride_qt, stride_dot, stride_st, sm_scale, qk_scale2, HEAD_DIM: tl.constexpr,
+               EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROW_FIELDS: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """One query tile's contribution to dK, dV of a key tile, on transposed tiles [BLOCK_N, BLOCK_M]."""
     rows = start_m + offs_m
     row_ok = rows < seqlen_q
     q = _load_tile(q_base, start_m, offs_m, offs_d, seqlen_q, stride_qt, HEAD_DIM, EVEN_D, True)
     do = _load_tile(do_base, start_m, offs_m, offs_d, seqlen_q, stride_dot, HEAD_DIM, EVEN_D, True)
-    k_bar = _load_tile(kbar_base, start_m, offs_m, offs_d, seqlen_q, stride_st, HEAD_DIM, EVEN_D, True)
-    k_bar = k_bar - shift[None, :]
-    z = _load_tile(z_base, start_m, offs_m, offs_d, seqlen_q, stride_st, HEAD_DIM, EVEN_D, True)
-    r = _load_tile(r_base, start_m, offs_m, offs_d, seqlen_q, stride_st, HEAD_DIM, EVEN_D, True)
+    z_lo = _load_tile(zlo_base, start_m, offs_m, offs_d, seqlen_q, stride_st, HEAD_DIM, EVEN_D, True)
+    r_lo = _load_tile(rlo_base, start_m, offs_m, offs_d, seqlen_q, stride_st, HEAD_DIM, EVEN_D, True)
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, float("inf"))
-    g_bar = tl.load(gbar_base + rows, mask=row_ok, other=0.0)
-    phi_bar = tl.load(phibar_base + rows, mask=row_ok, other=0.0)
-    z_lo, z_scale = _row_scaled(z)
-    z_lo = z_lo.to(q.dtype)
-    r_lo, r_scale = _row_scaled(r)
-    r_lo = r_lo.to(q.dtype)
-    z_kbar = tl.sum(z_lo.to(tl.float32) * k_bar, 1)
-    r_kbar = tl.sum(r_lo.to(tl.float32) * k_bar, 1)
+    row_ptr = rows_base + rows.to(tl.int64) * ROW_FIELDS
+    g_bar = tl.load(row_ptr + 0, mask=row_ok, other=0.0)
+    phi_bar = tl.load(row_ptr + 1, mask=row_ok, other=0.0)
+    z_scale = tl.load(row_ptr + 2, mask=row_ok, other=0.0)
+    z_kbar = tl.load(row_ptr + 3, mask=row_ok, other=0.0)
+    r_scale = tl.load(row_ptr + 4, mask=row_ok, other=0.0)
+    r_kbar = tl.load(row_ptr + 5, mask=row_ok, other=0.0)
 
     x_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2
     if MASKED:
         if CAUSAL:
             x_t = tl.where(cols[:, None] <= rows[None, :] + diag, x_t, float("-inf"))
     s_t = tl.exp2(x_t - lse2[None, :])
-    gv_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     zy_t = (tl.dot(ks, tl.trans(z_lo), input_precision=DOT_PRECISION) - z_kbar[None, :]) * z_scale[None, :]
-    ry_t = (tl.dot(ks, tl.trans(r_lo), input_precision=DOT_PRECISION) - r_kbar[None, :]) * r_scale[None, :]
     ell_t = s_t * (1.0 - zy_t)
-    dlogit_t = ell_t * gv_t + s_t * (g_bar[None, :] * zy_t - ry_t + ry_t * zy_t - phi_bar[None, :])
+    dv = tl.dot(ell_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    ry_t = (tl.dot(ks, tl.trans(r_lo), input_precision=DOT_PRECISION) - r_kbar[None, :]) * r_scale[None, :]
+    dk = tl.dot((-ell_t * r_scale[None, :]).to(q.dtype), r_lo, dk, input_precision=DOT_PRECISION)
+    gv_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     # Direct (non-logit) dependence of the loss on k_j: sum_i [s_ij (g_bar_i - G_ij + r_i.y_ij) z_i - l_ij r_i].
     coef_z_t = s_t * (g_bar[None, :] - gv_t + ry_t) * z_scale[None, :]
-    dv = tl.dot(ell_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-    dk = tl.dot((dlogit_t * sm_scale).to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     dk = tl.dot(coef_z_t.to(q.dtype), z_lo, dk, input_precision=DOT_PRECISION)
-    dk = tl.dot((-ell_t * r_scale[None, :]).to(q.dtype), r_lo, dk, input_precision=DOT_PRECISION)
+    dlogit_t = ell_t * gv_t + s_t * (g_bar[None, :] * zy_t - ry_t + ry_t * zy_t - phi_bar[None, :])
+    dk = tl.dot((dlogit_t * sm_scale).to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _lla_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, KBAR, Z, R, GBAR, PHIBAR, DK, DV,
+    Q, K, V, DO, LSE, Z_LO, R_LO, ROWS, DK, DV,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
     stride_sb, stride_st, stride_sh,
     seqlen_q, seqlen_k, num_heads, kv_group, sm_scale, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROW_FIELDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -525,8 +530,8 @@ def _lla_bwd_dkdv_kernel(
     cols = start_n + offs_n
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
-    shift = _key_origin(k_base, offs_d, seqlen_k, HEAD_DIM)
-    k, ks = _load_keys(k_base, shift, start_n, offs_n, offs_d, seqlen_k, stride_kt, HEAD_DIM, EVEN_D, True)
+    k, ks = _load_keys(k_base, _key_origin(k_base, offs_d, seqlen_k, HEAD_DIM), start_n, offs_n, offs_d, seqlen_k,
+                       stride_kt, HEAD_DIM, EVEN_D, True)
     v = _load_tile(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh, start_n, offs_n, offs_d, seqlen_k,
                    stride_vt, HEAD_DIM, EVEN_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -547,15 +552,15 @@ def _lla_bwd_dkdv_kernel(
         side = b64 * stride_sb + h64 * stride_sh
         scalar = (b64 * num_heads + h64) * seqlen_q
         for start_m in range(lo, full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, ks, shift, v, q_base, do_base, KBAR + side, Z + side, R + side, LSE + scalar,
-                                GBAR + scalar, PHIBAR + scalar, start_m, cols, offs_m, offs_d, seqlen_q, diag,
-                                stride_qt, stride_dot, stride_st, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, True, CAUSAL,
+            dk, dv = _dkdv_tile(dk, dv, k, ks, v, q_base, do_base, Z_LO + side, R_LO + side, LSE + scalar,
+                                ROWS + scalar * ROW_FIELDS, start_m, cols, offs_m, offs_d, seqlen_q, diag, stride_qt,
+                                stride_dot, stride_st, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, True, CAUSAL, ROW_FIELDS,
                                 DOT_PRECISION)
         for start_m in range(full, end, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, ks, shift, v, q_base, do_base, KBAR + side, Z + side, R + side, LSE + scalar,
-                                GBAR + scalar, PHIBAR + scalar, start_m, cols, offs_m, offs_d, seqlen_q, diag,
-                                stride_qt, stride_dot, stride_st, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, False,
-                                CAUSAL, DOT_PRECISION)
+            dk, dv = _dkdv_tile(dk, dv, k, ks, v, q_base, do_base, Z_LO + side, R_LO + side, LSE + scalar,
+                                ROWS + scalar * ROW_FIELDS, start_m, cols, offs_m, offs_d, seqlen_q, diag, stride_qt,
+                                stride_dot, stride_st, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, False, CAUSAL, ROW_FIELDS,
+                                DOT_PRECISION)
     ok = (cols < seqlen_k)[:, None] & (offs_d[None, :] < HEAD_DIM)
     col64 = cols.to(tl.int64)
     tl.store(DK + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + col64[:, None] * stride_dkt + offs_d[None, :],
@@ -639,21 +644,25 @@ def _cfg(block_m, block_n, warps, stages):
 
 
 # (BLOCK_M, BLOCK_N, warps, stages); the first entry is the default when autotuning is off. The CG loop keeps
-# about six [BLOCK_M, D] fp32 row vectors live (x, residual, direction, A p, k_bar, the product accumulator),
-# so the defaults spread a tile over 8 warps and use smaller query tiles than exact attention.
+# about six [BLOCK_M, D] fp32 row vectors live (x, residual, direction, A p, k_bar, the product accumulator), so
+# query tiles are smaller than in exact attention. Ordered by ptxas register spills for sm_90 (bf16): the first
+# entries compile without spills (fwd, dq) or with under 0.5 KB (dK/dV); larger tiles spill more.
 _CONFIGS = {
-    "fwd": {64: [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)],
-            128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)]},
-    "dq": {64: [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
-           128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)]},
+    "fwd": {64: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
+            128: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)]},
+    "dq": {64: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+           128: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)]},
     # dK/dV: BLOCK_N keys held, BLOCK_M queries streamed.
-    "dkdv": {64: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)],
-             128: [(32, 64, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]},
+    "dkdv": {64: [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2)],
+             128: [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)]},
 }
 # Under the interpreter: small, unequal tiles so that short tests still cross tile and mask boundaries.
 _INTERPRETED = {"fwd": (32, 16, 1, 1), "dq": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1)}
 _KERNELS = {"fwd": _lla_fwd_kernel, "dq": _lla_bwd_dq_kernel, "dkdv": _lla_bwd_dkdv_kernel}
 _TUNED: dict = {}
+# Per-row scalars handed from the dq kernel to the dK/dV kernel: g_bar, phi_bar, z scale, z_lo.k_bar, r scale,
+# r_lo.k_bar (k_bar shifted).
+ROW_FIELDS = 6
 DECODE_BLOCK_N = 32
 
 
@@ -707,24 +716,25 @@ def backward(dout, q, k, v, out, lse, k_bar, z, ridge, a: LLAArgs):
     dridge = torch.zeros(b, h, t_q, device=q.device, dtype=torch.float32)
     if b * h * t_q * t_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dridge.transpose(1, 2)
-    r = torch.empty_like(k_bar)
-    g_bar = torch.empty_like(lse)
-    phi_bar = torch.empty_like(lse)
+    # Hand-off to the dK/dV kernel: z and r scaled per row (input dtype) and per-row scalars.
+    z_lo = torch.empty(k_bar.shape, device=q.device, dtype=q.dtype)  # laid out like k_bar
+    r_lo = torch.empty_like(z_lo)
+    rows = torch.empty(b, h, t_q, ROW_FIELDS, device=q.device, dtype=torch.float32)
     common = _common(q, a)
     dq_kernel = _tuned_kernel("dq", common["BLOCK_D"])
     dq_kernel[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
-        q, k, v, ridge, out, dout, lse, k_bar, z, dq, r, g_bar, phi_bar, dridge,
+        q, k, v, ridge, out, dout, lse, k_bar, z, dq, z_lo, r_lo, rows, dridge,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_strides3(dout), *_strides3(dq),
         *_strides3(ridge), *_strides3(k_bar),
         t_q, t_k, h, h // h_kv, a.softmax_scale, a.softmax_scale * LOG2E, a.cg_tol * a.cg_tol, a.cg_max_iters,
-        PRECOND=a.cg_preconditioner, **common,
+        PRECOND=a.cg_preconditioner, ROW_FIELDS=ROW_FIELDS, **common,
     )
     dkdv_kernel = _tuned_kernel("dkdv", common["BLOCK_D"])
     dkdv_kernel[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h_kv)](
-        q, k, v, dout, lse, k_bar, z, r, g_bar, phi_bar, dk, dv,
+        q, k, v, dout, lse, z_lo, r_lo, rows, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk), *_strides3(dv),
         *_strides3(k_bar),
-        t_q, t_k, h, h // h_kv, a.softmax_scale, a.softmax_scale * LOG2E, **common,
+        t_q, t_k, h, h // h_kv, a.softmax_scale, a.softmax_scale * LOG2E, ROW_FIELDS=ROW_FIELDS, **common,
     )
     return dq, dk, dv, dridge.transpose(1, 2)
 
