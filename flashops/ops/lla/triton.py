@@ -654,7 +654,7 @@ _CONFIGS = {
            128: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)]},
     # dK/dV: BLOCK_N keys held, BLOCK_M queries streamed.
     "dkdv": {64: [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2)],
-             128: [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)]},
+             128: [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (32, 64, 8, 1), (16, 32, 4, 2)]},
 }
 # Under the interpreter: small, unequal tiles so that short tests still cross tile and mask boundaries.
 _INTERPRETED = {"fwd": (32, 16, 1, 1), "dq": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1)}
