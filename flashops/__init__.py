@@ -3,10 +3,12 @@
 from . import nn
 from .ops.attention import block_sparse_attention, flash_attention, flash_attention_varlen, sdpa
 from .ops.hyper import hyper_attention, hyper_attention_plan
+from .ops.lla import local_linear_attention, local_linear_attention_decode
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa", "hyper_attention",
-    "hyper_attention_plan",
+    "flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa",
+    "hyper_attention", "hyper_attention_plan",
+    "local_linear_attention", "local_linear_attention_decode",
 ]

@@ -2,5 +2,6 @@
 
 from .modules.attention import FlashSelfAttention, MultiheadAttention
 from .modules.hyper import HyperAttention
+from .modules.lla import LLACache, LocalLinearAttention
 
-__all__ = ["MultiheadAttention", "FlashSelfAttention", "HyperAttention"]
+__all__ = ["MultiheadAttention", "FlashSelfAttention", "HyperAttention", "LocalLinearAttention", "LLACache"]

@@ -1,0 +1,293 @@
+"""Local Linear Attention (LLA, Zuo et al. 2025): public functions, input checks, autograd wiring.
+
+For each query, LLA fits an affine model to the visible keys/values by softmax-kernel-weighted ridge
+regression and returns its intercept at the query: softmax attention plus a local linear correction
+(docs/lla.md). ``local_linear_attention`` is the training op (forward and exact backward through the solve);
+``local_linear_attention_decode`` is the one-token inference step against a KV cache.
+
+Both funnel into custom ops (``flashops::lla_fwd`` / ``flashops::lla_bwd``, ``flashops::lla_decode``) so that
+``torch.compile(fullgraph=True)`` traces through them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ... import _dispatch
+from ..._triton_utils import triton_reasons
+from ..._validation import check_dim, check_same, check_tensor
+from .args import LLAArgs
+
+OP = "local_linear_attention"
+DECODE_OP = "local_linear_attention_decode"
+MAX_HEAD_DIM = 256
+TRITON_MAX_HEAD_DIM = 128
+_LAYOUT = "[B, T, H, D]"
+# CG tolerance (relative residual) when none is given: about the accuracy the input dtype can carry.
+DEFAULT_CG_TOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+# ----------------------------------------------------------------------------------------------- backends
+def _torch_supports(req: _dispatch.Request) -> list:
+    return []
+
+
+def _triton_supports(req: _dispatch.Request) -> list:
+    reasons = triton_reasons(req.device, req.dtype)
+    if req.get("head_dim", 0) > TRITON_MAX_HEAD_DIM:
+        reasons.append(f"head dim {req['head_dim']} > {TRITON_MAX_HEAD_DIM} (the CG tile keeps several "
+                       f"[BLOCK_M, D] vectors in registers)")
+    return reasons
+
+
+for _op, _what in ((OP, "FlashLLA: blockwise streaming, matrix-free CG solve, implicit-differentiation backward"),
+                   (DECODE_OP, "split-KV decode: exact D x D statistics per split, merged, one direct solve")):
+    _dispatch.register(_op, _dispatch.Backend("triton", _dispatch.PRIORITY_TRITON, _triton_supports,
+                                              f"{__name__}.triton", _what))
+    _dispatch.register(_op, _dispatch.Backend(
+        "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__name__}.pytorch",
+        "chunked PyTorch: online-rescaled statistics, exact D x D solve per query chunk (linear memory in T)"))
+    _dispatch.register_probe(_op, lambda device, dtype: _dispatch.Request(device, dtype, {"head_dim": 64}))
+
+
+# --------------------------------------------------------------------------------------------- custom ops
+def _args(softmax_scale, causal, cg_max_iters, cg_tol, cg_preconditioner) -> LLAArgs:
+    return LLAArgs(softmax_scale=softmax_scale, causal=causal, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
+                   cg_preconditioner=cg_preconditioner)
+
+
+@torch.library.custom_op("flashops::lla_fwd", mutates_args=())
+def _lla_fwd(q: Tensor, k: Tensor, v: Tensor, ridge: Tensor, softmax_scale: float, causal: bool,
+             cg_max_iters: int, cg_tol: float, cg_preconditioner: bool, backend: str
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    a = _args(softmax_scale, causal, cg_max_iters, cg_tol, cg_preconditioner)
+    return _dispatch.get(OP, backend).load().forward(q, k, v, ridge, a)
+
+
+@_lla_fwd.register_fake
+def _lla_fwd_fake(q, k, v, ridge, *rest):
+    b, t_q, h, _ = q.shape
+    stats = q.new_empty(q.shape, dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty((b, h, t_q), dtype=torch.float32), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("flashops::lla_bwd", mutates_args=())
+def _lla_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, k_bar: Tensor, z: Tensor,
+             ridge: Tensor, softmax_scale: float, causal: bool, cg_max_iters: int, cg_tol: float,
+             cg_preconditioner: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    a = _args(softmax_scale, causal, cg_max_iters, cg_tol, cg_preconditioner)
+    dq, dk, dv, dridge = _dispatch.get(OP, backend).load().backward(dout, q, k, v, out, lse, k_bar, z, ridge, a)
+    return dq, dk, dv, dridge.contiguous()
+
+
+@_lla_bwd.register_fake
+def _lla_bwd_fake(dout, q, k, v, *rest):
+    b, t_q, h, _ = q.shape
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty((b, t_q, h), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ridge, scale, causal, iters, tol, precond, backend = inputs
+    out, lse, k_bar, z = output
+    ctx.mark_non_differentiable(lse, k_bar, z)
+    ctx.save_for_backward(q, k, v, ridge, out, lse, k_bar, z)
+    ctx.config = (scale, causal, iters, tol, precond, backend)
+
+
+def _backward(ctx, dout, _dlse, _dk_bar, _dz):
+    q, k, v, ridge, out, lse, k_bar, z = ctx.saved_tensors
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv, dridge = _lla_bwd(dout, q, k, v, out, lse, k_bar, z, ridge, *ctx.config)
+    return dq, dk, dv, dridge if ctx.needs_input_grad[3] else None, None, None, None, None, None, None
+
+
+_lla_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("flashops::lla_decode", mutates_args=())
+def _lla_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Optional[Tensor], ridge: Tensor,
+                softmax_scale: float, backend: str) -> Tensor:
+    a = LLAArgs(softmax_scale=softmax_scale, causal=False)
+    return _dispatch.get(DECODE_OP, backend).load().decode(q, k_cache, v_cache, cache_seqlens, ridge, a)
+
+
+@_lla_decode.register_fake
+def _lla_decode_fake(q, *rest):
+    return torch.empty_like(q)
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _check_qkv(q, k, v, names=("q", "k", "v")):
+    for name, t in zip(names, (q, k, v)):
+        check_tensor(name, t, ndim=4, layout=_LAYOUT)
+    pairs = tuple(zip(names, (q, k, v)))
+    check_same(pairs, "device")
+    check_same(pairs, "dtype")
+    nq, nk, nv = names
+    if k.shape != v.shape:
+        raise ValueError(f"{nk} and {nv} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{nq} and {nk} must have the same batch size, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{nq} and {nk} must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    h, h_kv = q.shape[2], k.shape[2]
+    if h_kv == 0 or h % h_kv:
+        raise ValueError(
+            f"the number of query heads ({h}) must be a multiple of the number of key/value heads ({h_kv})")
+    check_dim(nq, q.shape[-1], 1, MAX_HEAD_DIM)
+
+
+def _can_inspect(t: Tensor) -> bool:
+    """Whether ``t``'s values can be inspected now (not while tracing, not on meta tensors)."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
+def _ridge(ridge_lambda, b: int, t_q: int, h: int, device) -> Tensor:
+    """ridge_lambda as an fp32 view broadcast to [B, Tq, H] (differentiable when it is a tensor)."""
+    if isinstance(ridge_lambda, Tensor):
+        check_tensor("ridge_lambda", ridge_lambda, dtypes=(torch.float16, torch.bfloat16, torch.float32,
+                                                           torch.float64))
+        if ridge_lambda.device != torch.device(device):
+            raise ValueError(f"ridge_lambda is on device {ridge_lambda.device} but q is on {device}")
+        try:
+            torch.broadcast_shapes(ridge_lambda.shape, (b, t_q, h))
+        except RuntimeError:
+            raise ValueError(f"ridge_lambda of shape {tuple(ridge_lambda.shape)} does not broadcast to "
+                             f"[B, Tq, H] = {(b, t_q, h)}; use a scalar, [H], [B, 1, H] or [B, Tq, H]") from None
+        if _can_inspect(ridge_lambda) and ridge_lambda.numel():
+            if not bool(((ridge_lambda > 0) & torch.isfinite(ridge_lambda)).all()):
+                raise ValueError(f"ridge_lambda must be finite and > 0 everywhere, got min "
+                                 f"{float(ridge_lambda.min())}")
+        return ridge_lambda.to(torch.float32).expand(b, t_q, h)
+    if isinstance(ridge_lambda, bool) or not isinstance(ridge_lambda, (int, float)):
+        raise TypeError(f"ridge_lambda must be a float or a tensor, got {type(ridge_lambda).__name__}")
+    if not (math.isfinite(ridge_lambda) and ridge_lambda > 0):
+        raise ValueError(f"ridge_lambda must be finite and > 0, got {ridge_lambda!r}")
+    return torch.full((1, 1, 1), float(ridge_lambda), device=device, dtype=torch.float32).expand(b, t_q, h)
+
+
+def _scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _solver(cg_max_iters, cg_tol, cg_preconditioner, dtype) -> tuple[int, float, bool]:
+    if isinstance(cg_max_iters, bool) or not isinstance(cg_max_iters, int) or cg_max_iters < 1:
+        raise ValueError(f"cg_max_iters must be an int >= 1, got {cg_max_iters!r}")
+    if cg_tol is None:
+        cg_tol = DEFAULT_CG_TOL[dtype]
+    if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not (0 <= cg_tol < 1):
+        raise ValueError(f"cg_tol must be a float in [0, 1) (relative residual), got {cg_tol!r}")
+    if not isinstance(cg_preconditioner, bool):
+        raise TypeError(f"cg_preconditioner must be a bool, got {type(cg_preconditioner).__name__}")
+    return cg_max_iters, float(cg_tol), cg_preconditioner
+
+
+# ------------------------------------------------------------------------------------------ public API
+def local_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, ridge_lambda: Union[float, Tensor], softmax_scale: Optional[float] = None,
+    causal: bool = True, cg_max_iters: int = 32, cg_tol: Optional[float] = None, cg_preconditioner: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Local Linear Attention: per query, the intercept of a softmax-kernel-weighted local ridge regression.
+
+    With ``s_ij = softmax_j(softmax_scale * q_i . k_j)`` over the visible keys, k_bar/v_bar the s-weighted
+    means and C_kk, C_vk the s-weighted (centred) covariances of keys and values::
+
+        o_i = v_bar_i + C_vk,i (C_kk,i + ridge_lambda_i I)^{-1} (q_i - k_bar_i)
+
+    i.e. ``argmin_b min_W sum_j s_ij ||v_j - b - W (k_j - q_i)||^2 + ridge_lambda_i ||W||_F^2``. Large
+    ``ridge_lambda`` gives softmax attention; small gives a local linear fit (docs/lla.md for conventions).
+
+    Args:
+        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA). fp16, bf16 or fp32;
+            D up to 256 (128 on the Triton backend); stride(-1) == 1.
+        ridge_lambda: > 0; a float or a tensor broadcastable to ``[B, Tq, H]`` (e.g. ``[H]`` per head). A
+            tensor that requires grad gets its exact gradient.
+        softmax_scale: multiplies q.k; default ``1/sqrt(D)``.
+        causal: query i sees keys j <= i + Tk - Tq (bottom-right aligned, as flash-attn). Otherwise all keys.
+        cg_max_iters, cg_tol, cg_preconditioner: the matrix-free conjugate-gradient solve of the Triton
+            backend (forward and backward): at most ``cg_max_iters`` iterations, stopping per query when the
+            relative residual is <= ``cg_tol`` (default 1e-6 for fp32, 1e-4 for fp16/bf16), optionally with
+            a Jacobi preconditioner (off by default: it rarely helps here, docs/lla.md). CG converges in at
+            most D iterations in exact arithmetic; ill-conditioned systems (tiny ridge) need more. The
+            torch backend solves each D x D system directly and ignores these.
+        backend: force ``"triton"`` or ``"torch"``; default: the first that supports the inputs.
+
+    Returns:
+        ``out`` ``[B, Tq, H, D]`` in the input dtype. A query that sees no key gives zeros.
+
+    Example:
+        >>> q, k, v = (torch.randn(2, 1024, 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> out = flashops.local_linear_attention(q, k, v, ridge_lambda=1.0)
+    """
+    _check_qkv(q, k, v)
+    b, t_q, h, d = q.shape
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = _scale(softmax_scale, d)
+    iters, tol, precond = _solver(cg_max_iters, cg_tol, cg_preconditioner, q.dtype)
+    ridge = _ridge(ridge_lambda, b, t_q, h, q.device)
+    chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
+    out, _, _, _ = _lla_fwd(q, k, v, ridge, scale, causal, iters, tol, precond, chosen.name)
+    return out
+
+
+def local_linear_attention_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, *, ridge_lambda: Union[float, Tensor],
+    cache_seqlens: Optional[Tensor] = None, softmax_scale: Optional[float] = None, backend: Optional[str] = None,
+) -> Tensor:
+    """One decoding step of LLA: a single new query per sequence against its KV cache (inference only).
+
+    Equals the last row of :func:`local_linear_attention` (causal) over the cached keys, computed in one
+    pass over the cache with exact D x D statistics (no CG) split across programs and merged by max
+    rescaling, then one D x D solve per (batch, head). Working memory is independent of the cache length.
+
+    Args:
+        q: ``[B, 1, H, D]``, the new token's query (its key/value must already be in the cache).
+        k_cache, v_cache: ``[B, Tmax, Hkv, D]``.
+        cache_seqlens: optional int32 ``[B]``: sequence b uses keys ``[0, cache_seqlens[b])``; default Tmax.
+        ridge_lambda: as in :func:`local_linear_attention` (broadcastable to ``[B, 1, H]``).
+
+    Returns:
+        ``out`` ``[B, 1, H, D]`` in the input dtype.
+    """
+    _check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
+    b, t_q, h, d = q.shape
+    if t_q != 1:
+        raise ValueError(f"q must hold one new token per sequence ([B, 1, H, D]), got shape {tuple(q.shape)}; "
+                         f"use local_linear_attention for several")
+    if cache_seqlens is not None:
+        if not isinstance(cache_seqlens, Tensor):
+            raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
+        if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (b,):
+            raise ValueError(f"cache_seqlens must be int32 of shape ({b},), got {cache_seqlens.dtype} "
+                             f"{tuple(cache_seqlens.shape)}")
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"cache_seqlens is on device {cache_seqlens.device} but q is on {q.device}")
+        if _can_inspect(cache_seqlens) and b:
+            lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+            if lo < 0 or hi > k_cache.shape[1]:
+                raise ValueError(f"cache_seqlens must be in [0, {k_cache.shape[1]}] (the cache length), "
+                                 f"got values in [{lo}, {hi}]")
+    ridge = _ridge(ridge_lambda, b, 1, h, q.device)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, ridge)):
+        raise RuntimeError("local_linear_attention_decode is inference-only (no backward); call it under "
+                           "torch.no_grad() or use local_linear_attention for training")
+    scale = _scale(softmax_scale, d)
+    chosen = _dispatch.select(DECODE_OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
+    return _lla_decode(q, k_cache, v_cache, cache_seqlens, ridge, scale, chosen.name)
+
+
+__all__ = ["local_linear_attention", "local_linear_attention_decode"]
