@@ -1,3 +1,5 @@
 """``flashops.nn``: the torch.nn modules of every op family."""
 
-__all__: list = []
+from .modules.linear import GatedLinearAttention, LightningAttention
+
+__all__: list = ["LightningAttention", "GatedLinearAttention"]

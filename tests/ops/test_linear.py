@@ -344,8 +344,9 @@ def test_bad_inputs_raise_clear_errors(device):
         gla(q, k, v, g[..., :8])
     with pytest.raises(ValueError, match="slopes must have shape"):
         light(q, k, v, torch.ones(3, device=device))
-    with pytest.raises(ValueError, match="slopes must be >= 0"):
-        light(q, k, v, torch.tensor([0.1, -0.1], device=device))
+    if device.type == "cpu":  # checked on CPU only (a GPU check would sync every call)
+        with pytest.raises(ValueError, match="slopes must be >= 0"):
+            light(q, k, v, torch.tensor([0.1, -0.1], device=device))
     with pytest.raises(ValueError, match="slopes is a constant"):
         light(q, k, v, torch.ones(2, device=device, requires_grad=True))
     with pytest.raises(ValueError, match="initial_state must have shape"):

@@ -195,7 +195,7 @@ def _intra_grads(d_scores, q, k, gc):
 
 
 # ------------------------------------------------------------------------------------------ backend API
-def _split(cu_seqlens, total):
+def _split(cu_seqlens):
     if cu_seqlens is None:
         return None
     bounds = cu_seqlens.tolist()
@@ -205,7 +205,7 @@ def _split(cu_seqlens, total):
 def chunk_forward(q, k, v, g, slopes, scale, initial_state, cu_seqlens, output_final_state, chunk=CHUNK):
     """Causal (gated) linear attention. Exactly one of g [B, T, H, K] / slopes [H] is given.
     Returns o [B, T, H, V] (input dtype) and the final state fp32 [N, H, K, V] (None unless requested)."""
-    spans = _split(cu_seqlens, q.shape[1])
+    spans = _split(cu_seqlens)
     if spans is None:
         o, final = _forward_dense(q, k, v, g, slopes, scale, initial_state, chunk)
     else:
@@ -224,7 +224,7 @@ def chunk_forward(q, k, v, g, slopes, scale, initial_state, cu_seqlens, output_f
 def chunk_backward(do, dht, q, k, v, g, slopes, scale, initial_state, cu_seqlens, chunk=CHUNK):
     """Gradients (dq, dk, dv, dg or None, dh0 or None) of :func:`chunk_forward`; ``dht`` is the gradient of
     the final state (or None)."""
-    spans = _split(cu_seqlens, q.shape[1])
+    spans = _split(cu_seqlens)
     if spans is None:
         dq, dk, dv, dg, dh0 = _backward_dense(do, dht, q, k, v, g, slopes, scale, initial_state, chunk)
     else:
@@ -267,7 +267,7 @@ def _noncausal_states(a, b, initial_state, cu_seqlens):
         states = torch.einsum("bthk,bthv->bhkv", a.float(), b.float())
     else:
         states = torch.stack([torch.einsum("thk,thv->hkv", a[0, s:e].float(), b[0, s:e].float())
-                              for s, e in _split(cu_seqlens, a.shape[1])])
+                              for s, e in _split(cu_seqlens)])
     return states if initial_state is None else states + initial_state.float()
 
 
@@ -275,7 +275,7 @@ def _apply_per_sequence(x, states, cu_seqlens):
     """x_t S_n for the sequence n holding t: [B, T, H, Dv]."""
     if cu_seqlens is None:
         return torch.einsum("bthk,bhkv->bthv", x, states)
-    outs = [torch.einsum("thk,hkv->thv", x[0, s:e], states[n]) for n, (s, e) in enumerate(_split(cu_seqlens, 0))]
+    outs = [torch.einsum("thk,hkv->thv", x[0, s:e], states[n]) for n, (s, e) in enumerate(_split(cu_seqlens))]
     return torch.cat(outs, dim=0)[None]
 
 

@@ -38,6 +38,7 @@ from .common import LOG_GATE_FLOOR
 CHUNK = 64  # BT: positions per chunk
 SUB = 16  # BC: rows per sub-chunk of the GLA intra-chunk products (tl.dot needs >= 16)
 NONCAUSAL_SEGMENT = 512  # positions summed by one program of the non-causal state kernel
+_FLOOR = tl.constexpr(LOG_GATE_FLOOR)  # jit code may only read constexpr globals
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -90,15 +91,38 @@ def _buf_base(PTR, b, bos, t0, h, seqlen, row_stride, head_stride):
 
 
 @triton.jit
-def _load_tile(base, stride_t, offs_t, t_ok, offs_d, d_ok):
-    """[BT, BD] tile of rows offs_t (stride stride_t) and contiguous columns offs_d; zeros where masked."""
-    return tl.load(base + offs_t[:, None] * stride_t + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+def _tile_mask(row_ok, col_ok, EVEN_COL: tl.constexpr):
+    """Mask of an [R, C] tile contiguous along C. When C is known to be in bounds (EVEN_COL) only the rows are
+    masked: a mask that varies along the contiguous dimension stops loads and stores from vectorizing."""
+    if EVEN_COL:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & col_ok[None, :]
+    return mask
 
 
 @triton.jit
-def _load_tile_t(base, stride_t, offs_t, t_ok, offs_d, d_ok):
+def _tile_mask_t(row_ok, col_ok, EVEN_COL: tl.constexpr):
+    """Mask of the transposed tile [C, R] (still contiguous along C)."""
+    if EVEN_COL:
+        mask = row_ok[None, :]
+    else:
+        mask = col_ok[:, None] & row_ok[None, :]
+    return mask
+
+
+@triton.jit
+def _load_tile(base, stride_t, offs_t, t_ok, offs_d, d_ok, EVEN_D: tl.constexpr):
+    """[BT, BD] tile of rows offs_t (stride stride_t) and contiguous columns offs_d; zeros where masked."""
+    return tl.load(base + offs_t[:, None] * stride_t + offs_d[None, :], mask=_tile_mask(t_ok, d_ok, EVEN_D),
+                   other=0.0)
+
+
+@triton.jit
+def _load_tile_t(base, stride_t, offs_t, t_ok, offs_d, d_ok, EVEN_D: tl.constexpr):
     """The transposed tile [BD, BT]."""
-    return tl.load(base + offs_t[None, :] * stride_t + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+    return tl.load(base + offs_t[None, :] * stride_t + offs_d[:, None], mask=_tile_mask_t(t_ok, d_ok, EVEN_D),
+                   other=0.0)
 
 
 @triton.jit
@@ -118,7 +142,7 @@ def _state_ptrs_t(HS, chunk, h, num_heads, offs_k, offs_v, K_DIM: tl.constexpr, 
 @triton.jit
 def _slope(SLOPES, h):
     # Capped like the log-gates so that exp(-slope * distance) stays finite and never inf * 0.
-    return tl.minimum(tl.load(SLOPES + h).to(tl.float32), -LOG_GATE_FLOOR)
+    return tl.minimum(tl.load(SLOPES + h).to(tl.float32), -_FLOOR)
 
 
 # ------------------------------------------------------------------------------------- GLA gate cumsum
@@ -128,6 +152,7 @@ def gla_gate_cumsum_kernel(
     K_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     """gc = inclusive cumsum of max(g, floor) from the start of each chunk (fp32, [B, T, H, K] contiguous)."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
     pid_c, pid_k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -135,12 +160,12 @@ def gla_gate_cumsum_kernel(
     offs_k = pid_k * BK + tl.arange(0, BK)
     t_ok = t0 + offs_t < seqlen
     k_ok = offs_k < K_DIM
-    g = _load_tile(_row_base(G, b, bos, t0, h, stride_gb, stride_gt, stride_gh), stride_gt, offs_t, t_ok, offs_k, k_ok)
+    g = _load_tile(_row_base(G, b, bos, t0, h, stride_gb, stride_gt, stride_gh), stride_gt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
     g = g.to(tl.float32)
-    g = tl.where(g < LOG_GATE_FLOOR, LOG_GATE_FLOOR, g)  # NaN stays NaN
+    g = tl.where(g < _FLOOR, _FLOOR, g)  # NaN stays NaN
     gc = tl.cumsum(g, axis=0)
     gc_base = _buf_base(GC, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM)
-    tl.store(gc_base + offs_t[:, None] * (num_heads * K_DIM) + offs_k[None, :], gc, mask=t_ok[:, None] & k_ok[None, :])
+    tl.store(gc_base + offs_t[:, None] * (num_heads * K_DIM) + offs_k[None, :], gc, mask=_tile_mask(t_ok, k_ok, EVEN_K))
 
 
 # --------------------------------------------------------------------------------- state walks (fwd/bwd)
@@ -154,6 +179,8 @@ def linear_attn_fwd_kernel_state(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """hs[chunk] = state before the chunk; ht = final state (fp32). S <- decay(chunk) S + (k * decay_to_end)^T v."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
+    EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_nh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_nh // num_heads
     h = pid_nh % num_heads
@@ -163,7 +190,7 @@ def linear_attn_fwd_kernel_state(
     offs_v = pid_v * BV + tl.arange(0, BV)
     k_ok = offs_k < K_DIM
     v_ok = offs_v < V_DIM
-    kv_ok = k_ok[:, None] & v_ok[None, :]
+    kv_ok = _tile_mask(k_ok, v_ok, EVEN_V)
     state_off = offs_k[:, None] * V_DIM + offs_v[None, :]
     seq_state = tl.cast(n * num_heads + h, tl.int64) * (K_DIM * V_DIM)
     state = tl.zeros([BK, BV], dtype=tl.float32)
@@ -179,16 +206,16 @@ def linear_attn_fwd_kernel_state(
         length = tl.minimum(seqlen - t0, BT)
         t_ok = offs_t < length
         k_t = _load_tile_t(_row_base(K, b, bos, t0, h, stride_kb, stride_kt, stride_kh), stride_kt,
-                           offs_t, t_ok, offs_k, k_ok)  # [BK, BT]
+                           offs_t, t_ok, offs_k, k_ok, EVEN_K)  # [BK, BT]
         v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt,
-                       offs_t, t_ok, offs_v, v_ok)
+                       offs_t, t_ok, offs_v, v_ok, EVEN_V)
         if SCALAR:
             to_end = tl.exp(tl.where(t_ok, -slope * (length - 1 - offs_t).to(tl.float32), float("-inf")))
             k_dec = k_t * to_end[None, :]
             state = state * tl.exp(-slope * length.to(tl.float32))
         else:
             gc_base = _buf_base(GC, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM)
-            gc_t = _load_tile_t(gc_base, num_heads * K_DIM, offs_t, t_ok, offs_k, k_ok)
+            gc_t = _load_tile_t(gc_base, num_heads * K_DIM, offs_t, t_ok, offs_k, k_ok, EVEN_K)
             g_last = tl.load(gc_base + (length - 1) * (num_heads * K_DIM) + offs_k, mask=k_ok, other=0.0)
             k_dec = k_t * tl.exp(g_last[:, None] - gc_t)
             state = state * tl.exp(g_last)[:, None]
@@ -208,6 +235,8 @@ def linear_attn_bwd_kernel_state(
 ):
     """Reverse walk: dhs[chunk] = dL/d(state after the chunk); dh0 = dL/d(initial state).
     D <- decay(chunk) D + scale * (q * decay_from_start)^T do."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
+    EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_nh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_nh // num_heads
     h = pid_nh % num_heads
@@ -217,7 +246,7 @@ def linear_attn_bwd_kernel_state(
     offs_v = pid_v * BV + tl.arange(0, BV)
     k_ok = offs_k < K_DIM
     v_ok = offs_v < V_DIM
-    kv_ok = k_ok[:, None] & v_ok[None, :]
+    kv_ok = _tile_mask(k_ok, v_ok, EVEN_V)
     state_off = offs_k[:, None] * V_DIM + offs_v[None, :]
     seq_state = tl.cast(n * num_heads + h, tl.int64) * (K_DIM * V_DIM)
     d_state = tl.zeros([BK, BV], dtype=tl.float32)
@@ -234,16 +263,16 @@ def linear_attn_bwd_kernel_state(
         length = tl.minimum(seqlen - t0, BT)
         t_ok = offs_t < length
         q_t = _load_tile_t(_row_base(Q, b, bos, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
-                           offs_t, t_ok, offs_k, k_ok)  # [BK, BT]
+                           offs_t, t_ok, offs_k, k_ok, EVEN_K)  # [BK, BT]
         do = _load_tile(_row_base(DO, b, bos, t0, h, stride_db, stride_dt, stride_dh), stride_dt,
-                        offs_t, t_ok, offs_v, v_ok)
+                        offs_t, t_ok, offs_v, v_ok, EVEN_V)
         if SCALAR:
             from_start = tl.exp(-slope * (offs_t + 1).to(tl.float32)) * scale
             q_dec = q_t * from_start[None, :]
             d_state = d_state * tl.exp(-slope * length.to(tl.float32))
         else:
             gc_base = _buf_base(GC, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM)
-            gc_t = _load_tile_t(gc_base, num_heads * K_DIM, offs_t, t_ok, offs_k, k_ok)
+            gc_t = _load_tile_t(gc_base, num_heads * K_DIM, offs_t, t_ok, offs_k, k_ok, EVEN_K)
             g_last = tl.load(gc_base + (length - 1) * (num_heads * K_DIM) + offs_k, mask=k_ok, other=0.0)
             q_dec = q_t * (tl.exp(gc_t) * scale)
             d_state = d_state * tl.exp(g_last)[:, None]
@@ -262,6 +291,8 @@ def lightning_fwd_kernel_output(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """o = scale * [(q * lambda^(r+1)) h + ((q k^T) * D) v] with D[r, c] = lambda^(r-c) for c <= r."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
+    EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -277,22 +308,22 @@ def lightning_fwd_kernel_output(
     for kt in range(tl.cdiv(K_DIM, BK)):
         offs_k = kt * BK + tl.arange(0, BK)
         k_ok = offs_k < K_DIM
-        q = _load_tile(q_base, stride_qt, offs_t, t_ok, offs_k, k_ok)
-        k_t = _load_tile_t(k_base, stride_kt, offs_t, t_ok, offs_k, k_ok)
+        q = _load_tile(q_base, stride_qt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+        k_t = _load_tile_t(k_base, stride_kt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
         state = tl.load(_state_ptrs(HS, pid_c, h, num_heads, offs_k, offs_v, K_DIM, V_DIM),
-                        mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+                        mask=_tile_mask(k_ok, v_ok, EVEN_V), other=0.0)
         acc += tl.dot(q, state.to(q.dtype), input_precision=DOT)
         scores += tl.dot(q, k_t, input_precision=DOT)
     slope = _slope(SLOPES, h)
     rows = offs_t.to(tl.float32)
     causal = offs_t[:, None] >= offs_t[None, :]
     decay = tl.exp(tl.where(causal, -slope * (rows[:, None] - rows[None, :]), float("-inf")))
-    v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt, offs_t, t_ok, offs_v, v_ok)
+    v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
     out = acc * (tl.exp(-slope * (rows + 1.0)) * scale)[:, None]
     out += tl.dot((scores * decay * scale).to(v.dtype), v, input_precision=DOT)
     o_base = _row_base(O, b, bos, t0, h, stride_ob, stride_ot, stride_oh)
     tl.store(o_base + offs_t[:, None] * stride_ot + offs_v[None, :], out.to(O.dtype.element_ty),
-             mask=t_ok[:, None] & v_ok[None, :])
+             mask=_tile_mask(t_ok, v_ok, EVEN_V))
 
 
 @triton.jit
@@ -304,6 +335,8 @@ def lightning_bwd_kernel_dv(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """dv_c = scale * sum_{r>=c} lambda^(r-c) (q_r . k_c) do_r + lambda^(L-1-c) k_c dH."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
+    EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -322,20 +355,20 @@ def lightning_bwd_kernel_dv(
     for kt in range(tl.cdiv(K_DIM, BK)):
         offs_k = kt * BK + tl.arange(0, BK)
         k_ok = offs_k < K_DIM
-        k = _load_tile(k_base, stride_kt, offs_t, t_ok, offs_k, k_ok)
-        q_t = _load_tile_t(q_base, stride_qt, offs_t, t_ok, offs_k, k_ok)
+        k = _load_tile(k_base, stride_kt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+        q_t = _load_tile_t(q_base, stride_qt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
         d_state = tl.load(_state_ptrs(DHS, pid_c, h, num_heads, offs_k, offs_v, K_DIM, V_DIM),
-                          mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+                          mask=_tile_mask(k_ok, v_ok, EVEN_V), other=0.0)
         scores_t += tl.dot(k, q_t, input_precision=DOT)
         acc += tl.dot((k * to_end[:, None]).to(k.dtype), d_state.to(k.dtype), input_precision=DOT)
     causal_t = offs_t[:, None] <= offs_t[None, :]  # c <= r
     decay_t = tl.exp(tl.where(causal_t, -slope * (rows[None, :] - rows[:, None]), float("-inf")))
     do = _load_tile(_row_base(DO, b, bos, t0, h, stride_db, stride_dt, stride_dh), stride_dt,
-                    offs_t, t_ok, offs_v, v_ok)
+                    offs_t, t_ok, offs_v, v_ok, EVEN_V)
     acc += tl.dot((scores_t * decay_t * scale).to(do.dtype), do, input_precision=DOT)
     dv_base = _row_base(DV, b, bos, t0, h, stride_vb, stride_vt, stride_vh)
     tl.store(dv_base + offs_t[:, None] * stride_vt + offs_v[None, :], acc.to(DV.dtype.element_ty),
-             mask=t_ok[:, None] & v_ok[None, :])
+             mask=_tile_mask(t_ok, v_ok, EVEN_V))
 
 
 @triton.jit
@@ -349,6 +382,8 @@ def lightning_bwd_kernel_dqdk(
 ):
     """dq = scale lambda^(r+1) do h^T + dA k,  dk = lambda^(L-1-c) v dH^T + dA^T q,
     with dA = scale * (do v^T) * D. dq/dk share the strides (stride_g*) of fresh [B, T, H, K] buffers."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
+    EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -365,12 +400,12 @@ def lightning_bwd_kernel_dqdk(
     for vt in range(tl.cdiv(V_DIM, BV)):
         offs_v = vt * BV + tl.arange(0, BV)
         v_ok = offs_v < V_DIM
-        do = _load_tile(do_base, stride_dt, offs_t, t_ok, offs_v, v_ok)
-        v = _load_tile(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok)
+        do = _load_tile(do_base, stride_dt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
+        v = _load_tile(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
         state_t = tl.load(_state_ptrs_t(HS, pid_c, h, num_heads, offs_k, offs_v, K_DIM, V_DIM),
-                          mask=v_ok[:, None] & k_ok[None, :], other=0.0)  # [BV, BK]
+                          mask=_tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)  # [BV, BK]
         d_state_t = tl.load(_state_ptrs_t(DHS, pid_c, h, num_heads, offs_k, offs_v, K_DIM, V_DIM),
-                            mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+                            mask=_tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)
         d_scores += tl.dot(do, tl.trans(v), input_precision=DOT)
         dq += tl.dot(do, state_t.to(do.dtype), input_precision=DOT)
         dk += tl.dot(v, d_state_t.to(v.dtype), input_precision=DOT)
@@ -379,14 +414,14 @@ def lightning_bwd_kernel_dqdk(
     causal = offs_t[:, None] >= offs_t[None, :]
     decay = tl.exp(tl.where(causal, -slope * (rows[:, None] - rows[None, :]), float("-inf")))
     d_scores = d_scores * decay * scale
-    q = _load_tile(_row_base(Q, b, bos, t0, h, stride_qb, stride_qt, stride_qh), stride_qt, offs_t, t_ok, offs_k, k_ok)
-    k = _load_tile(_row_base(K, b, bos, t0, h, stride_kb, stride_kt, stride_kh), stride_kt, offs_t, t_ok, offs_k, k_ok)
+    q = _load_tile(_row_base(Q, b, bos, t0, h, stride_qb, stride_qt, stride_qh), stride_qt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+    k = _load_tile(_row_base(K, b, bos, t0, h, stride_kb, stride_kt, stride_kh), stride_kt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
     to_end = tl.exp(tl.where(t_ok, -slope * (length - 1 - offs_t).to(tl.float32), float("-inf")))
     dq = dq * (tl.exp(-slope * (rows + 1.0)) * scale)[:, None]
     dq += tl.dot(d_scores.to(k.dtype), k, input_precision=DOT)
     dk = dk * to_end[:, None]
     dk += tl.dot(tl.trans(d_scores).to(q.dtype), q, input_precision=DOT)
-    mask = t_ok[:, None] & k_ok[None, :]
+    mask = _tile_mask(t_ok, k_ok, EVEN_K)
     offs = offs_t[:, None] * stride_gt + offs_k[None, :]
     tl.store(_row_base(DQ, b, bos, t0, h, stride_gb, stride_gt, stride_gh) + offs, dq.to(DQ.dtype.element_ty), mask=mask)
     tl.store(_row_base(DK, b, bos, t0, h, stride_gb, stride_gt, stride_gh) + offs, dk.to(DK.dtype.element_ty), mask=mask)
@@ -403,6 +438,7 @@ def gla_fwd_kernel_intra(
 ):
     """Rows of sub-chunk s of the intra-chunk scores A[r, c] = scale sum_k q_rk k_ck exp(gc_rk - gc_ck), c <= r
     ([B, T, H, BT] fp32; every column of a valid row is written, zeros above the diagonal)."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
     pid_c, s, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -425,11 +461,11 @@ def gla_fwd_kernel_intra(
         for kt in range(tl.cdiv(K_DIM, BK)):
             offs_k = kt * BK + tl.arange(0, BK)
             k_ok = offs_k < K_DIM
-            q = _load_tile(q_base, stride_qt, rows, r_ok, offs_k, k_ok)
-            g_r = _load_tile(gc_base, gc_stride, rows, r_ok, offs_k, k_ok)
+            q = _load_tile(q_base, stride_qt, rows, r_ok, offs_k, k_ok, EVEN_K)
+            g_r = _load_tile(gc_base, gc_stride, rows, r_ok, offs_k, k_ok, EVEN_K)
             g_anchor = tl.load(gc_base + (s * BC) * gc_stride + offs_k, mask=k_ok, other=0.0)
-            k_t = _load_tile_t(k_base, stride_kt, cols, cols < length, offs_k, k_ok)
-            g_c = _load_tile_t(gc_base, gc_stride, cols, cols < length, offs_k, k_ok)
+            k_t = _load_tile_t(k_base, stride_kt, cols, cols < length, offs_k, k_ok, EVEN_K)
+            g_c = _load_tile_t(gc_base, gc_stride, cols, cols < length, offs_k, k_ok, EVEN_K)
             q_scaled = q * tl.exp(tl.where(r_ok[:, None], g_r - g_anchor[None, :], float("-inf")))
             k_scaled = k_t * tl.exp(g_anchor[:, None] - g_c)
             acc += tl.dot(q_scaled.to(q.dtype), k_scaled.to(q.dtype), input_precision=DOT)
@@ -440,9 +476,9 @@ def gla_fwd_kernel_intra(
     for kt in range(tl.cdiv(K_DIM, BK)):
         offs_k = kt * BK + tl.arange(0, BK)
         k_ok = offs_k < K_DIM
-        q = _load_tile(q_base, stride_qt, rows, r_ok, offs_k, k_ok).to(tl.float32)
-        k = _load_tile(k_base, stride_kt, rows, r_ok, offs_k, k_ok).to(tl.float32)
-        g = _load_tile(gc_base, gc_stride, rows, r_ok, offs_k, k_ok)
+        q = _load_tile(q_base, stride_qt, rows, r_ok, offs_k, k_ok, EVEN_K).to(tl.float32)
+        k = _load_tile(k_base, stride_kt, rows, r_ok, offs_k, k_ok, EVEN_K).to(tl.float32)
+        g = _load_tile(gc_base, gc_stride, rows, r_ok, offs_k, k_ok, EVEN_K)
         weight = tl.exp(tl.where(causal[:, :, None], g[:, None, :] - g[None, :, :], float("-inf")))
         acc += tl.sum(q[:, None, :] * k[None, :, :] * weight, axis=2)
     tl.store(a_ptrs + s * BC, acc * scale, mask=r_ok[:, None])
@@ -460,6 +496,8 @@ def gla_fwd_kernel_output(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """o = scale * (q * exp(gc)) h + A v."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
+    EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -475,18 +513,18 @@ def gla_fwd_kernel_output(
     for kt in range(tl.cdiv(K_DIM, BK)):
         offs_k = kt * BK + tl.arange(0, BK)
         k_ok = offs_k < K_DIM
-        q = _load_tile(q_base, stride_qt, offs_t, t_ok, offs_k, k_ok)
-        g = _load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok)
+        q = _load_tile(q_base, stride_qt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+        g = _load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok, EVEN_K)
         state = tl.load(_state_ptrs(HS, pid_c, h, num_heads, offs_k, offs_v, K_DIM, V_DIM),
-                        mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+                        mask=_tile_mask(k_ok, v_ok, EVEN_V), other=0.0)
         acc += tl.dot((q * tl.exp(g)).to(q.dtype), state.to(q.dtype), input_precision=DOT)
     a_stride = num_heads * BT
-    scores = _load_tile(_buf_base(A, b, bos, t0, h, seqlen, a_stride, BT), a_stride, offs_t, t_ok, offs_t, offs_t < BT)
-    v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt, offs_t, t_ok, offs_v, v_ok)
+    scores = _load_tile(_buf_base(A, b, bos, t0, h, seqlen, a_stride, BT), a_stride, offs_t, t_ok, offs_t, offs_t < BT, True)
+    v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
     out = acc * scale + tl.dot(scores.to(v.dtype), v, input_precision=DOT)
     o_base = _row_base(O, b, bos, t0, h, stride_ob, stride_ot, stride_oh)
     tl.store(o_base + offs_t[:, None] * stride_ot + offs_v[None, :], out.to(O.dtype.element_ty),
-             mask=t_ok[:, None] & v_ok[None, :])
+             mask=_tile_mask(t_ok, v_ok, EVEN_V))
 
 
 @triton.jit
@@ -498,6 +536,8 @@ def gla_bwd_kernel_dv(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """dv = A^T do + (k * exp(gl - gc)) dH."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
+    EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -513,22 +553,22 @@ def gla_bwd_kernel_dv(
     for kt in range(tl.cdiv(K_DIM, BK)):
         offs_k = kt * BK + tl.arange(0, BK)
         k_ok = offs_k < K_DIM
-        k = _load_tile(k_base, stride_kt, offs_t, t_ok, offs_k, k_ok)
-        g = _load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok)
+        k = _load_tile(k_base, stride_kt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+        g = _load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok, EVEN_K)
         g_last = tl.load(gc_base + (length - 1) * gc_stride + offs_k, mask=k_ok, other=0.0)
         d_state = tl.load(_state_ptrs(DHS, pid_c, h, num_heads, offs_k, offs_v, K_DIM, V_DIM),
-                          mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+                          mask=_tile_mask(k_ok, v_ok, EVEN_V), other=0.0)
         k_dec = k * tl.exp(tl.where(t_ok[:, None], g_last[None, :] - g, float("-inf")))
         acc += tl.dot(k_dec.to(k.dtype), d_state.to(k.dtype), input_precision=DOT)
     a_stride = num_heads * BT
     scores_t = _load_tile_t(_buf_base(A, b, bos, t0, h, seqlen, a_stride, BT), a_stride, offs_t, t_ok, offs_t,
-                            offs_t < BT)  # [c, r]
+                            offs_t < BT, True)  # [c, r]
     do = _load_tile(_row_base(DO, b, bos, t0, h, stride_db, stride_dt, stride_dh), stride_dt,
-                    offs_t, t_ok, offs_v, v_ok)
+                    offs_t, t_ok, offs_v, v_ok, EVEN_V)
     acc += tl.dot(scores_t.to(do.dtype), do, input_precision=DOT)
     dv_base = _row_base(DV, b, bos, t0, h, stride_vb, stride_vt, stride_vh)
     tl.store(dv_base + offs_t[:, None] * stride_vt + offs_v[None, :], acc.to(DV.dtype.element_ty),
-             mask=t_ok[:, None] & v_ok[None, :])
+             mask=_tile_mask(t_ok, v_ok, EVEN_V))
 
 
 @triton.jit
@@ -538,6 +578,7 @@ def gla_bwd_kernel_dscores(
     V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):
     """dA[r, c] = scale * do_r . v_c for c <= r (fp32 [B, T, H, BT])."""
+    EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, h = tl.program_id(0), tl.program_id(1)
     n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -550,8 +591,8 @@ def gla_bwd_kernel_dscores(
     for vt in range(tl.cdiv(V_DIM, BV)):
         offs_v = vt * BV + tl.arange(0, BV)
         v_ok = offs_v < V_DIM
-        do = _load_tile(do_base, stride_dt, offs_t, t_ok, offs_v, v_ok)
-        v_t = _load_tile_t(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok)
+        do = _load_tile(do_base, stride_dt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
+        v_t = _load_tile_t(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
         acc += tl.dot(do, v_t, input_precision=DOT)
     acc = tl.where(offs_t[:, None] >= offs_t[None, :], acc * scale, 0.0)
     a_stride = num_heads * BT
@@ -569,6 +610,7 @@ def gla_bwd_kernel_intra(
 ):
     """Intra-chunk parts for sub-chunk s (fp32 [B, T, H, K] outputs):
     dq_r = sum_{c<=r} dA_rc k_c exp(gc_r - gc_c),  dk_c = sum_{r>=c} dA_rc q_r exp(gc_r - gc_c)."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
     pid_c, pid_ks, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_sub: tl.constexpr = BT // BC
     pid_k = pid_ks // n_sub
@@ -589,17 +631,17 @@ def gla_bwd_kernel_intra(
     k_base = _row_base(K, b, bos, t0, h, stride_kb, stride_kt, stride_kh)
     gc_base = _buf_base(GC, b, bos, t0, h, seqlen, gc_stride, K_DIM)
     da_base = _buf_base(DA, b, bos, t0, h, seqlen, a_stride, BT)
-    g_s = _load_tile(gc_base, gc_stride, rows, r_ok, offs_k, k_ok)
-    q_s = _load_tile(q_base, stride_qt, rows, r_ok, offs_k, k_ok)
-    k_s = _load_tile(k_base, stride_kt, rows, r_ok, offs_k, k_ok)
+    g_s = _load_tile(gc_base, gc_stride, rows, r_ok, offs_k, k_ok, EVEN_K)
+    q_s = _load_tile(q_base, stride_qt, rows, r_ok, offs_k, k_ok, EVEN_K)
+    k_s = _load_tile(k_base, stride_kt, rows, r_ok, offs_k, k_ok, EVEN_K)
 
     # dq, off-diagonal (columns of earlier sub-chunks), anchored at the first row of s.
     dq = tl.zeros([BC, BK], dtype=tl.float32)
     g_first = tl.load(gc_base + (s * BC) * gc_stride + offs_k, mask=k_ok, other=0.0)
     for j in range(s):
         cols = j * BC + offs_c
-        k_j = _load_tile(k_base, stride_kt, cols, cols < length, offs_k, k_ok)
-        g_j = _load_tile(gc_base, gc_stride, cols, cols < length, offs_k, k_ok)
+        k_j = _load_tile(k_base, stride_kt, cols, cols < length, offs_k, k_ok, EVEN_K)
+        g_j = _load_tile(gc_base, gc_stride, cols, cols < length, offs_k, k_ok, EVEN_K)
         d_scores = tl.load(da_base + rows[:, None] * a_stride + cols[None, :], mask=r_ok[:, None], other=0.0)
         k_scaled = k_j * tl.exp(g_first[None, :] - g_j)
         dq += tl.dot(d_scores.to(k_j.dtype), k_scaled.to(k_j.dtype), input_precision=DOT)
@@ -611,8 +653,8 @@ def gla_bwd_kernel_intra(
     for m in range(s + 1, tl.cdiv(length, BC)):
         later = m * BC + offs_c
         l_ok = later < length
-        q_m = _load_tile(q_base, stride_qt, later, l_ok, offs_k, k_ok)
-        g_m = _load_tile(gc_base, gc_stride, later, l_ok, offs_k, k_ok)
+        q_m = _load_tile(q_base, stride_qt, later, l_ok, offs_k, k_ok, EVEN_K)
+        g_m = _load_tile(gc_base, gc_stride, later, l_ok, offs_k, k_ok, EVEN_K)
         d_scores_t = tl.load(da_base + later[None, :] * a_stride + rows[:, None], mask=l_ok[None, :], other=0.0)
         q_scaled = q_m * tl.exp(tl.where(l_ok[:, None], g_m - g_last[None, :], float("-inf")))
         dk += tl.dot(d_scores_t.to(q_m.dtype), q_scaled.to(q_m.dtype), input_precision=DOT)
@@ -625,7 +667,7 @@ def gla_bwd_kernel_intra(
     d_weighted = d_scores[:, :, None] * weight
     dq += tl.sum(d_weighted * k_s.to(tl.float32)[None, :, :], axis=1)
     dk += tl.sum(d_weighted * q_s.to(tl.float32)[:, None, :], axis=0)
-    mask = r_ok[:, None] & k_ok[None, :]
+    mask = _tile_mask(r_ok, k_ok, EVEN_K)
     out_off = rows[:, None] * gc_stride + offs_k[None, :]
     tl.store(_buf_base(DQ, b, bos, t0, h, seqlen, gc_stride, K_DIM) + out_off, dq, mask=mask)
     tl.store(_buf_base(DK, b, bos, t0, h, seqlen, gc_stride, K_DIM) + out_off, dk, mask=mask)
@@ -643,6 +685,8 @@ def gla_bwd_kernel_inter(
     """dq = scale exp(gc) do h^T + dq_intra,  dk = exp(gl - gc) v dH^T + dk_intra, and
     dg = reverse cumsum over the chunk of (q dq - k dk), with exp(gl) sum_v(h dH) + sum_c k_c dk_inter_c added
     at the last row (the chunk's gates also scale the state it hands on)."""
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
+    EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -659,24 +703,24 @@ def gla_bwd_kernel_inter(
     for vt in range(tl.cdiv(V_DIM, BV)):
         offs_v = vt * BV + tl.arange(0, BV)
         v_ok = offs_v < V_DIM
-        do = _load_tile(do_base, stride_dt, offs_t, t_ok, offs_v, v_ok)
-        v = _load_tile(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok)
+        do = _load_tile(do_base, stride_dt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
+        v = _load_tile(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
         state_t = tl.load(_state_ptrs_t(HS, pid_c, h, num_heads, offs_k, offs_v, K_DIM, V_DIM),
-                          mask=v_ok[:, None] & k_ok[None, :], other=0.0)  # [BV, BK]
+                          mask=_tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)  # [BV, BK]
         d_state_t = tl.load(_state_ptrs_t(DHS, pid_c, h, num_heads, offs_k, offs_v, K_DIM, V_DIM),
-                            mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+                            mask=_tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)
         dq += tl.dot(do, state_t.to(do.dtype), input_precision=DOT)
         dk += tl.dot(v, d_state_t.to(v.dtype), input_precision=DOT)
         d_last += tl.sum(state_t.to(tl.float32) * d_state_t.to(tl.float32), axis=0)
     gc_stride = num_heads * K_DIM
     gc_base = _buf_base(GC, b, bos, t0, h, seqlen, gc_stride, K_DIM)
-    g = _load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok)
+    g = _load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok, EVEN_K)
     g_last = tl.load(gc_base + (length - 1) * gc_stride + offs_k, mask=k_ok, other=0.0)
     q = _load_tile(_row_base(Q, b, bos, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
-                   offs_t, t_ok, offs_k, k_ok).to(tl.float32)
+                   offs_t, t_ok, offs_k, k_ok, EVEN_K).to(tl.float32)
     k = _load_tile(_row_base(K, b, bos, t0, h, stride_kb, stride_kt, stride_kh), stride_kt,
-                   offs_t, t_ok, offs_k, k_ok).to(tl.float32)
-    mask = t_ok[:, None] & k_ok[None, :]
+                   offs_t, t_ok, offs_k, k_ok, EVEN_K).to(tl.float32)
+    mask = _tile_mask(t_ok, k_ok, EVEN_K)
     tile_off = offs_t[:, None] * gc_stride + offs_k[None, :]
     dq = dq * tl.exp(g) * scale + tl.load(_buf_base(DQ_INTRA, b, bos, t0, h, seqlen, gc_stride, K_DIM) + tile_off,
                                           mask=mask, other=0.0)
@@ -687,8 +731,8 @@ def gla_bwd_kernel_inter(
     d_cum += tl.where(offs_t[:, None] == length - 1, d_last[None, :], 0.0)
     dg = tl.cumsum(d_cum, axis=0, reverse=True)
     g_raw = _load_tile(_row_base(G, b, bos, t0, h, stride_gb, stride_gt, stride_gh), stride_gt,
-                       offs_t, t_ok, offs_k, k_ok)
-    dg = tl.where(g_raw < LOG_GATE_FLOOR, 0.0, dg)
+                       offs_t, t_ok, offs_k, k_ok, EVEN_K)
+    dg = tl.where(g_raw < _FLOOR, 0.0, dg)
     tl.store(_buf_base(DQ, b, bos, t0, h, seqlen, gc_stride, K_DIM) + tile_off, dq.to(DQ.dtype.element_ty), mask=mask)
     tl.store(_buf_base(DK, b, bos, t0, h, seqlen, gc_stride, K_DIM) + tile_off, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(_buf_base(DG, b, bos, t0, h, seqlen, gc_stride, K_DIM) + tile_off, dg.to(DG.dtype.element_ty), mask=mask)
@@ -703,6 +747,8 @@ def noncausal_kernel_partial_state(
     SEGMENT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """part[segment, h] = sum over the segment's positions of x_t^T y_t (fp32 [segments, H, X, Y])."""
+    EVEN_K: tl.constexpr = X_DIM % BK == 0
+    EVEN_V: tl.constexpr = Y_DIM % BV == 0
     pid_s, pid_kv, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_v = tl.cdiv(Y_DIM, BV)
     offs_k = (pid_kv // n_v) * BK + tl.arange(0, BK)
@@ -716,12 +762,12 @@ def noncausal_kernel_partial_state(
         t0 = i * SEGMENT + j * BT
         t_ok = t0 + offs_t < seqlen
         x_t = _load_tile_t(_row_base(X, b, bos, t0, h, stride_xb, stride_xt, stride_xh), stride_xt,
-                           offs_t, t_ok, offs_k, k_ok)
+                           offs_t, t_ok, offs_k, k_ok, EVEN_K)
         y = _load_tile(_row_base(Y, b, bos, t0, h, stride_yb, stride_yt, stride_yh), stride_yt,
-                       offs_t, t_ok, offs_v, v_ok)
+                       offs_t, t_ok, offs_v, v_ok, EVEN_V)
         acc += tl.dot(x_t, y, input_precision=DOT)
     tl.store(_state_ptrs(PART, pid_s, h, num_heads, offs_k, offs_v, X_DIM, Y_DIM), acc,
-             mask=k_ok[:, None] & v_ok[None, :])
+             mask=_tile_mask(k_ok, v_ok, EVEN_V))
 
 
 @triton.jit
@@ -731,6 +777,7 @@ def noncausal_kernel_reduce_state(
     BK: tl.constexpr, BV: tl.constexpr,
 ):
     """S[n, h] = scale * sum of the sequence's partial states + extra[n, h] (fp32), in segment order."""
+    EVEN_V: tl.constexpr = Y_DIM % BV == 0
     pid_nh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_nh // num_heads
     h = pid_nh % num_heads
@@ -742,7 +789,7 @@ def noncausal_kernel_reduce_state(
         count = n_segments
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
-    kv_ok = (offs_k < X_DIM)[:, None] & (offs_v < Y_DIM)[None, :]
+    kv_ok = _tile_mask(offs_k < X_DIM, offs_v < Y_DIM, EVEN_V)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
     for j in range(count):
         acc += tl.load(_state_ptrs(PART, first + j, h, num_heads, offs_k, offs_v, X_DIM, Y_DIM), mask=kv_ok, other=0.0)
@@ -762,6 +809,8 @@ def noncausal_kernel_apply(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """y_t = scale * x_t M_n with M_n [X, Y] a (possibly transposed, by its strides) fp32 state of sequence n."""
+    EVEN_K: tl.constexpr = X_DIM % BK == 0
+    EVEN_V: tl.constexpr = Y_DIM % BV == 0
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -775,13 +824,13 @@ def noncausal_kernel_apply(
     for kt in range(tl.cdiv(X_DIM, BK)):
         offs_k = kt * BK + tl.arange(0, BK)
         k_ok = offs_k < X_DIM
-        x = _load_tile(x_base, stride_xt, offs_t, t_ok, offs_k, k_ok)
+        x = _load_tile(x_base, stride_xt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
         m = tl.load(s_base + offs_k[:, None] * stride_sr + offs_v[None, :] * stride_sc,
                     mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         acc += tl.dot(x, m.to(x.dtype), input_precision=DOT)
     y_base = _row_base(Y, b, bos, t0, h, stride_yb, stride_yt, stride_yh)
     tl.store(y_base + offs_t[:, None] * stride_yt + offs_v[None, :], (acc * scale).to(Y.dtype.element_ty),
-             mask=t_ok[:, None] & v_ok[None, :])
+             mask=_tile_mask(t_ok, v_ok, EVEN_V))
 
 
 # ------------------------------------------------------------------------------------------ decode steps
@@ -792,7 +841,7 @@ def _step_decay(G, SLOPES, b, h, stride_gb, stride_gh, offs_k, k_ok, SCALAR: tl.
         g = tl.zeros_like(offs_k.to(tl.float32)) - _slope(SLOPES, h)
     else:
         g = tl.load(G + b * stride_gb + h * stride_gh + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-    return tl.exp(tl.where(g < LOG_GATE_FLOOR, LOG_GATE_FLOOR, g)), g
+    return tl.exp(tl.where(g < _FLOOR, _FLOOR, g)), g
 
 
 @triton.jit
@@ -870,7 +919,7 @@ def recurrent_step_bwd_kernel(
     tl.store(DQ + pid_bh * K_DIM + offs_k, dq.to(DQ.dtype.element_ty), mask=k_ok)
     tl.store(DK + pid_bh * K_DIM + offs_k, dk.to(DK.dtype.element_ty), mask=k_ok)
     if not SCALAR:
-        dg = tl.where(g < LOG_GATE_FLOOR, 0.0, dg * decay)
+        dg = tl.where(g < _FLOOR, 0.0, dg * decay)
         tl.store(DG + pid_bh * K_DIM + offs_k, dg.to(DG.dtype.element_ty), mask=k_ok)
 
 
@@ -916,7 +965,7 @@ class _Layout:
 
     def __init__(self, q: torch.Tensor, cu_seqlens, chunk: int):
         self.varlen = cu_seqlens is not None
-        dummy = torch.zeros(2, dtype=torch.int32, device=q.device)
+        dummy = q  # stands in for the pointers that dense inputs never read
         if not self.varlen:
             self.n_seq, self.seqlen = q.shape[0], q.shape[1]
             self.n_chunks = triton.cdiv(self.seqlen, chunk)
@@ -934,11 +983,6 @@ class _Layout:
         self.cu = cu_seqlens
         self.index = torch.stack([seq, local], dim=1).to(torch.int32).contiguous() if self.total else dummy
         self.offsets = offsets.to(torch.int32)
-
-    @property
-    def coords(self):
-        """Kernel arguments after the pointers: (CU, CHUNK_IDX/CHUNK_OFF)."""
-        return self.cu
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
