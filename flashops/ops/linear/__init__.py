@@ -284,9 +284,23 @@ def _check_gates(name, g, q, gate_shape):
     return g
 
 
+_DEFAULT_SLOPES: dict = {}
+
+
+def _default_slopes(heads: int, device) -> Tensor:
+    """lightning_slopes(heads), made once per device: building it from a Python list is a host-to-device
+    copy that waits for the GPU queue on every call."""
+    if torch.compiler.is_compiling():
+        return lightning_slopes(heads, device=device)
+    key = (heads, str(device))
+    if key not in _DEFAULT_SLOPES:
+        _DEFAULT_SLOPES[key] = lightning_slopes(heads, device=device)
+    return _DEFAULT_SLOPES[key]
+
+
 def _check_slopes(slopes, heads: int, device):
     if slopes is None:
-        return lightning_slopes(heads, device=device)
+        return _default_slopes(heads, device)
     check_tensor("slopes", slopes, ndim=1, dtypes=FLOAT_DTYPES)
     if slopes.shape[0] != heads:
         raise ValueError(f"slopes must have shape [H] = ({heads},), got {tuple(slopes.shape)}")
