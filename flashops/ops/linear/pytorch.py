@@ -121,7 +121,7 @@ def _backward_dense(do, dht, q, k, v, g, slopes, scale, initial_state, chunk):
     heads = q.shape[2]
     qc, kc, vc, doc = (_to_chunks(x, chunk) for x in (q, k, v, do))
     gc = _gate_cumsum(g, slopes, t, chunk, heads, q.device)
-    hs, _ = _states(kc, vc, gc, None if initial_state is None else initial_state)
+    hs, _ = _states(kc, vc, gc, initial_state)
     c = qc.shape[3]
     last = gc[..., -1:, :]
     chunk_decay = last.transpose(-1, -2).exp()

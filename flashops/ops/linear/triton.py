@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_utils import configs, dot_precision
+from ..._triton_utils import configs, dot_precision, interpreter_enabled
 from .common import LOG_GATE_FLOOR
 
 CHUNK = 64  # BT: positions per chunk
@@ -80,7 +80,8 @@ def _seq_coords(n, CU, CHUNK_OFF, seqlen, n_chunks, IS_VARLEN: tl.constexpr):
 @triton.jit
 def _row_base(PTR, b, bos, t0, h, stride_b, stride_t, stride_h):
     """Pointer to row t0 of the sequence starting at token ``bos`` of batch row b, head h (int64 offsets)."""
-    return PTR + tl.cast(b, tl.int64) * stride_b + tl.cast(bos + t0, tl.int64) * stride_t + tl.cast(h, tl.int64) * stride_h
+    return (PTR + tl.cast(b, tl.int64) * stride_b + tl.cast(bos + t0, tl.int64) * stride_t
+            + tl.cast(h, tl.int64) * stride_h)
 
 
 @triton.jit
@@ -160,7 +161,8 @@ def gla_gate_cumsum_kernel(
     offs_k = pid_k * BK + tl.arange(0, BK)
     t_ok = t0 + offs_t < seqlen
     k_ok = offs_k < K_DIM
-    g = _load_tile(_row_base(G, b, bos, t0, h, stride_gb, stride_gt, stride_gh), stride_gt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+    g = _load_tile(_row_base(G, b, bos, t0, h, stride_gb, stride_gt, stride_gh), stride_gt,
+                   offs_t, t_ok, offs_k, k_ok, EVEN_K)
     g = g.to(tl.float32)
     g = tl.where(g < _FLOOR, _FLOOR, g)  # NaN stays NaN
     gc = tl.cumsum(g, axis=0)
@@ -318,7 +320,8 @@ def lightning_fwd_kernel_output(
     rows = offs_t.to(tl.float32)
     causal = offs_t[:, None] >= offs_t[None, :]
     decay = tl.exp(tl.where(causal, -slope * (rows[:, None] - rows[None, :]), float("-inf")))
-    v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
+    v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt,
+                   offs_t, t_ok, offs_v, v_ok, EVEN_V)
     out = acc * (tl.exp(-slope * (rows + 1.0)) * scale)[:, None]
     out += tl.dot((scores * decay * scale).to(v.dtype), v, input_precision=DOT)
     o_base = _row_base(O, b, bos, t0, h, stride_ob, stride_ot, stride_oh)
@@ -414,8 +417,10 @@ def lightning_bwd_kernel_dqdk(
     causal = offs_t[:, None] >= offs_t[None, :]
     decay = tl.exp(tl.where(causal, -slope * (rows[:, None] - rows[None, :]), float("-inf")))
     d_scores = d_scores * decay * scale
-    q = _load_tile(_row_base(Q, b, bos, t0, h, stride_qb, stride_qt, stride_qh), stride_qt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
-    k = _load_tile(_row_base(K, b, bos, t0, h, stride_kb, stride_kt, stride_kh), stride_kt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+    q = _load_tile(_row_base(Q, b, bos, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
+                   offs_t, t_ok, offs_k, k_ok, EVEN_K)
+    k = _load_tile(_row_base(K, b, bos, t0, h, stride_kb, stride_kt, stride_kh), stride_kt,
+                   offs_t, t_ok, offs_k, k_ok, EVEN_K)
     to_end = tl.exp(tl.where(t_ok, -slope * (length - 1 - offs_t).to(tl.float32), float("-inf")))
     dq = dq * (tl.exp(-slope * (rows + 1.0)) * scale)[:, None]
     dq += tl.dot(d_scores.to(k.dtype), k, input_precision=DOT)
@@ -423,8 +428,10 @@ def lightning_bwd_kernel_dqdk(
     dk += tl.dot(tl.trans(d_scores).to(q.dtype), q, input_precision=DOT)
     mask = _tile_mask(t_ok, k_ok, EVEN_K)
     offs = offs_t[:, None] * stride_gt + offs_k[None, :]
-    tl.store(_row_base(DQ, b, bos, t0, h, stride_gb, stride_gt, stride_gh) + offs, dq.to(DQ.dtype.element_ty), mask=mask)
-    tl.store(_row_base(DK, b, bos, t0, h, stride_gb, stride_gt, stride_gh) + offs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(_row_base(DQ, b, bos, t0, h, stride_gb, stride_gt, stride_gh) + offs,
+             dq.to(DQ.dtype.element_ty), mask=mask)
+    tl.store(_row_base(DK, b, bos, t0, h, stride_gb, stride_gt, stride_gh) + offs,
+             dk.to(DK.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------ GLA (vector)
@@ -519,8 +526,10 @@ def gla_fwd_kernel_output(
                         mask=_tile_mask(k_ok, v_ok, EVEN_V), other=0.0)
         acc += tl.dot((q * tl.exp(g)).to(q.dtype), state.to(q.dtype), input_precision=DOT)
     a_stride = num_heads * BT
-    scores = _load_tile(_buf_base(A, b, bos, t0, h, seqlen, a_stride, BT), a_stride, offs_t, t_ok, offs_t, offs_t < BT, True)
-    v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
+    scores = _load_tile(_buf_base(A, b, bos, t0, h, seqlen, a_stride, BT), a_stride,
+                        offs_t, t_ok, offs_t, offs_t < BT, True)
+    v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt,
+                   offs_t, t_ok, offs_v, v_ok, EVEN_V)
     out = acc * scale + tl.dot(scores.to(v.dtype), v, input_precision=DOT)
     o_base = _row_base(O, b, bos, t0, h, stride_ob, stride_ot, stride_oh)
     tl.store(o_base + offs_t[:, None] * stride_ot + offs_v[None, :], out.to(O.dtype.element_ty),
@@ -725,7 +734,8 @@ def gla_bwd_kernel_inter(
     dq = dq * tl.exp(g) * scale + tl.load(_buf_base(DQ_INTRA, b, bos, t0, h, seqlen, gc_stride, K_DIM) + tile_off,
                                           mask=mask, other=0.0)
     dk_inter = dk * tl.exp(tl.where(t_ok[:, None], g_last[None, :] - g, float("-inf")))
-    dk = dk_inter + tl.load(_buf_base(DK_INTRA, b, bos, t0, h, seqlen, gc_stride, K_DIM) + tile_off, mask=mask, other=0.0)
+    dk = dk_inter + tl.load(_buf_base(DK_INTRA, b, bos, t0, h, seqlen, gc_stride, K_DIM) + tile_off,
+                            mask=mask, other=0.0)
     d_cum = q * dq - k * dk
     d_last = d_last * tl.exp(g_last) + tl.sum(k * dk_inter, axis=0)
     d_cum += tl.where(offs_t[:, None] == length - 1, d_last[None, :], 0.0)
@@ -994,16 +1004,11 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 def _gate_cumsum(g, lay: _Layout, heads: int, d_k: int):
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     kernel = gla_gate_cumsum_kernel
-    block_k = 16 if _interpreted() else min(64, max(16, triton.next_power_of_2(d_k)))
+    block_k = 16 if interpreter_enabled() else min(64, max(16, triton.next_power_of_2(d_k)))
     kernel[(lay.total, triton.cdiv(d_k, block_k), heads)](
         g, gc, lay.cu, lay.index, *_strides(g), lay.seqlen, lay.n_chunks, heads,
         K_DIM=d_k, IS_VARLEN=lay.varlen, BT=CHUNK, BK=block_k)
     return gc
-
-
-def _interpreted() -> bool:
-    from ..._triton_utils import interpreter_enabled
-    return interpreter_enabled()
 
 
 def _forward_states(k, v, gc, slopes, initial_state, lay: _Layout, store_final: bool):
@@ -1192,7 +1197,7 @@ def noncausal_backward(do, dht, q, k, v, scale, initial_state, cu_seqlens):
 # ------------------------------------------------------------------------------------------ step launchers
 def _step_blocks(d_k: int, d_v: int):
     block_k = max(16, triton.next_power_of_2(d_k))
-    block_v = 16 if _interpreted() else max(16, min(triton.next_power_of_2(d_v), 8192 // block_k))
+    block_v = 16 if interpreter_enabled() else max(16, min(triton.next_power_of_2(d_v), 8192 // block_k))
     return block_k, block_v
 
 
