@@ -3,6 +3,8 @@
 from . import nn
 from .ops.attention import block_sparse_attention, flash_attention, flash_attention_varlen, sdpa
 from .ops.hyper import hyper_attention, hyper_attention_plan
+from .ops.linear import (gated_linear_attention, gated_linear_attention_step, lightning_attention,
+                         lightning_attention_step, lightning_slopes, linear_attention)
 from .ops.lla import local_linear_attention, local_linear_attention_decode
 
 __version__ = "0.1.0"
@@ -10,5 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa",
     "hyper_attention", "hyper_attention_plan",
+    "lightning_attention", "gated_linear_attention", "linear_attention", "lightning_attention_step",
+    "gated_linear_attention_step", "lightning_slopes",
     "local_linear_attention", "local_linear_attention_decode",
 ]

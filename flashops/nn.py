@@ -2,6 +2,8 @@
 
 from .modules.attention import FlashSelfAttention, MultiheadAttention
 from .modules.hyper import HyperAttention
+from .modules.linear import GatedLinearAttention, LightningAttention
 from .modules.lla import LLACache, LocalLinearAttention
 
-__all__ = ["MultiheadAttention", "FlashSelfAttention", "HyperAttention", "LocalLinearAttention", "LLACache"]
+__all__ = ["MultiheadAttention", "FlashSelfAttention", "HyperAttention", "LightningAttention",
+           "GatedLinearAttention", "LocalLinearAttention", "LLACache"]

@@ -1,0 +1,140 @@
+"""The oracle for linear attention: the recurrence and the quadratic masked form, plain PyTorch.
+
+State recurrence per (sequence, head), with q_t, k_t in R^K, v_t in R^V and log-gates g_t in R^K (<= 0):
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,        o_t = scale * q_t S_t
+
+Lightning Attention uses a constant per-head log-gate g_t = -slope_h (broadcast over K); plain linear
+attention is slope 0; GLA passes data-dependent g. The non-causal form is o_t = scale * q_t (S_0 + K^T V).
+
+``upcast=True`` (default) computes in fp32 (fp64 stays fp64); ``upcast=False`` computes in the input dtype,
+which gives the "same reference in low precision" baseline of the tolerance rule. Imports nothing from
+flashops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _work_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
+    if not upcast:
+        return x.dtype
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _sequences(total: int, cu_seqlens):
+    if cu_seqlens is None:
+        return None
+    bounds = cu_seqlens.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _recurrent_one(q, k, v, g, scale, state):
+    """q, k, g [T, H, K]; v [T, H, V]; state [H, K, V] -> o [T, H, V], final state."""
+    outs = []
+    for t in range(q.shape[0]):
+        state = torch.exp(g[t])[..., None] * state + k[t][..., :, None] * v[t][..., None, :]
+        outs.append(scale * torch.einsum("hk,hkv->hv", q[t], state))
+    o = torch.stack(outs) if outs else v.new_zeros(v.shape)
+    return o, state
+
+
+def _quadratic_one(q, k, v, g, scale, state):
+    """The parallel form: o_t = scale * sum_{s<=t} (q_t * exp(G_t - G_s)) . k_s v_s + scale * (q_t * exp(G_t)) S_0,
+    with G the inclusive cumulative sum of g. Materializes [T, T, H, K]: short T only, finite gates only."""
+    t_len = q.shape[0]
+    big_g = torch.cumsum(g, dim=0)  # [T, H, K]
+    causal = torch.ones(t_len, t_len, dtype=torch.bool, device=q.device).tril()
+    diff = big_g[:, None] - big_g[None, :]  # [T(t), T(s), H, K]
+    decay = torch.where(causal[:, :, None, None], diff, torch.full_like(diff, float("-inf"))).exp()
+    scores = torch.einsum("thk,tshk,shk->hts", q, decay, k)
+    o = torch.einsum("hts,shv->thv", scores, v)
+    o = o + torch.einsum("thk,hkv->thv", q * big_g.exp(), state)
+    total = big_g[-1] if t_len else torch.zeros_like(g[0] if g.shape[0] else state[..., 0])
+    final = total.exp()[..., None] * state + torch.einsum("shk,shv->hkv", k * (total[None] - big_g).exp(), v)
+    return scale * o, final
+
+
+def linear_attention_recurrence(q, k, v, log_gates, *, scale=None, initial_state=None, output_final_state=False,
+                                cu_seqlens=None, method="recurrent", upcast=True):
+    """Causal gated linear attention by the per-step recurrence (``method="recurrent"``, ground truth) or
+    the quadratic masked form (``method="quadratic"``).
+
+    q, k [B, T, H, K]; v [B, T, H, V]; log_gates broadcastable to [B, T, H, K] (e.g. [1, 1, H, 1] for a
+    per-head constant); initial_state [N, H, K, V]. Varlen: B == 1 and int32 cu_seqlens [N + 1].
+    Returns ``(o, final_state)``: o [B, T, H, V] in the input dtype, final_state [N, H, K, V] (or None).
+    """
+    dtype = _work_dtype(q, upcast)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, t_len, h, d_k = q.shape
+    d_v = v.shape[-1]
+    g = torch.broadcast_to(log_gates, q.shape).to(dtype)
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    one = _recurrent_one if method == "recurrent" else _quadratic_one
+    spans = _sequences(t_len, cu_seqlens) or [(0, t_len)] * b
+    outs, finals = [], []
+    for n, (start, end) in enumerate(spans):
+        row = 0 if cu_seqlens is not None else n
+        s0 = (initial_state[n].to(dtype) if initial_state is not None
+              else qf.new_zeros(h, d_k, d_v))
+        o, s = one(qf[row, start:end], kf[row, start:end], vf[row, start:end], g[row, start:end], scale, s0)
+        outs.append(o)
+        finals.append(s)
+    if cu_seqlens is not None:
+        o = torch.cat(outs, dim=0)[None] if outs else vf.new_zeros(1, 0, h, d_v)
+    else:
+        o = torch.stack(outs)
+    final = torch.stack(finals).to(torch.float32 if dtype != torch.float64 else dtype) if output_final_state else None
+    return o.to(q.dtype), final
+
+
+def lightning_attention(q, k, v, slopes, *, scale=None, initial_state=None, output_final_state=False,
+                        cu_seqlens=None, method="recurrent", upcast=True):
+    """Lightning Attention: per-head constant decay exp(-slopes[h]). Same arguments as the fast op."""
+    log_gates = -slopes.to(_work_dtype(q, upcast)).reshape(1, 1, -1, 1)
+    return linear_attention_recurrence(q, k, v, log_gates, scale=scale, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                       method=method, upcast=upcast)
+
+
+def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, method="recurrent", upcast=True):
+    """GLA: data-dependent log-gates g [B, T, H, K]. Same arguments as the fast op."""
+    return linear_attention_recurrence(q, k, v, g, scale=scale, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                       method=method, upcast=upcast)
+
+
+def noncausal_linear_attention(q, k, v, *, scale=None, initial_state=None, output_final_state=False,
+                               cu_seqlens=None, upcast=True):
+    """o_t = scale * q_t (S_0 + sum_s k_s^T v_s) over the whole sequence; final state S_0 + K^T V."""
+    dtype = _work_dtype(q, upcast)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, t_len, h, d_k = q.shape
+    d_v = v.shape[-1]
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    spans = _sequences(t_len, cu_seqlens) or [(0, t_len)] * b
+    outs, finals = [], []
+    for n, (start, end) in enumerate(spans):
+        row = 0 if cu_seqlens is not None else n
+        s = initial_state[n].to(dtype) if initial_state is not None else qf.new_zeros(h, d_k, d_v)
+        s = s + torch.einsum("thk,thv->hkv", kf[row, start:end], vf[row, start:end])
+        outs.append(scale * torch.einsum("thk,hkv->thv", qf[row, start:end], s))
+        finals.append(s)
+    o = torch.cat(outs, dim=0)[None] if cu_seqlens is not None else torch.stack(outs)
+    final = torch.stack(finals).to(torch.float32 if dtype != torch.float64 else dtype) if output_final_state else None
+    return o.to(q.dtype), final
+
+
+def recurrent_step(q, k, v, log_gate, state, *, scale=None, upcast=True):
+    """One decoding step: q, k [B, H, K], v [B, H, V], log_gate broadcastable to [B, H, K], state
+    [B, H, K, V] (or None) -> (o [B, H, V], new_state fp32)."""
+    dtype = _work_dtype(q, upcast)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if state is None:
+        state = q.new_zeros(*q.shape, v.shape[-1], dtype=dtype)
+    g = torch.broadcast_to(log_gate, q.shape).to(dtype)
+    new = torch.exp(g)[..., None] * state.to(dtype) + k.to(dtype)[..., :, None] * v.to(dtype)[..., None, :]
+    o = scale * torch.einsum("bhk,bhkv->bhv", q.to(dtype), new)
+    return o.to(q.dtype), new.to(torch.float32 if dtype != torch.float64 else dtype)
