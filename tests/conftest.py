@@ -19,6 +19,9 @@ if os.environ.get("FLASHOPS_RECORD_LAUNCHES") and os.environ.get("TRITON_INTERPR
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+if not ON_GPU:
+    # Test tensors are small and pytest-xdist runs one worker per core: intra-op threads only contend.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
