@@ -13,10 +13,11 @@ import torch
 from .args import AttentionArgs
 from .dropout import keep_mask
 
-# A score tile of [B*H, Cq, Ck] fp32 stays within this many elements (chunk sizes adapt to B*H).
-TILE_ELEMENTS = 1 << 22
-MAX_KEY_CHUNK = 1024
-MAX_QUERY_CHUNK = 512
+# A score tile of [B*H, Cq, Ck] fp32 stays within this many elements (chunk sizes adapt to B*H). The
+# sizes were picked by timing T=4096, H=8, D=64 on a 2-core CPU against torch SDPA (see docs/attention.md).
+TILE_ELEMENTS = 1 << 21
+MAX_KEY_CHUNK = 512
+MAX_QUERY_CHUNK = 256
 
 
 def _chunk_sizes(bh: int, t_q: int, t_k: int) -> tuple[int, int]:
