@@ -62,3 +62,26 @@ def check_cu_seqlens(name: str, cu, total: int, device):
 def check_dim(name: str, value: int, lo: int, hi: int, what: str = "head dim"):
     if not lo <= value <= hi:
         raise ValueError(f"{name} has {what} {value}; supported {what}s are {lo}..{hi}")
+
+
+def check_attention_inputs(q, k, v=None, *, names=("q", "k", "v"), layout: str = "[B, T, H, D]",
+                           max_head_dim: int = 256):
+    """q ``[B, Tq, H, D]`` and k (and v) ``[B, Tk, Hkv, D]``: same device and dtype, ``H % Hkv == 0``,
+    head dim 1..max_head_dim. ``v`` may be omitted (ops that only need q and k)."""
+    named = tuple((n, t) for n, t in zip(names, (q, k, v)) if t is not None)
+    for name, t in named:
+        check_tensor(name, t, ndim=4, layout=layout)
+    check_same(named, "device")
+    check_same(named, "dtype")
+    nq, nk, nv = names
+    if v is not None and k.shape != v.shape:
+        raise ValueError(f"{nk} and {nv} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{nq} and {nk} must have the same batch size, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{nq} and {nk} must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    h, h_kv = q.shape[2], k.shape[2]
+    if h_kv == 0 or h % h_kv:
+        raise ValueError(
+            f"the number of query heads ({h}) must be a multiple of the number of key/value heads ({h_kv})")
+    check_dim(nq, q.shape[-1], 1, max_head_dim)

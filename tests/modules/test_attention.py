@@ -4,7 +4,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import flashops
 from flashops.modules.attention import alibi_slopes

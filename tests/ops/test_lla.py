@@ -1,7 +1,6 @@
 """Local Linear Attention: reference properties, both backends against the direct solve (outputs and every
 gradient), limits, causality, ill-conditioned inputs, decode, bad inputs, opcheck and torch.compile."""
 
-import math
 
 import pytest
 import torch

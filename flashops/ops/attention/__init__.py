@@ -17,7 +17,7 @@ from torch.utils import _python_dispatch
 
 from ... import _dispatch
 from ..._triton_utils import triton_reasons
-from ..._validation import check_cu_seqlens, check_dim, check_same, check_tensor
+from ..._validation import check_attention_inputs, check_cu_seqlens, check_tensor
 from .args import AttentionArgs
 from .dropout import draw_seed
 
@@ -173,21 +173,7 @@ _attention_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
 # ------------------------------------------------------------------------------------------- validation
 def _check_qkv(q, k, v, packed: bool):
     layout = "[1, total, H, D] (or [total, H, D])" if packed else _LAYOUT
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4, layout=layout)
-    check_same((("q", q), ("k", k), ("v", v)), "device")
-    check_same((("q", q), ("k", k), ("v", v)), "dtype")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k must have the same batch size, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
-    h, h_kv = q.shape[2], k.shape[2]
-    if h_kv == 0 or h % h_kv:
-        raise ValueError(
-            f"the number of query heads ({h}) must be a multiple of the number of key/value heads ({h_kv})")
-    check_dim("q", q.shape[-1], 1, MAX_HEAD_DIM)
+    check_attention_inputs(q, k, v, layout=layout, max_head_dim=MAX_HEAD_DIM)
 
 
 def _window(causal: bool, window_size) -> tuple[Optional[int], Optional[int]]:

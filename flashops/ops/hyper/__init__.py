@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._validation import check_dim, check_same, check_tensor
+from ..._validation import check_attention_inputs
 from . import compose
 from .plan import HyperLevel, HyperPlan, make_plan
 
@@ -26,22 +26,7 @@ _LAYOUT = "[B, T, H, D]"
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], causal: bool):
-    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
-    for name, t in named:
-        check_tensor(name, t, ndim=4, layout=_LAYOUT)
-    check_same(named, "device")
-    check_same(named, "dtype")
-    if v is not None and k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k must have the same batch size, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
-    h, h_kv = q.shape[2], k.shape[2]
-    if h_kv == 0 or h % h_kv:
-        raise ValueError(f"the number of query heads ({h}) must be a multiple of the number of key/value heads "
-                         f"({h_kv})")
-    check_dim("q", q.shape[-1], 1, MAX_HEAD_DIM)
+    check_attention_inputs(q, k, v, layout=_LAYOUT, max_head_dim=MAX_HEAD_DIM)
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal hyper_attention is self-attention: q and k need the same length, got "
                          f"{q.shape[1]} and {k.shape[1]}")

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ... import _dispatch
 from ..._triton_utils import triton_reasons
-from ..._validation import check_dim, check_same, check_tensor
+from ..._validation import check_attention_inputs, check_tensor
 from .args import LLAArgs
 
 OP = "local_linear_attention"
@@ -124,23 +124,7 @@ def _lla_decode_fake(q, *rest):
 
 # ------------------------------------------------------------------------------------------- validation
 def _check_qkv(q, k, v, names=("q", "k", "v")):
-    for name, t in zip(names, (q, k, v)):
-        check_tensor(name, t, ndim=4, layout=_LAYOUT)
-    pairs = tuple(zip(names, (q, k, v)))
-    check_same(pairs, "device")
-    check_same(pairs, "dtype")
-    nq, nk, nv = names
-    if k.shape != v.shape:
-        raise ValueError(f"{nk} and {nv} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"{nq} and {nk} must have the same batch size, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"{nq} and {nk} must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
-    h, h_kv = q.shape[2], k.shape[2]
-    if h_kv == 0 or h % h_kv:
-        raise ValueError(
-            f"the number of query heads ({h}) must be a multiple of the number of key/value heads ({h_kv})")
-    check_dim(nq, q.shape[-1], 1, MAX_HEAD_DIM)
+    check_attention_inputs(q, k, v, names=names, layout=_LAYOUT, max_head_dim=MAX_HEAD_DIM)
 
 
 def _can_inspect(t: Tensor) -> bool:
