@@ -1,0 +1,299 @@
+"""The PyTorch path of the ssm family: CPU and fallback on any device, with bounded memory.
+
+Scans walk time in blocks whose size adapts to the number of channels, so the largest temporary is a few
+``channels x block`` tensors; inside a block, a log-depth doubling scan (Hillis-Steele) composes the affine
+maps, and the fp32 state is carried from block to block. The selective-scan backward recomputes one block at
+a time from the states saved at the block starts and differentiates it with autograd. Kernel generators
+(Vandermonde, Cauchy) loop over L in chunks and never hold ``[H, N, L]``. Signatures match triton_*.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import state_spacing
+
+# Elements in one block temporary (fp32): 2**22 = 16 MiB.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _time_block(channels: int, length: int, multiple: int = 1) -> int:
+    block = max(multiple, BLOCK_ELEMENTS // max(1, channels))
+    block = block // multiple * multiple
+    return max(multiple, min(block, -(-length // multiple) * multiple))
+
+
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor):
+    """Inclusive scan of h -> a h + b along the last dim: returns (prod a_0..t, h_t with h_{-1} = 0).
+    Out of place, so that autograd can differentiate it (the selective-scan backward does)."""
+    k = 1
+    length = a.shape[-1]
+    while k < length:
+        b = torch.cat([b[..., :k], a[..., k:] * b[..., :-k] + b[..., k:]], dim=-1)
+        a = torch.cat([a[..., :k], a[..., k:] * a[..., :-k]], dim=-1)
+        k *= 2
+    return a, b
+
+
+def _real_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 compute for fp16/bf16/fp32 inputs; float64 stays float64 (gradcheck runs through this path)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _as_compute(x, complex_: bool, dtype=None):
+    if x is None:
+        return None
+    x = x.to(dtype or _real_dtype(x))
+    return torch.view_as_complex(x.contiguous()) if complex_ else x
+
+
+def _as_storage(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return (torch.view_as_real(x) if x.is_complex() else x).to(like.dtype)
+
+
+# ------------------------------------------------------------------------------------- linear scan
+def _linear_scan(a, b, h0, reverse: bool):
+    """h_t = a_t h_{t-1} + b_t on compute tensors [B, D, L] (fp32 or complex64), block by block."""
+    if reverse:
+        return _linear_scan(a.flip(-1), b.flip(-1), h0, False).flip(-1)
+    batch, dim, length = b.shape
+    out = torch.empty_like(b)
+    carry = torch.zeros_like(b[..., 0]) if h0 is None else h0.to(b.dtype)
+    block = _time_block(batch * dim * 4, length)
+    for t0 in range(0, length, block):
+        t1 = min(t0 + block, length)
+        prod, h = _doubling_scan(a[..., t0:t1], b[..., t0:t1])
+        h = h + prod * carry[..., None]
+        out[..., t0:t1] = h
+        carry = h[..., -1]
+    return out
+
+
+def linear_scan_fwd(a, b, initial_state, reverse: bool):
+    complex_ = b.dim() == 4
+    dtype = _real_dtype(b)
+    h = _linear_scan(_as_compute(a, complex_, dtype), _as_compute(b, complex_, dtype),
+                     _as_compute(initial_state, complex_, dtype), reverse)
+    return _as_storage(h, b)
+
+
+def linear_scan_bwd(dh, a, h, initial_state, reverse: bool):
+    complex_ = dh.dim() == 4
+    dtype = _real_dtype(dh)
+    ac, gc, hc = (_as_compute(x, complex_, dtype) for x in (a, dh, h))
+    h0 = _as_compute(initial_state, complex_, dtype)
+    zero = torch.zeros_like(ac[..., :1])
+    h0_col = zero if h0 is None else h0[..., None].to(hc.dtype)
+    if reverse:  # adjoint runs forward: g_t = dh_t + conj(a_{t-1}) g_{t-1}; previous state is h_{t+1}
+        gates = torch.cat([zero, ac[..., :-1]], -1).conj()
+        prev = torch.cat([hc[..., 1:], h0_col], -1)
+        first = -1
+    else:
+        gates = torch.cat([ac[..., 1:], zero], -1).conj()
+        prev = torch.cat([h0_col, hc[..., :-1]], -1)
+        first = 0
+    g = _linear_scan(gates, gc, None, not reverse)
+    da = g * prev.conj()
+    dh0 = None
+    if initial_state is not None:
+        dh0 = _as_storage(ac[..., first].conj() * g[..., first], initial_state) if ac.shape[-1] else \
+            torch.zeros_like(initial_state)
+    return _as_storage(da, a), _as_storage(g, dh), dh0
+
+
+# ----------------------------------------------------------------------------------- selective scan
+def _per_channel(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """B or C [B, N, T] / [B, G, N, T] -> [B, D, N, T] (a view for one group)."""
+    if x.dim() == 3:
+        return x[:, None]
+    return x.repeat_interleave(dim // x.shape[1], dim=1)
+
+
+def _selective_block(u, delta, A, B, C, D, z, bias, softplus, h0):
+    """One time block in fp32 (float64 for float64 u): returns (out [B, D, T], states [B, D, N, T])."""
+    cdt = _real_dtype(u)
+    dt = delta.to(cdt)
+    if bias is not None:
+        dt = dt + bias.to(cdt)[:, None]
+    if softplus:
+        dt = F.softplus(dt)
+    dim = u.shape[1]
+    gates = torch.exp(dt[:, :, None, :] * A.to(cdt)[None, :, :, None])
+    inputs = (dt * u.to(cdt))[:, :, None, :] * _per_channel(B.to(cdt), dim)
+    prod, h = _doubling_scan(gates, inputs)
+    h = h + prod * h0[..., None]
+    y = (h * _per_channel(C.to(cdt), dim)).sum(2)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * u.to(cdt)
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y, h
+
+
+def _block_len(u, n_state):
+    spacing = state_spacing(n_state)
+    return spacing, _time_block(u.shape[0] * u.shape[1] * n_state * 6, u.shape[2], spacing)
+
+
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus: bool):
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    spacing, block = _block_len(u, n_state)
+    n_saved = -(-length // spacing)
+    out = torch.empty_like(u)
+    cdt = _real_dtype(u)
+    saved = torch.empty(batch, dim, n_state, n_saved, device=u.device, dtype=cdt)
+    h = torch.zeros(batch, dim, n_state, device=u.device, dtype=cdt) if initial_state is None \
+        else initial_state.to(cdt)
+    for t0 in range(0, length, block):
+        t1 = min(t0 + block, length)
+        sl = slice(t0, t1)
+        y, states = _selective_block(u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl], D,
+                                     None if z is None else z[..., sl], delta_bias, softplus, h)
+        out[..., sl] = y.to(u.dtype)
+        # state before step t0 + j*spacing: h (block start) then the states at the ends of the tiles
+        saved[..., t0 // spacing] = h
+        ends = states[..., spacing - 1 : t1 - t0 - 1 : spacing]
+        saved[..., t0 // spacing + 1 : t0 // spacing + 1 + ends.shape[-1]] = ends
+        h = states[..., -1]
+    return out, h.contiguous(), saved
+
+
+def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, softplus: bool):
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    spacing, block = _block_len(u, n_state)
+
+    def leaf(x):
+        return None if x is None else x.detach().requires_grad_()
+
+    cdt = _real_dtype(u)
+    A_, D_, bias_ = leaf(A), leaf(D), leaf(delta_bias)
+    grads = {"A": torch.zeros_like(A, dtype=cdt)}
+    if D is not None:
+        grads["D"] = torch.zeros_like(D, dtype=cdt)
+    if delta_bias is not None:
+        grads["bias"] = torch.zeros_like(delta_bias, dtype=cdt)
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    dz = torch.empty_like(z) if z is not None else None
+    carry = torch.zeros(batch, dim, n_state, device=u.device, dtype=cdt) if dlast is None else dlast.to(cdt)
+    for t0 in reversed(range(0, length, block)):
+        t1 = min(t0 + block, length)
+        sl = slice(t0, t1)
+        u_, delta_, B_, C_ = leaf(u[..., sl]), leaf(delta[..., sl]), leaf(B[..., sl]), leaf(C[..., sl])
+        z_ = leaf(z[..., sl]) if z is not None else None
+        h0 = leaf(ckpt[..., t0 // spacing].contiguous())
+        with torch.enable_grad():
+            y, states = _selective_block(u_, delta_, A_, B_, C_, D_, z_, bias_, softplus, h0)
+            inputs = [x for x in (u_, delta_, B_, C_, z_, h0, A_, D_, bias_) if x is not None]
+            got = torch.autograd.grad((y, states[..., -1]), inputs, (dout[..., sl].to(cdt), carry),
+                                      allow_unused=True)
+        got = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got)]
+        it = iter(got)
+        du[..., sl] = next(it).to(du.dtype)
+        ddelta[..., sl] = next(it).to(ddelta.dtype)
+        dB[..., sl] = next(it).to(dB.dtype)
+        dC[..., sl] = next(it).to(dC.dtype)
+        if z is not None:
+            dz[..., sl] = next(it).to(dz.dtype)
+        carry = next(it)
+        grads["A"] += next(it)
+        if D is not None:
+            grads["D"] += next(it)
+        if delta_bias is not None:
+            grads["bias"] += next(it)
+    if length == 0:
+        for t in (du, ddelta, dB, dC) + ((dz,) if dz is not None else ()):
+            t.zero_()
+    dh0 = carry.to(initial_state.dtype) if initial_state is not None else None
+    return (du, ddelta, grads["A"].to(A.dtype), dB, dC,
+            grads["D"].to(D.dtype) if D is not None else None, dz,
+            grads["bias"].to(delta_bias.dtype) if delta_bias is not None else None, dh0)
+
+
+# -------------------------------------------------------------------------------------- Vandermonde
+def _l_chunk(rows: int, length: int) -> int:
+    return max(1, min(length, BLOCK_ELEMENTS // max(1, rows)))
+
+
+def _powers(x: torch.Tensor, l0: int, l1: int) -> torch.Tensor:
+    ls = torch.arange(l0, l1, device=x.device, dtype=x.real.dtype)
+    return torch.exp(x[..., None] * ls)
+
+
+def vandermonde_fwd(x, w, length: int, conj: bool):
+    xc, wc = torch.view_as_complex(x.contiguous()), torch.view_as_complex(w.contiguous())
+    n_copies, n_heads, n_state = wc.shape
+    k = torch.empty(n_copies, n_heads, length, device=x.device, dtype=x.dtype)
+    step = _l_chunk(n_heads * max(n_state, n_copies), length)
+    scale = 2.0 if conj else 1.0
+    for l0 in range(0, length, step):
+        l1 = min(l0 + step, length)
+        k[..., l0:l1] = scale * torch.einsum("chn,hnl->chl", wc, _powers(xc, l0, l1)).real
+    return k
+
+
+def vandermonde_bwd(dk, x, w, length: int, conj: bool):
+    xc, wc = torch.view_as_complex(x.contiguous()), torch.view_as_complex(w.contiguous())
+    n_copies, n_heads, n_state = wc.shape
+    g = dk.to(x.dtype)
+    s0 = torch.zeros_like(wc)
+    s1 = torch.zeros_like(wc)
+    step = _l_chunk(n_heads * max(n_state, n_copies), length)
+    for l0 in range(0, length, step):
+        l1 = min(l0 + step, length)
+        conj_pow = _powers(xc, l0, l1).conj()
+        gl = g[..., l0:l1].to(conj_pow.dtype)
+        s0 += torch.einsum("chl,hnl->chn", gl, conj_pow)
+        s1 += torch.einsum("chl,hnl->chn", gl * torch.arange(l0, l1, device=x.device, dtype=x.dtype), conj_pow)
+    scale = 2.0 if conj else 1.0
+    return torch.view_as_real(scale * (wc.conj() * s1).sum(0)), torch.view_as_real(scale * s0)
+
+
+# ------------------------------------------------------------------------------------------- Cauchy
+def _reciprocals(z, w, l0, l1):
+    """r1 = 1/(z - w), r2 = 1/(z - conj w) for z[l0:l1]: [G, N, l]."""
+    zl = z[l0:l1]
+    return 1.0 / (zl - w[..., None]), 1.0 / (zl - w.conj()[..., None])
+
+
+def cauchy_fwd(v, z, w):
+    vc, zc, wc = (torch.view_as_complex(t.contiguous()) for t in (v, z, w))
+    n_m, n_groups, n_state = vc.shape
+    length = zc.shape[0]
+    out = torch.empty(n_m, n_groups, length, dtype=vc.dtype, device=v.device)
+    step = _l_chunk(n_groups * n_state * 2, length)
+    for l0 in range(0, length, step):
+        l1 = min(l0 + step, length)
+        r1, r2 = _reciprocals(zc, wc, l0, l1)
+        out[..., l0:l1] = torch.einsum("mgn,gnl->mgl", vc, r1) + torch.einsum("mgn,gnl->mgl", vc.conj(), r2)
+    return torch.view_as_real(out)
+
+
+def cauchy_bwd(dout, v, z, w, want_dz: bool):
+    vc, zc, wc = (torch.view_as_complex(t.contiguous()) for t in (v, z, w))
+    g = torch.view_as_complex(dout.to(v.dtype).contiguous())
+    length = zc.shape[0]
+    t1 = torch.zeros_like(vc)
+    t2 = torch.zeros_like(vc)
+    s1 = torch.zeros_like(vc)
+    s2 = torch.zeros_like(vc)
+    dz = torch.zeros_like(zc) if want_dz else None
+    step = _l_chunk(vc.shape[1] * vc.shape[2] * 2, length)
+    for l0 in range(0, length, step):
+        l1 = min(l0 + step, length)
+        r1, r2 = _reciprocals(zc, wc, l0, l1)
+        c1, c2 = r1.conj(), r2.conj()
+        gl = g[..., l0:l1]
+        t1 += torch.einsum("mgl,gnl->mgn", gl, c1)
+        t2 += torch.einsum("mgl,gnl->mgn", gl, c2)
+        s1 += torch.einsum("mgl,gnl->mgn", gl, c1 * c1)
+        s2 += torch.einsum("mgl,gnl->mgn", gl, c2 * c2)
+        if want_dz:
+            deriv = torch.einsum("mgn,gnl->mgl", vc, r1 * r1) + torch.einsum("mgn,gnl->mgl", vc.conj(), r2 * r2)
+            dz[l0:l1] = -(deriv.conj() * gl).sum((0, 1))
+    dv = t1 + t2.conj()
+    dw = (vc.conj() * (s1 + s2.conj())).sum(0)
+    return torch.view_as_real(dv), (torch.view_as_real(dz) if want_dz else None), torch.view_as_real(dw)
