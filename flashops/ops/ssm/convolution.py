@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ... import _dispatch
 from ..._triton_utils import triton_reasons
+from .common import fresh
 from .discretization import discretize
 
 VANDERMONDE = "vandermonde_kernel"
@@ -67,7 +68,7 @@ def _check_length(L) -> int:
 # -------------------------------------------------------------------------------------------- Vandermonde
 @torch.library.custom_op("flashops::vandermonde_fwd", mutates_args=())
 def _vandermonde_fwd(x: Tensor, w: Tensor, length: int, conj: bool, backend: str) -> Tensor:
-    return _dispatch.get(VANDERMONDE, backend).load().vandermonde_fwd(x, w, length, conj)
+    return fresh(_dispatch.get(VANDERMONDE, backend).load().vandermonde_fwd(x, w, length, conj))
 
 
 @_vandermonde_fwd.register_fake
@@ -79,7 +80,7 @@ def _(x, w, length, conj, backend):
 def _vandermonde_bwd(dk: Tensor, x: Tensor, w: Tensor, length: int, conj: bool,
                      backend: str) -> tuple[Tensor, Tensor]:
     dx, dw = _dispatch.get(VANDERMONDE, backend).load().vandermonde_bwd(dk, x, w, length, conj)
-    return dx.contiguous(), dw.contiguous()
+    return fresh(dx.contiguous()), fresh(dw.contiguous())
 
 
 @_vandermonde_bwd.register_fake
@@ -169,7 +170,7 @@ def s4d_kernel(A: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int, discretizati
 # ------------------------------------------------------------------------------------------------ Cauchy
 @torch.library.custom_op("flashops::cauchy_fwd", mutates_args=())
 def _cauchy_fwd(v: Tensor, z: Tensor, w: Tensor, backend: str) -> Tensor:
-    return _dispatch.get(CAUCHY, backend).load().cauchy_fwd(v, z, w)
+    return fresh(_dispatch.get(CAUCHY, backend).load().cauchy_fwd(v, z, w))
 
 
 @_cauchy_fwd.register_fake
@@ -181,7 +182,7 @@ def _(v, z, w, backend):
 def _cauchy_bwd(dout: Tensor, v: Tensor, z: Tensor, w: Tensor, want_dz: bool,
                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dv, dz, dw = _dispatch.get(CAUCHY, backend).load().cauchy_bwd(dout, v, z, w, want_dz)
-    return dv.contiguous(), (dz.contiguous() if dz is not None else v.new_empty(0)), dw.contiguous()
+    return fresh(dv.contiguous()), (fresh(dz.contiguous()) if dz is not None else v.new_empty(0)), fresh(dw.contiguous())
 
 
 @_cauchy_bwd.register_fake
@@ -248,7 +249,9 @@ def dplr_kernel(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: 
     ``C`` is S4's ``C~ = C (I - dA^L)``: the truncated generating function of the kernel at the L-th roots of
     unity ``omega`` is ``2/(1+omega) C~ (z - A)^{-1} B`` with ``z = 2/dt (1-omega)/(1+omega)``; the Woodbury
     identity reduces ``(z - A)^{-1}`` to four Cauchy products, and an inverse real FFT gives the kernel. The
-    Nyquist bin of an even L (``omega = -1``, z infinite) uses its limit ``dt/2 C~ B``.
+    Nyquist bin of an even L (``omega = -1``, z infinite) uses its limit ``dt/2 C~ B``. The resolvent of
+    ``diag(Lambda)`` must exist at every ``z``: an eigenvalue at 0 (FouT's zero pair) meets ``z = 0`` and gives
+    NaN, so keep ``Re(Lambda) < 0`` (as S4 does) or use the Krylov kernel.
 
     Args:
         Lambda: ``[H, N]`` complex. P: ``[r, H, N]`` complex. B: ``[H, N]``. C: ``[C, H, N]``. dt: ``[H]``.

@@ -5,6 +5,9 @@ Scans walk time in blocks whose size adapts to the number of channels, so the la
 maps, and the fp32 state is carried from block to block. The selective-scan backward recomputes one block at
 a time from the states saved at the block starts and differentiates it with autograd. Kernel generators
 (Vandermonde, Cauchy) loop over L in chunks and never hold ``[H, N, L]``. Signatures match triton_*.py.
+
+Conjugates are ``conj_physical``: these functions run inside custom ops, and a lazy ``conj()`` view loses its
+conjugate bit there under AOT tracing (torch.compile), which silently gives wrong results.
 """
 
 from __future__ import annotations
@@ -86,18 +89,18 @@ def linear_scan_bwd(dh, a, h, initial_state, reverse: bool):
     zero = torch.zeros_like(ac[..., :1])
     h0_col = zero if h0 is None else h0[..., None].to(hc.dtype)
     if reverse:  # adjoint runs forward: g_t = dh_t + conj(a_{t-1}) g_{t-1}; previous state is h_{t+1}
-        gates = torch.cat([zero, ac[..., :-1]], -1).conj()
+        gates = torch.cat([zero, ac[..., :-1]], -1).conj_physical()
         prev = torch.cat([hc[..., 1:], h0_col], -1)
         first = -1
     else:
-        gates = torch.cat([ac[..., 1:], zero], -1).conj()
+        gates = torch.cat([ac[..., 1:], zero], -1).conj_physical()
         prev = torch.cat([h0_col, hc[..., :-1]], -1)
         first = 0
     g = _linear_scan(gates, gc, None, not reverse)
-    da = g * prev.conj()
+    da = g * prev.conj_physical()
     dh0 = None
     if initial_state is not None:
-        dh0 = _as_storage(ac[..., first].conj() * g[..., first], initial_state) if ac.shape[-1] else \
+        dh0 = _as_storage(ac[..., first].conj_physical() * g[..., first], initial_state) if ac.shape[-1] else \
             torch.zeros_like(initial_state)
     return _as_storage(da, a), _as_storage(g, dh), dh0
 
@@ -244,19 +247,19 @@ def vandermonde_bwd(dk, x, w, length: int, conj: bool):
     step = _l_chunk(n_heads * max(n_state, n_copies), length)
     for l0 in range(0, length, step):
         l1 = min(l0 + step, length)
-        conj_pow = _powers(xc, l0, l1).conj()
+        conj_pow = _powers(xc, l0, l1).conj_physical()
         gl = g[..., l0:l1].to(conj_pow.dtype)
         s0 += torch.einsum("chl,hnl->chn", gl, conj_pow)
         s1 += torch.einsum("chl,hnl->chn", gl * torch.arange(l0, l1, device=x.device, dtype=x.dtype), conj_pow)
     scale = 2.0 if conj else 1.0
-    return torch.view_as_real(scale * (wc.conj() * s1).sum(0)), torch.view_as_real(scale * s0)
+    return torch.view_as_real(scale * (wc.conj_physical() * s1).sum(0)), torch.view_as_real(scale * s0)
 
 
 # ------------------------------------------------------------------------------------------- Cauchy
 def _reciprocals(z, w, l0, l1):
     """r1 = 1/(z - w), r2 = 1/(z - conj w) for z[l0:l1]: [G, N, l]."""
     zl = z[l0:l1]
-    return 1.0 / (zl - w[..., None]), 1.0 / (zl - w.conj()[..., None])
+    return 1.0 / (zl - w[..., None]), 1.0 / (zl - w.conj_physical()[..., None])
 
 
 def cauchy_fwd(v, z, w):
@@ -268,7 +271,7 @@ def cauchy_fwd(v, z, w):
     for l0 in range(0, length, step):
         l1 = min(l0 + step, length)
         r1, r2 = _reciprocals(zc, wc, l0, l1)
-        out[..., l0:l1] = torch.einsum("mgn,gnl->mgl", vc, r1) + torch.einsum("mgn,gnl->mgl", vc.conj(), r2)
+        out[..., l0:l1] = torch.einsum("mgn,gnl->mgl", vc, r1) + torch.einsum("mgn,gnl->mgl", vc.conj_physical(), r2)
     return torch.view_as_real(out)
 
 
@@ -285,15 +288,15 @@ def cauchy_bwd(dout, v, z, w, want_dz: bool):
     for l0 in range(0, length, step):
         l1 = min(l0 + step, length)
         r1, r2 = _reciprocals(zc, wc, l0, l1)
-        c1, c2 = r1.conj(), r2.conj()
+        c1, c2 = r1.conj_physical(), r2.conj_physical()
         gl = g[..., l0:l1]
         t1 += torch.einsum("mgl,gnl->mgn", gl, c1)
         t2 += torch.einsum("mgl,gnl->mgn", gl, c2)
         s1 += torch.einsum("mgl,gnl->mgn", gl, c1 * c1)
         s2 += torch.einsum("mgl,gnl->mgn", gl, c2 * c2)
         if want_dz:
-            deriv = torch.einsum("mgn,gnl->mgl", vc, r1 * r1) + torch.einsum("mgn,gnl->mgl", vc.conj(), r2 * r2)
-            dz[l0:l1] = -(deriv.conj() * gl).sum((0, 1))
-    dv = t1 + t2.conj()
-    dw = (vc.conj() * (s1 + s2.conj())).sum(0)
+            deriv = torch.einsum("mgn,gnl->mgl", vc, r1 * r1) + torch.einsum("mgn,gnl->mgl", vc.conj_physical(), r2 * r2)
+            dz[l0:l1] = -(deriv.conj_physical() * gl).sum((0, 1))
+    dv = t1 + t2.conj_physical()
+    dw = (vc.conj_physical() * (s1 + s2.conj_physical())).sum(0)
     return torch.view_as_real(dv), (torch.view_as_real(dz) if want_dz else None), torch.view_as_real(dw)

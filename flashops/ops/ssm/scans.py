@@ -16,7 +16,7 @@ from torch import Tensor
 from ... import _dispatch
 from ..._triton_utils import triton_reasons
 from ..._validation import check_same, check_tensor
-from .common import state_spacing
+from .common import fresh, state_spacing
 
 LINEAR_SCAN = "linear_scan"
 SELECTIVE_SCAN = "selective_scan"
@@ -57,7 +57,7 @@ def _contiguous_grad(g: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------ linear scan
 @torch.library.custom_op("flashops::linear_scan_fwd", mutates_args=())
 def _linear_scan_fwd(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: bool, backend: str) -> Tensor:
-    return _dispatch.get(LINEAR_SCAN, backend).load().linear_scan_fwd(a, b, initial_state, reverse)
+    return fresh(_dispatch.get(LINEAR_SCAN, backend).load().linear_scan_fwd(a, b, initial_state, reverse))
 
 
 @_linear_scan_fwd.register_fake
@@ -69,7 +69,7 @@ def _(a, b, initial_state, reverse, backend):
 def _linear_scan_bwd(dh: Tensor, a: Tensor, h: Tensor, initial_state: Optional[Tensor], reverse: bool,
                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
     da, db, dh0 = _dispatch.get(LINEAR_SCAN, backend).load().linear_scan_bwd(dh, a, h, initial_state, reverse)
-    return da, db, _empty_if_none(dh0, a)
+    return fresh(da), fresh(db), fresh(_empty_if_none(dh0, a))
 
 
 @_linear_scan_bwd.register_fake
@@ -194,8 +194,9 @@ def _selective_scan_fwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
     delta_bias: Optional[Tensor], initial_state: Optional[Tensor], delta_softplus: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _dispatch.get(SELECTIVE_SCAN, backend).load().selective_scan_fwd(
+    out = _dispatch.get(SELECTIVE_SCAN, backend).load().selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    return tuple(fresh(t) for t in out)
 
 
 @_selective_scan_fwd.register_fake
@@ -217,7 +218,7 @@ def _selective_scan_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _dispatch.get(SELECTIVE_SCAN, backend).load().selective_scan_bwd(
         dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, saved, delta_softplus)
-    return tuple(_empty_if_none(g, u) for g in grads)
+    return tuple(fresh(_empty_if_none(g, u)) for g in grads)
 
 
 @_selective_scan_bwd.register_fake

@@ -168,7 +168,7 @@ def vandermonde_bwd(dk, x, w, length: int, conj: bool):
     s1 = torch.view_as_complex(s1.sum(0))
     wc = torch.view_as_complex(w.contiguous())
     dw = scale * s0
-    dx = scale * (wc.conj() * s1).sum(0)
+    dx = scale * (wc.conj_physical() * s1).sum(0)
     return torch.view_as_real(dx), torch.view_as_real(dw)
 
 
@@ -335,5 +335,5 @@ def cauchy_bwd(dout, v, z, w, want_dz: bool):
     if want_dz:
         # dy/dz = -(sum_n v r1^2 + conj(v) r2^2); holomorphic, so dz = -conj(sum) G summed over (m, g).
         deriv = torch.view_as_complex(_cauchy_launch_fwd(v, z, w, squared=True))
-        dz = torch.view_as_real(-(deriv.conj() * torch.view_as_complex(dout)).sum((0, 1)))
+        dz = torch.view_as_real(-(deriv.conj_physical() * torch.view_as_complex(dout)).sum((0, 1)))
     return dv, dz, dw

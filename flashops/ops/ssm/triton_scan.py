@@ -200,7 +200,7 @@ def linear_scan_bwd(dh, a, h, initial_state, reverse: bool):
     if initial_state is not None:
         first = -1 if reverse else 0
         if a.dim() == 4:
-            a0 = torch.view_as_complex(a[:, :, first].float().contiguous()).conj()
+            a0 = torch.view_as_complex(a[:, :, first].float().contiguous()).conj_physical()
             g0 = torch.view_as_complex(db[:, :, first].float().contiguous())
             dh0 = torch.view_as_real(a0 * g0).to(initial_state.dtype)
         else:
