@@ -107,113 +107,124 @@ def linear_scan_bwd(dh, a, h, initial_state, reverse: bool):
 
 # ----------------------------------------------------------------------------------- selective scan
 def _per_channel(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """B or C [B, N, T] / [B, G, N, T] -> [B, D, N, T] (a view for one group)."""
+    """B or C [B, N, T] / [B, G, N, T] -> [B, D, N, T] (a broadcast view for one group)."""
     if x.dim() == 3:
         return x[:, None]
     return x.repeat_interleave(dim // x.shape[1], dim=1)
 
 
-def _selective_block(u, delta, A, B, C, D, z, bias, softplus, h0):
-    """One time block in fp32 (float64 for float64 u): returns (out [B, D, T], states [B, D, N, T])."""
-    cdt = _real_dtype(u)
-    dt = delta.to(cdt)
+def _group_sum(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B, D, N, T] per-channel gradient -> the shape of B / C ([B, N, T] or [B, G, N, T])."""
+    if like.dim() == 3:
+        return x.sum(1)
+    groups = like.shape[1]
+    return x.reshape(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:]).sum(2)
+
+
+def _block_inputs(u, delta, A, B, bias, softplus, cdt):
+    """raw = delta + bias, dt, gates exp(dt A) [B, D, N, T] and inputs dt u B [B, D, N, T] of one block."""
+    raw = delta.to(cdt)
     if bias is not None:
-        dt = dt + bias.to(cdt)[:, None]
-    if softplus:
-        dt = F.softplus(dt)
-    dim = u.shape[1]
+        raw = raw + bias.to(cdt)[:, None]
+    dt = F.softplus(raw) if softplus else raw
     gates = torch.exp(dt[:, :, None, :] * A.to(cdt)[None, :, :, None])
-    inputs = (dt * u.to(cdt))[:, :, None, :] * _per_channel(B.to(cdt), dim)
-    prod, h = _doubling_scan(gates, inputs)
-    h = h + prod * h0[..., None]
-    y = (h * _per_channel(C.to(cdt), dim)).sum(2)
+    inputs = (dt * u.to(cdt))[:, :, None, :] * _per_channel(B.to(cdt), u.shape[1])
+    return raw, dt, gates, inputs
+
+
+def _readout(h, u, C, D, cdt):
+    y = (h * _per_channel(C.to(cdt), u.shape[1])).sum(2)
     if D is not None:
         y = y + D.to(cdt)[:, None] * u.to(cdt)
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
-    return y, h
+    return y
 
 
 def _block_len(u, n_state):
     spacing = state_spacing(n_state)
-    return spacing, _time_block(u.shape[0] * u.shape[1] * n_state * 6, u.shape[2], spacing)
+    return spacing, _time_block(u.shape[0] * u.shape[1] * n_state * 12, u.shape[2], spacing)
 
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus: bool):
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    spacing, block = _block_len(u, n_state)
-    n_saved = -(-length // spacing)
-    out = torch.empty_like(u)
     cdt = _real_dtype(u)
-    saved = torch.empty(batch, dim, n_state, n_saved, device=u.device, dtype=cdt)
+    spacing, block = _block_len(u, n_state)
+    out = torch.empty_like(u)
+    saved = torch.empty(batch, dim, n_state, -(-length // spacing), device=u.device, dtype=cdt)
     h = torch.zeros(batch, dim, n_state, device=u.device, dtype=cdt) if initial_state is None \
         else initial_state.to(cdt)
     for t0 in range(0, length, block):
-        t1 = min(t0 + block, length)
-        sl = slice(t0, t1)
-        y, states = _selective_block(u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl], D,
-                                     None if z is None else z[..., sl], delta_bias, softplus, h)
+        sl = slice(t0, min(t0 + block, length))
+        _, _, gates, inputs = _block_inputs(u[..., sl], delta[..., sl], A, B[..., sl], delta_bias, softplus, cdt)
+        prod, states = _doubling_scan(gates, inputs)
+        states = states + prod * h[..., None]
+        y = _readout(states, u[..., sl], C[..., sl], D, cdt)
+        if z is not None:
+            y = y * F.silu(z[..., sl].to(cdt))
         out[..., sl] = y.to(u.dtype)
-        # state before step t0 + j*spacing: h (block start) then the states at the ends of the tiles
+        # saved[k] = state before step k * spacing: the block start, then the ends of its tiles
         saved[..., t0 // spacing] = h
-        ends = states[..., spacing - 1 : t1 - t0 - 1 : spacing]
+        ends = states[..., spacing - 1 : sl.stop - t0 - 1 : spacing]
         saved[..., t0 // spacing + 1 : t0 // spacing + 1 + ends.shape[-1]] = ends
         h = states[..., -1]
     return out, h.contiguous(), saved
 
 
 def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, softplus: bool):
+    """Blocks from the last to the first: recompute the states from the saved block start, then run the adjoint
+    lambda_t = C_t dy_t + exp(dt_{t+1} A) lambda_{t+1} (a reverse scan) and read every gradient off it."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    spacing, block = _block_len(u, n_state)
-
-    def leaf(x):
-        return None if x is None else x.detach().requires_grad_()
-
     cdt = _real_dtype(u)
-    A_, D_, bias_ = leaf(A), leaf(D), leaf(delta_bias)
-    grads = {"A": torch.zeros_like(A, dtype=cdt)}
-    if D is not None:
-        grads["D"] = torch.zeros_like(D, dtype=cdt)
-    if delta_bias is not None:
-        grads["bias"] = torch.zeros_like(delta_bias, dtype=cdt)
+    spacing, block = _block_len(u, n_state)
+    A_c = A.to(cdt)
+    dA = torch.zeros(dim, n_state, dtype=cdt, device=u.device)
+    dD = torch.zeros(dim, dtype=cdt, device=u.device)
+    dbias = torch.zeros(dim, dtype=cdt, device=u.device)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dB, dC = torch.empty_like(B), torch.empty_like(C)
     dz = torch.empty_like(z) if z is not None else None
-    carry = torch.zeros(batch, dim, n_state, device=u.device, dtype=cdt) if dlast is None else dlast.to(cdt)
+    # mu = exp(dt A) lambda at the first step after the current block (the adjoint carried backwards)
+    mu = torch.zeros(batch, dim, n_state, device=u.device, dtype=cdt) if dlast is None else dlast.to(cdt)
     for t0 in reversed(range(0, length, block)):
-        t1 = min(t0 + block, length)
-        sl = slice(t0, t1)
-        u_, delta_, B_, C_ = leaf(u[..., sl]), leaf(delta[..., sl]), leaf(B[..., sl]), leaf(C[..., sl])
-        z_ = leaf(z[..., sl]) if z is not None else None
-        h0 = leaf(ckpt[..., t0 // spacing].contiguous())
-        with torch.enable_grad():
-            y, states = _selective_block(u_, delta_, A_, B_, C_, D_, z_, bias_, softplus, h0)
-            inputs = [x for x in (u_, delta_, B_, C_, z_, h0, A_, D_, bias_) if x is not None]
-            got = torch.autograd.grad((y, states[..., -1]), inputs, (dout[..., sl].to(cdt), carry),
-                                      allow_unused=True)
-        got = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got)]
-        it = iter(got)
-        du[..., sl] = next(it).to(du.dtype)
-        ddelta[..., sl] = next(it).to(ddelta.dtype)
-        dB[..., sl] = next(it).to(dB.dtype)
-        dC[..., sl] = next(it).to(dC.dtype)
+        sl = slice(t0, min(t0 + block, length))
+        u_b = u[..., sl].to(cdt)
+        raw, dt, gates, inputs = _block_inputs(u[..., sl], delta[..., sl], A, B[..., sl], delta_bias, softplus, cdt)
+        prod, states = _doubling_scan(gates, inputs)
+        states = states + prod * ckpt[..., t0 // spacing].to(cdt)[..., None]
+        g_out = dout[..., sl].to(cdt)
         if z is not None:
-            dz[..., sl] = next(it).to(dz.dtype)
-        carry = next(it)
-        grads["A"] += next(it)
+            zz = z[..., sl].to(cdt)
+            sig = torch.sigmoid(zz)
+            y = _readout(states, u_b, C[..., sl], D, cdt)
+            dz[..., sl] = (g_out * y * sig * (1 + zz * (1 - sig))).to(dz.dtype)
+            dy = g_out * zz * sig
+        else:
+            dy = g_out
+        adjoint_in = dy[:, :, None, :] * _per_channel(C[..., sl].to(cdt), dim)
+        shifted = torch.cat([gates[..., 1:], torch.ones_like(gates[..., :1])], dim=-1)  # gate of t + 1; mu: 1
+        decay, lam = _doubling_scan(shifted.flip(-1), adjoint_in.flip(-1))
+        lam = (lam + decay * mu[..., None]).flip(-1)
+        mu = gates[..., 0] * lam[..., 0]
+        q = lam * (states - inputs)  # lambda_t exp(dt_t A) h_{t-1}
+        b_ch = _per_channel(B[..., sl].to(cdt), dim)
+        lam_b = (lam * b_ch).sum(2)
+        ddt = lam_b * u_b + (q * A_c[None, :, :, None]).sum(2)
+        dA += (q * dt[:, :, None, :]).sum((0, 3))
+        du_b = lam_b * dt
         if D is not None:
-            grads["D"] += next(it)
-        if delta_bias is not None:
-            grads["bias"] += next(it)
-    if length == 0:
-        for t in (du, ddelta, dB, dC) + ((dz,) if dz is not None else ()):
-            t.zero_()
-    dh0 = carry.to(initial_state.dtype) if initial_state is not None else None
-    return (du, ddelta, grads["A"].to(A.dtype), dB, dC,
-            grads["D"].to(D.dtype) if D is not None else None, dz,
-            grads["bias"].to(delta_bias.dtype) if delta_bias is not None else None, dh0)
+            du_b = du_b + dy * D.to(cdt)[:, None]
+            dD += (dy * u_b).sum((0, 2))
+        if softplus:
+            ddt = ddt * torch.sigmoid(raw)
+        dbias += ddt.sum((0, 2))
+        du[..., sl] = du_b.to(du.dtype)
+        ddelta[..., sl] = ddt.to(ddelta.dtype)
+        dB[..., sl] = _group_sum(lam * (dt * u_b)[:, :, None, :], B).to(dB.dtype)
+        dC[..., sl] = _group_sum(states * dy[:, :, None, :], C).to(dC.dtype)
+    return (du, ddelta, dA.to(A.dtype), dB, dC, dD.to(D.dtype) if D is not None else None, dz,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None,
+            mu.to(initial_state.dtype) if initial_state is not None else None)
 
 
 # -------------------------------------------------------------------------------------- Vandermonde

@@ -134,10 +134,10 @@ def _linear_cfg(block_r, block_t, warps):
     return triton.Config({"BLOCK_R": block_r, "BLOCK_T": block_t}, num_warps=warps, num_stages=1)
 
 
-# (BLOCK_R, BLOCK_T, warps); the first entry runs when autotuning is off. Under the interpreter a long tile
-# keeps the number of interpreted block iterations small (the scan itself costs the same per element).
+# (BLOCK_R, BLOCK_T, warps); the first entry runs when autotuning is off. The interpreter runs a generic scan
+# element by element over the whole tile, padding included: one row and a short tile waste the least.
 _LINEAR_CONFIGS = [(4, 256, 4), (2, 512, 4), (8, 128, 4), (4, 512, 8), (8, 256, 8), (16, 64, 4), (1, 1024, 4)]
-_LINEAR_INTERPRETED = (2, 1024, 1)
+_LINEAR_INTERPRETED = (1, 64, 1)
 _LINEAR_TUNED: dict = {}
 
 
