@@ -209,8 +209,6 @@ def linear_scan_bwd(dh, a, h, initial_state, reverse: bool):
 
 
 # ----------------------------------------------------------------------------------- selective scan
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
