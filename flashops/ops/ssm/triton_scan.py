@@ -339,8 +339,8 @@ def selective_scan_bwd_kernel(
     b, g, d, d_ok, n, n_ok = _ss_program(pid_d, pid_bg, dim, n_groups, group_dim, n_state, s_ad, s_an,
                                          BLOCK_D, BLOCK_N)
     dn_ok = d_ok[:, None] & n_ok[None, :]
-    A = tl.load(A + d[:, None] * s_ad + n[None, :] * s_an, mask=dn_ok, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
+    a_dn = tl.load(A + d[:, None] * s_ad + n[None, :] * s_an, mask=dn_ok, other=0.0).to(tl.float32)
+    A2 = a_dn * 1.4426950408889634
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(DBIAS + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -400,7 +400,7 @@ def selective_scan_bwd_kernel(
         q = lam * (hs - x)
         dA_acc += tl.sum(q * dt[:, None, :], axis=2)
         lam_b = tl.sum(lam * b_t[None, :, :], axis=1)
-        ddt = lam_b * u + tl.sum(q * A[:, :, None], axis=1)
+        ddt = lam_b * u + tl.sum(q * a_dn[:, :, None], axis=1)
         du = lam_b * dt
         if HAS_D:
             du += dy * skip[:, None]
