@@ -51,7 +51,7 @@ def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
 
 def _contiguous_grad(g: Tensor) -> Tensor:
     # Incoming gradients can be expanded (stride 0) or transposed; the kernels want a unit last stride.
-    return g if g.stride(-1) == 1 and g.dim() and all(s != 0 for s in g.stride()) else g.contiguous()
+    return g if g.stride(-1) == 1 and 0 not in g.stride() else g.contiguous()
 
 
 # ------------------------------------------------------------------------------------------ linear scan
