@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import flashops
 from flashops.ops.ssm import linear_scan, selective_scan, selective_state_update
