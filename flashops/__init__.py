@@ -6,6 +6,8 @@ from .ops.hyper import hyper_attention, hyper_attention_plan
 from .ops.linear import (gated_linear_attention, gated_linear_attention_step, lightning_attention,
                          lightning_attention_step, lightning_slopes, linear_attention)
 from .ops.lla import local_linear_attention, local_linear_attention_decode
+from .ops.ssm import (cauchy_kernel, dplr_kernel, fft_conv, krylov_kernel, linear_scan, s4d_kernel,
+                      selective_scan, selective_state_update, vandermonde_kernel)
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,6 @@ __all__ = [
     "lightning_attention", "gated_linear_attention", "linear_attention", "lightning_attention_step",
     "gated_linear_attention_step", "lightning_slopes",
     "local_linear_attention", "local_linear_attention_decode",
+    "linear_scan", "selective_scan", "selective_state_update", "vandermonde_kernel", "s4d_kernel",
+    "cauchy_kernel", "dplr_kernel", "krylov_kernel", "fft_conv",
 ]

@@ -4,6 +4,7 @@ from .modules.attention import FlashSelfAttention, MultiheadAttention
 from .modules.hyper import HyperAttention
 from .modules.linear import GatedLinearAttention, LightningAttention
 from .modules.lla import LLACache, LocalLinearAttention
+from .modules.ssm import LSSL, S4D
 
 __all__ = ["MultiheadAttention", "FlashSelfAttention", "HyperAttention", "LightningAttention",
-           "GatedLinearAttention", "LocalLinearAttention", "LLACache"]
+           "GatedLinearAttention", "LocalLinearAttention", "LLACache", "LSSL", "S4D"]

@@ -1,0 +1,362 @@
+"""Public scans: ``linear_scan`` and ``selective_scan`` (validated, dispatched, custom ops with autograd),
+and ``selective_state_update`` (one recurrent step, plain PyTorch).
+
+Each scan funnels into a ``torch.library.custom_op`` pair (``flashops::<op>_fwd`` / ``_bwd``) that looks up
+the chosen backend by name, so ``torch.compile(fullgraph=True)`` traces through without a graph break.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ... import _dispatch
+from ..._triton_utils import triton_reasons
+from ..._validation import check_same, check_tensor
+from .common import fresh, state_spacing
+
+LINEAR_SCAN = "linear_scan"
+SELECTIVE_SCAN = "selective_scan"
+_SEQ = "[B, D, L]"
+
+
+def _torch_supports(req: _dispatch.Request) -> list:
+    return []
+
+
+def _triton_supports(req: _dispatch.Request) -> list:
+    if req.dtype == torch.float64:
+        return ["float64 runs on the torch backend only (the Triton kernels compute in fp32)"]
+    return triton_reasons(req.device, req.dtype)
+
+
+for _op, _triton_module, _what in (
+    (LINEAR_SCAN, "triton_scan", "tl.associative_scan over time tiles with an fp32 carry"),
+    (SELECTIVE_SCAN, "triton_scan", "fused Mamba-1 scan, states recomputed in the backward from saved tiles"),
+):
+    _dispatch.register(_op, _dispatch.Backend(
+        "triton", _dispatch.PRIORITY_TRITON, _triton_supports, f"{__package__}.{_triton_module}", _what))
+    _dispatch.register(_op, _dispatch.Backend(
+        "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__package__}.pytorch",
+        "blocked log-depth scan in PyTorch (CPU and fallback)"))
+    _dispatch.register_probe(_op, lambda device, dtype: _dispatch.Request(device, dtype, {}))
+
+
+def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
+    return x if x is not None else like.new_empty(0)
+
+
+def _contiguous_grad(g: Tensor) -> Tensor:
+    # Incoming gradients can be expanded (stride 0) or transposed; the kernels want a unit last stride.
+    return g if g.stride(-1) == 1 and 0 not in g.stride() else g.contiguous()
+
+
+# ------------------------------------------------------------------------------------------ linear scan
+@torch.library.custom_op("flashops::linear_scan_fwd", mutates_args=())
+def _linear_scan_fwd(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: bool, backend: str) -> Tensor:
+    return fresh(_dispatch.get(LINEAR_SCAN, backend).load().linear_scan_fwd(a, b, initial_state, reverse))
+
+
+@_linear_scan_fwd.register_fake
+def _(a, b, initial_state, reverse, backend):
+    return torch.empty_like(b, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("flashops::linear_scan_bwd", mutates_args=())
+def _linear_scan_bwd(dh: Tensor, a: Tensor, h: Tensor, initial_state: Optional[Tensor], reverse: bool,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    da, db, dh0 = _dispatch.get(LINEAR_SCAN, backend).load().linear_scan_bwd(dh, a, h, initial_state, reverse)
+    return fresh(da), fresh(db), fresh(_empty_if_none(dh0, a))
+
+
+@_linear_scan_bwd.register_fake
+def _(dh, a, h, initial_state, reverse, backend):
+    dh0 = torch.empty_like(initial_state) if initial_state is not None else a.new_empty(0)
+    return (torch.empty_like(a, memory_format=torch.contiguous_format),
+            torch.empty_like(dh, memory_format=torch.contiguous_format), dh0)
+
+
+def _linear_setup(ctx, inputs, output):
+    a, b, initial_state, reverse, backend = inputs
+    ctx.save_for_backward(a, output, initial_state)
+    ctx.config = (reverse, backend)
+
+
+def _linear_backward(ctx, dh):
+    a, h, initial_state = ctx.saved_tensors
+    reverse, backend = ctx.config
+    da, db, dh0 = _linear_scan_bwd(_contiguous_grad(dh), a, h, initial_state, reverse, backend)
+    return da, db, (dh0 if initial_state is not None else None), None, None
+
+
+_linear_scan_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _as_pairs(name: str, x) -> tuple[Tensor, str]:
+    """A real tensor, complex tensor or (re, im) pair -> (storage, kind); complex storage is [..., 2] pairs."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{name} given as a pair must be (real, imag), got {len(x)} items")
+        re, im = x
+        check_tensor(f"{name}[0]", re, dtypes=_FLOATS)
+        check_tensor(f"{name}[1]", im, dtypes=_FLOATS)
+        if re.shape != im.shape or re.dtype != im.dtype:
+            raise ValueError(f"{name}: real and imaginary parts must match, got {tuple(re.shape)} {re.dtype} "
+                             f"and {tuple(im.shape)} {im.dtype}")
+        return torch.stack([re, im], dim=-1), "pair"
+    if isinstance(x, torch.Tensor) and x.is_complex():
+        if x.dtype not in (torch.complex64, torch.complex128):
+            raise TypeError(f"{name} must be complex64 or complex128 (or a (re, im) pair), got {x.dtype}")
+        if x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {x.stride()}")
+        return torch.view_as_real(x), "complex"
+    check_tensor(name, x, dtypes=_FLOATS)
+    return x, "real"
+
+
+def _promote(x: Tensor) -> Tensor:
+    return torch.stack([x, torch.zeros_like(x)], dim=-1)
+
+
+def linear_scan(a, b, initial_state=None, reverse: bool = False, *, backend: Optional[str] = None):
+    """First-order diagonal linear recurrence along the last dimension.
+
+    ``h_t = a_t * h_{t-1} + b_t`` for t = 0..L-1 with ``h_{-1} = initial_state`` (0 if None), or with
+    ``reverse=True`` ``h_t = a_t * h_{t+1} + b_t`` from t = L-1 down with ``h_L = initial_state``.
+
+    Args:
+        a, b: ``[B, D, L]`` (time last, stride(-1) == 1), same shape and dtype. Real (fp16, bf16, fp32;
+            fp64 on the torch backend), complex tensors (complex64 / complex128), or complex numbers as
+            ``(real, imag)`` pairs of real tensors (e.g. fp16). A real one next to a complex one is promoted.
+        initial_state: ``[B, D]``, real, complex or a pair.
+        reverse: scan from the end.
+        backend: ``"triton"`` or ``"torch"``; default: the first that supports the inputs.
+
+    Returns:
+        All states ``h [B, D, L]`` in b's dtype: complex if a or b is a complex tensor, else a pair if a or b
+        is a pair, else real. The state is carried in fp32 (fp64 for fp64 inputs). Gradients flow to a, b
+        and initial_state.
+
+    Example:
+        >>> a = torch.rand(2, 64, 4096, device="cuda"); b = torch.randn(2, 64, 4096, device="cuda")
+        >>> h = flashops.linear_scan(a, b)
+    """
+    a_s, a_kind = _as_pairs("a", a)
+    b_s, b_kind = _as_pairs("b", b)
+    kinds = {a_kind, b_kind}
+    complex_ = kinds != {"real"}
+    if complex_:
+        a_s = _promote(a_s) if a_kind == "real" else a_s
+        b_s = _promote(b_s) if b_kind == "real" else b_s
+    rank = 4 if complex_ else 3
+    if a_s.dim() != rank or b_s.dim() != rank:
+        raise ValueError(f"a and b must have 3 dimensions {_SEQ}, got shapes {tuple(a_s.shape[:a_s.dim() - complex_])}"
+                         f" and {tuple(b_s.shape[:b_s.dim() - complex_])}")
+    if a_s.shape != b_s.shape:
+        raise ValueError(f"a and b must have the same shape {_SEQ}, got {tuple(a_s.shape[:3])} and {tuple(b_s.shape[:3])}")
+    check_same((("a", a_s), ("b", b_s)), "device")
+    if a_s.dtype != b_s.dtype:
+        raise ValueError(f"a and b must have the same dtype, got {a_s.dtype} and {b_s.dtype}")
+    h0 = None
+    if initial_state is not None:
+        h0, h_kind = _as_pairs("initial_state", initial_state)
+        if complex_ and h_kind == "real":
+            h0 = _promote(h0)
+        elif not complex_ and h_kind != "real":
+            raise TypeError("initial_state is complex but a and b are real")
+        want = tuple(b_s.shape[:2]) + ((2,) if complex_ else ())
+        if tuple(h0.shape) != want:
+            raise ValueError(f"initial_state must have shape {tuple(b_s.shape[:2])} ([B, D]), got "
+                             f"{tuple(h0.shape[:h0.dim() - complex_])}")
+        if h0.device != b_s.device:
+            raise ValueError(f"initial_state is on {h0.device} but b is on {b_s.device}")
+        h0 = h0.to(b_s.dtype)
+    if not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    request = _dispatch.Request(b_s.device, b_s.dtype, {"complex": complex_})
+    chosen = _dispatch.select(LINEAR_SCAN, request, backend)
+    h = _linear_scan_fwd(a_s, b_s, h0, reverse, chosen.name)
+    if "complex" in kinds:
+        return torch.view_as_complex(h)
+    if "pair" in kinds:
+        return h[..., 0], h[..., 1]
+    return h
+
+
+# --------------------------------------------------------------------------------------- selective scan
+@torch.library.custom_op("flashops::selective_scan_fwd", mutates_args=())
+def _selective_scan_fwd(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+    delta_bias: Optional[Tensor], initial_state: Optional[Tensor], delta_softplus: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    out = _dispatch.get(SELECTIVE_SCAN, backend).load().selective_scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    return tuple(fresh(t) for t in out)
+
+
+@_selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, backend):
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    state_dtype = torch.float64 if u.dtype == torch.float64 and backend == "torch" else torch.float32
+    n_saved = -(-length // state_spacing(n_state))
+    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+            u.new_empty(batch, dim, n_state, dtype=state_dtype),
+            u.new_empty(batch, dim, n_state, n_saved, dtype=state_dtype))
+
+
+@torch.library.custom_op("flashops::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd(
+    dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+    saved: Tensor, delta_softplus: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _dispatch.get(SELECTIVE_SCAN, backend).load().selective_scan_bwd(
+        dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, saved, delta_softplus)
+    return tuple(fresh(_empty_if_none(g, u)) for g in grads)
+
+
+@_selective_scan_bwd.register_fake
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, saved, delta_softplus, backend):
+    def like(x):
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if x is not None else u.new_empty(0)
+    return tuple(like(x) for x in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+
+
+def _selective_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
+    ctx.config = (delta_softplus, backend)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _selective_backward(ctx, dout, dlast, _dsaved):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, saved = ctx.saved_tensors
+    delta_softplus, backend = ctx.config
+    grads = _selective_scan_bwd(_contiguous_grad(dout), dlast, u, delta, A, B, C, D, z, delta_bias,
+                                initial_state, saved, delta_softplus, backend)
+    present = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    return (*(g if x is not None else None for g, x in zip(grads, present)), None, None)
+
+
+_selective_scan_fwd.register_autograd(_selective_backward, setup_context=_selective_setup)
+
+def _check_shape(name, t, shape, layout):
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} {layout}, got {tuple(t.shape)}")
+
+
+def selective_scan(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+    initial_state: Optional[Tensor] = None, return_last_state: bool = False, *, backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Mamba-1 selective scan (same arguments and layout as ``mamba_ssm``'s ``selective_scan_fn``, plus
+    ``initial_state``)::
+
+        dt = softplus(delta + delta_bias) if delta_softplus else delta + delta_bias
+        h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t        (per channel d, state n; ZOH-A / Euler-B)
+        y_t = sum_n C_t[n] h_t[n] + D * u_t;   out = y * silu(z)
+
+    Args:
+        u, delta: ``[B, D, L]`` (time last, stride(-1) == 1), fp16 / bf16 / fp32 (fp64: torch backend).
+        A: ``[D, N]`` real (usually ``-exp(A_log)``, fp32). Complex A is not supported.
+        B, C: ``[B, N, L]`` (shared by all channels) or ``[B, G, N, L]`` (G groups of D/G channels).
+        D, delta_bias: ``[D]`` or None. z: ``[B, D, L]`` gate or None.
+        initial_state: ``[B, D, N]`` state before u[..., 0], or None for zeros.
+        return_last_state: also return the final state ``[B, D, N]`` (fp32); it is differentiable, so a
+            chunked run (state passed from chunk to chunk) backpropagates through the chunks.
+        backend: ``"triton"`` or ``"torch"``; default: the first that supports the inputs.
+
+    Returns:
+        ``out [B, D, L]`` in u's dtype, or ``(out, last_state)``. Gradients flow to every float input.
+
+    Example:
+        >>> out = flashops.selective_scan(u, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True)
+    """
+    check_tensor("u", u, ndim=3, dtypes=_FLOATS, layout=_SEQ)
+    check_tensor("delta", delta, ndim=3, dtypes=_FLOATS, layout=_SEQ)
+    batch, dim, length = u.shape
+    _check_shape("delta", delta, u.shape, _SEQ)
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    if A.is_complex():
+        raise TypeError("A must be real [D, N]; complex A is not supported by selective_scan")
+    check_tensor("A", A, ndim=2, dtypes=_FLOATS, layout="[D, N]")
+    if A.shape[0] != dim:
+        raise ValueError(f"A must have shape [D={dim}, N], got {tuple(A.shape)}")
+    n_state = A.shape[1]
+    if n_state < 1:
+        raise ValueError(f"A must have at least one state (N >= 1), got shape {tuple(A.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        check_tensor(name, t, dtypes=_FLOATS, layout="[B, N, L] or [B, G, N, L]")
+        if t.dim() == 2:
+            raise ValueError(f"{name} of shape [D, N] (time-invariant) is not supported; pass {name} as "
+                             f"[B, N, L] (expand it over time)")
+        if t.dim() not in (3, 4) or t.shape[0] != batch or t.shape[-2] != n_state or t.shape[-1] != length:
+            raise ValueError(f"{name} must have shape [{batch}, {n_state}, {length}] or [{batch}, G, {n_state}, "
+                             f"{length}], got {tuple(t.shape)}")
+    if B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape, got {tuple(B.shape)} and {tuple(C.shape)}")
+    if B.dim() == 4 and (B.shape[1] < 1 or dim % B.shape[1]):
+        raise ValueError(f"the number of groups G={B.shape[1]} of B and C must divide D={dim}")
+    for name, t, shape, layout in (("D", D, (dim,), "[D]"), ("delta_bias", delta_bias, (dim,), "[D]"),
+                                   ("z", z, (batch, dim, length), _SEQ),
+                                   ("initial_state", initial_state, (batch, dim, n_state), "[B, D, N]")):
+        if t is not None:
+            check_tensor(name, t, dtypes=_FLOATS, layout=layout)
+            _check_shape(name, t, shape, layout)
+    check_same((("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                ("delta_bias", delta_bias), ("initial_state", initial_state)), "device")
+    if delta.dtype != u.dtype or (z is not None and z.dtype != u.dtype):
+        raise ValueError(f"delta and z must have u's dtype {u.dtype}, got delta {delta.dtype}"
+                         + (f" and z {z.dtype}" if z is not None else ""))
+    if not isinstance(delta_softplus, bool):
+        raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus).__name__}")
+    request = _dispatch.Request(u.device, u.dtype, {"state_size": n_state})
+    chosen = _dispatch.select(SELECTIVE_SCAN, request, backend)
+    out, last, _ = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                       chosen.name)
+    return (out, last) if return_last_state else out
+
+
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = False):
+    """One recurrent step of :func:`selective_scan` for generation (mamba's ``selective_state_update``).
+
+    state ``[B, D, N]`` (fp32), x / dt / z ``[B, D]``, A ``[D, N]``, B / C ``[B, N]`` or ``[B, G, N]``,
+    D / dt_bias ``[D]``. Returns ``(y [B, D], new_state)`` (y in x's dtype); does not modify ``state``.
+    Running it over t = 0..L-1 from ``initial_state`` gives ``selective_scan``'s output and last state.
+    """
+    if state.dim() != 3 or x.dim() != 2 or tuple(state.shape[:2]) != tuple(x.shape):
+        raise ValueError(f"state must be [B, D, N] and x [B, D] with matching B, D, got state "
+                         f"{tuple(state.shape)} and x {tuple(x.shape)}")
+    batch, dim, n_state = state.shape
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() not in (2, 3) or t.shape[0] != batch or t.shape[-1] != n_state:
+            raise ValueError(f"{name} must be [B, N] or [B, G, N] with B={batch}, N={n_state}, got {tuple(t.shape)}")
+    cdt = torch.float64 if state.dtype == torch.float64 else torch.float32
+    step = dt.to(cdt)
+    if dt_bias is not None:
+        step = step + dt_bias.to(cdt)
+    if dt_softplus:
+        step = F.softplus(step)
+
+    def per_channel(t):
+        t = t.to(cdt)
+        return t[:, None] if t.dim() == 2 else t.repeat_interleave(dim // t.shape[1], dim=1)
+
+    new_state = torch.exp(step[..., None] * A.to(cdt)) * state.to(cdt) \
+        + (step * x.to(cdt))[..., None] * per_channel(B)
+    y = (new_state * per_channel(C)).sum(-1)
+    if D is not None:
+        y = y + D.to(cdt) * x.to(cdt)
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y.to(x.dtype), new_state.to(state.dtype)
