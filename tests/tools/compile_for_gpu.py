@@ -27,6 +27,7 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 def _compile(spec_json: str, arch: int):
     os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a GPU build uses today, stated explicitly
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
