@@ -1,8 +1,8 @@
 """Hugging Face transformers integration: an attention function with the ``AttentionInterface`` signature.
 
     import flashops.integrations.transformers as fo_hf
-    fo_hf.register()                      # registers "flashops"
-    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flashops")
+    fo_hf.register()                      # registers "fops"
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="fops")
 
 transformers is optional: this module imports it only inside :func:`register`.
 """
@@ -15,7 +15,9 @@ import torch
 
 from ..ops.attention import flash_attention, sdpa
 
-NAME = "flashops"
+# Not "flashops": transformers sends every implementation whose name contains "flash" to its flash-attn
+# kernel loader (seen with transformers 5.23).
+NAME = "fops"
 
 
 def flashops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
