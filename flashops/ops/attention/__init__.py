@@ -13,9 +13,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils import _python_dispatch
 
 from ... import _dispatch
+from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
 from ..._validation import check_attention_inputs, check_cu_seqlens, check_tensor
 from .args import AttentionArgs
@@ -108,66 +108,29 @@ def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
-def _needs_dispatcher(x: Tensor) -> bool:
-    """Eager calls on plain tensors run the backend directly (the dispatcher round trip costs more than a
-    short kernel); tracing (torch.compile, export, make_fx), tensor subclasses (fake, functional) and meta
-    tensors go through the registered custom ops and their fake kernels."""
-    return (torch.compiler.is_compiling() or x.is_meta or type(x) not in (torch.Tensor, torch.nn.Parameter)
-            or _python_dispatch._get_current_dispatch_mode() is not None)
+_attention_bwd_call = eager(_attention_bwd, _attention_bwd_impl)
 
 
-def _attention_backward(saved, config, dout, dlse, want_dbias: bool):
-    """dq, dk, dv, dbias from what the forward saved; shared by the Function and the custom op's autograd."""
-    q, k, v, out, lse, cu_q, cu_k, slopes, block_mask, bias, seed = saved
-    max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend = config
-    if dout is None:
-        dout = torch.zeros_like(out)
-    elif dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    bwd = _attention_bwd if _needs_dispatcher(q) else _attention_bwd_impl
-    dq, dk, dv, dbias = bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m,
-                            block_n, bias, seed, scale, left, right, softcap, dropout_p, want_dbias, backend)
-    return dq, dk, dv, (dbias if want_dbias else None)
-
-
-class _Attention(torch.autograd.Function):
-    """The autograd path of the public functions. The custom op also has ``register_autograd`` (for direct
-    callers of ``torch.ops.flashops.attention_fwd``), but that generic wrapper costs several hundred
-    microseconds per call, which dominates short sequences; this Function costs a few, and torch.compile
-    traces it and the opaque custom ops without graph breaks."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m, block_n, seed, scale,
-                left, right, softcap, dropout_p, backend):
-        fwd = _attention_fwd if _needs_dispatcher(q) else _attention_fwd_impl
-        out, lse = fwd(q, k, v, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m, block_n, bias, seed, scale,
-                       left, right, softcap, dropout_p, backend)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes, block_mask, bias, seed)
-        ctx.config = (max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend)
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        grads = _attention_backward(ctx.saved_tensors, ctx.config, dout, dlse,
-                                    ctx.saved_tensors[9] is not None and ctx.needs_input_grad[3])
-        return (*grads, *([None] * 15))
-
-
-def _op_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m, block_n, bias, seed,
      scale, left, right, softcap, dropout_p, backend) = inputs
     ctx.save_for_backward(q, k, v, *output, cu_q, cu_k, slopes, block_mask, bias, seed)
     ctx.config = (max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend)
 
 
-def _op_backward(ctx, dout, dlse):
-    dq, dk, dv, dbias = _attention_backward(ctx.saved_tensors, ctx.config, dout, dlse,
-                                            ctx.saved_tensors[9] is not None and ctx.needs_input_grad[11])
-    return (dq, dk, dv, *([None] * 8), dbias, *([None] * 7))
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, slopes, block_mask, bias, seed = ctx.saved_tensors
+    max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend = ctx.config
+    want_dbias = bias is not None and ctx.needs_input_grad[11]
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv, dbias = _attention_bwd_call(
+        dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m, block_n, bias, seed,
+        scale, left, right, softcap, dropout_p, want_dbias, backend)
+    return (dq, dk, dv, *([None] * 8), dbias if want_dbias else None, *([None] * 7))
 
 
-_attention_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+_attention = register_autograd(_attention_fwd, _attention_fwd_impl, _backward, _setup_context)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -248,10 +211,10 @@ def _run(q, k, v, *, args: AttentionArgs, deterministic, backend):
         "deterministic": bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
     }
     chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, features), backend)
-    return _Attention.apply(
-        q, k, v, args.bias, args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k,
-        args.alibi_slopes, args.block_mask, args.block_m, args.block_n, args.seed, args.softmax_scale,
-        args.window_left, args.window_right, args.softcap, args.dropout_p, chosen.name)
+    return _attention(
+        q, k, v, args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k, args.alibi_slopes,
+        args.block_mask, args.block_m, args.block_n, args.bias, args.seed, args.softmax_scale, args.window_left,
+        args.window_right, args.softcap, args.dropout_p, chosen.name)
 
 
 # ------------------------------------------------------------------------------------------ public API
