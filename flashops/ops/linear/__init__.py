@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ... import _dispatch
+from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
 from ..._validation import FLOAT_DTYPES, check_cu_seqlens, check_dim, check_same, check_tensor
 
@@ -58,8 +59,7 @@ def _empty_like_none(t: Optional[Tensor], ref: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ causal custom ops
-@torch.library.custom_op("flashops::linear_attention_chunk_fwd", mutates_args=())
-def _chunk_fwd(
+def _chunk_fwd_impl(
     q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], slopes: Optional[Tensor],
     initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, output_final_state: bool,
     backend: str,
@@ -67,6 +67,9 @@ def _chunk_fwd(
     impl = _backend(GLA if g is not None else LIGHTNING, backend)
     o, final = impl.chunk_forward(q, k, v, g, slopes, scale, initial_state, cu_seqlens, output_final_state)
     return o, _empty_like_none(final, q.new_empty(0, dtype=torch.float32))
+
+
+_chunk_fwd = torch.library.custom_op("flashops::linear_attention_chunk_fwd", _chunk_fwd_impl, mutates_args=())
 
 
 def _num_states(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
@@ -83,8 +86,7 @@ def _chunk_fwd_fake(q, k, v, g, slopes, initial_state, cu_seqlens, scale, output
     return o, final
 
 
-@torch.library.custom_op("flashops::linear_attention_chunk_bwd", mutates_args=())
-def _chunk_bwd(
+def _chunk_bwd_impl(
     do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],
     slopes: Optional[Tensor], initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
     backend: str,
@@ -92,6 +94,10 @@ def _chunk_bwd(
     impl = _backend(GLA if g is not None else LIGHTNING, backend)
     dq, dk, dv, dg, dh0 = impl.chunk_backward(do, dht, q, k, v, g, slopes, scale, initial_state, cu_seqlens)
     return dq, dk, dv, _empty_like_none(dg, q), _empty_like_none(dh0, q)
+
+
+_chunk_bwd = torch.library.custom_op("flashops::linear_attention_chunk_bwd", _chunk_bwd_impl, mutates_args=())
+_chunk_bwd_call = eager(_chunk_bwd, _chunk_bwd_impl)
 
 
 @_chunk_bwd.register_fake
@@ -114,13 +120,13 @@ def _chunk_backward(ctx, do, d_final):
     q, k, v, g, slopes, initial_state, cu_seqlens = ctx.saved_tensors
     scale, output_final_state, backend = ctx.config
     dht = d_final if output_final_state else None
-    dq, dk, dv, dg, dh0 = _chunk_bwd(_last_dim_contiguous(do), dht, q, k, v, g, slopes, initial_state, cu_seqlens,
+    dq, dk, dv, dg, dh0 = _chunk_bwd_call(_last_dim_contiguous(do), dht, q, k, v, g, slopes, initial_state, cu_seqlens,
                                      scale, backend)
     return (dq, dk, dv, dg if g is not None else None, None, dh0 if initial_state is not None else None,
             None, None, None, None)
 
 
-_chunk_fwd.register_autograd(_chunk_backward, setup_context=_chunk_setup)
+_chunk = register_autograd(_chunk_fwd, _chunk_fwd_impl, _chunk_backward, _chunk_setup)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -128,8 +134,7 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------- non-causal custom ops
-@torch.library.custom_op("flashops::linear_attention_noncausal_fwd", mutates_args=())
-def _noncausal_fwd(
+def _noncausal_fwd_impl(
     q: Tensor, k: Tensor, v: Tensor, initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
     output_final_state: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
@@ -138,19 +143,27 @@ def _noncausal_fwd(
     return o, _empty_like_none(final, q.new_empty(0, dtype=torch.float32))
 
 
+_noncausal_fwd = torch.library.custom_op(
+    "flashops::linear_attention_noncausal_fwd", _noncausal_fwd_impl, mutates_args=())
+
+
 @_noncausal_fwd.register_fake
 def _noncausal_fwd_fake(q, k, v, initial_state, cu_seqlens, scale, output_final_state, backend):
     return _chunk_fwd_fake(q, k, v, None, None, initial_state, cu_seqlens, scale, output_final_state, backend)
 
 
-@torch.library.custom_op("flashops::linear_attention_noncausal_bwd", mutates_args=())
-def _noncausal_bwd(
+def _noncausal_bwd_impl(
     do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, initial_state: Optional[Tensor],
     cu_seqlens: Optional[Tensor], scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dh0 = _backend(NONCAUSAL, backend).noncausal_backward(do, dht, q, k, v, scale, initial_state,
                                                                       cu_seqlens)
     return dq, dk, dv, _empty_like_none(dh0, q)
+
+
+_noncausal_bwd = torch.library.custom_op(
+    "flashops::linear_attention_noncausal_bwd", _noncausal_bwd_impl, mutates_args=())
+_noncausal_bwd_call = eager(_noncausal_bwd, _noncausal_bwd_impl)
 
 
 @_noncausal_bwd.register_fake
@@ -170,17 +183,16 @@ def _noncausal_backward(ctx, do, d_final):
     q, k, v, initial_state, cu_seqlens = ctx.saved_tensors
     scale, output_final_state, backend = ctx.config
     dht = d_final if output_final_state else None
-    dq, dk, dv, dh0 = _noncausal_bwd(_last_dim_contiguous(do), dht, q, k, v, initial_state, cu_seqlens, scale,
+    dq, dk, dv, dh0 = _noncausal_bwd_call(_last_dim_contiguous(do), dht, q, k, v, initial_state, cu_seqlens, scale,
                                      backend)
     return dq, dk, dv, dh0 if initial_state is not None else None, None, None, None, None
 
 
-_noncausal_fwd.register_autograd(_noncausal_backward, setup_context=_noncausal_setup)
+_noncausal = register_autograd(_noncausal_fwd, _noncausal_fwd_impl, _noncausal_backward, _noncausal_setup)
 
 
 # ------------------------------------------------------------------------------------ step custom ops
-@torch.library.custom_op("flashops::linear_attention_step_fwd", mutates_args=())
-def _step_fwd(
+def _step_fwd_impl(
     q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], slopes: Optional[Tensor], state: Optional[Tensor],
     scale: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
@@ -188,19 +200,25 @@ def _step_fwd(
     return impl.step_forward(q, k, v, g, slopes, state, scale)
 
 
+_step_fwd = torch.library.custom_op("flashops::linear_attention_step_fwd", _step_fwd_impl, mutates_args=())
+
+
 @_step_fwd.register_fake
 def _step_fwd_fake(q, k, v, g, slopes, state, scale, backend):
     return q.new_empty(v.shape), q.new_empty((*q.shape, v.shape[-1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashops::linear_attention_step_bwd", mutates_args=())
-def _step_bwd(
+def _step_bwd_impl(
     do: Tensor, d_new: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],
     slopes: Optional[Tensor], state: Optional[Tensor], scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = _backend(GLA_STEP if g is not None else LIGHTNING_STEP, backend)
     dq, dk, dv, dg, d_state = impl.step_backward(do, d_new, q, k, v, g, slopes, state, scale)
     return dq, dk, dv, _empty_like_none(dg, q), _empty_like_none(d_state, q)
+
+
+_step_bwd = torch.library.custom_op("flashops::linear_attention_step_bwd", _step_bwd_impl, mutates_args=())
+_step_bwd_call = eager(_step_bwd, _step_bwd_impl)
 
 
 @_step_bwd.register_fake
@@ -221,11 +239,11 @@ def _step_setup(ctx, inputs, output):
 def _step_backward(ctx, do, d_new):
     q, k, v, g, slopes, state = ctx.saved_tensors
     scale, backend = ctx.config
-    dq, dk, dv, dg, d_state = _step_bwd(do.contiguous(), d_new, q, k, v, g, slopes, state, scale, backend)
+    dq, dk, dv, dg, d_state = _step_bwd_call(do.contiguous(), d_new, q, k, v, g, slopes, state, scale, backend)
     return dq, dk, dv, dg if g is not None else None, None, d_state if state is not None else None, None, None
 
 
-_step_fwd.register_autograd(_step_backward, setup_context=_step_setup)
+_step = register_autograd(_step_fwd, _step_fwd_impl, _step_backward, _step_setup)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -384,7 +402,7 @@ def lightning_attention(
                                  q.device)
     scale = _check_scale(scale, d_k)
     name = _select(LIGHTNING, q, v, backend, varlen=cu_seqlens is not None)
-    o, final = _chunk_fwd(q, k, v, None, slopes, initial_state, cu_seqlens, scale, bool(output_final_state), name)
+    o, final = _chunk(q, k, v, None, slopes, initial_state, cu_seqlens, scale, bool(output_final_state), name)
     return o, (final if output_final_state else None)
 
 
@@ -416,7 +434,7 @@ def gated_linear_attention(
                                  q.device)
     scale = _check_scale(scale, d_k)
     name = _select(GLA, q, v, backend, varlen=cu_seqlens is not None)
-    o, final = _chunk_fwd(q, k, v, g, None, initial_state, cu_seqlens, scale, bool(output_final_state), name)
+    o, final = _chunk(q, k, v, g, None, initial_state, cu_seqlens, scale, bool(output_final_state), name)
     return o, (final if output_final_state else None)
 
 
@@ -444,7 +462,7 @@ def linear_attention(
                                  q.device)
     scale = _check_scale(scale, d_k)
     name = _select(NONCAUSAL, q, v, backend, varlen=cu_seqlens is not None)
-    o, final = _noncausal_fwd(q, k, v, initial_state, cu_seqlens, scale, bool(output_final_state), name)
+    o, final = _noncausal(q, k, v, initial_state, cu_seqlens, scale, bool(output_final_state), name)
     return o, (final if output_final_state else None)
 
 
@@ -468,7 +486,7 @@ def lightning_attention_step(
     slopes = _check_slopes(slopes, q_t.shape[1], q_t.device)
     scale = _check_scale(scale, q_t.shape[-1])
     name = _select(LIGHTNING_STEP, q_t, v_t, backend)
-    return _step_fwd(q_t, k_t, v_t, None, slopes, state, scale, name)
+    return _step(q_t, k_t, v_t, None, slopes, state, scale, name)
 
 
 def gated_linear_attention_step(
@@ -481,7 +499,7 @@ def gated_linear_attention_step(
     g_t = _check_gates("g_t", g_t, q_t, q_t.shape)
     scale = _check_scale(scale, q_t.shape[-1])
     name = _select(GLA_STEP, q_t, v_t, backend)
-    return _step_fwd(q_t, k_t, v_t, g_t, None, state, scale, name)
+    return _step(q_t, k_t, v_t, g_t, None, state, scale, name)
 
 
 __all__ = [

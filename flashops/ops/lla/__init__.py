@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ... import _dispatch
+from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
 from ..._validation import check_attention_inputs, check_tensor
 from .args import LLAArgs
@@ -60,12 +61,14 @@ def _args(softmax_scale, causal, cg_max_iters, cg_tol, cg_preconditioner) -> LLA
                    cg_preconditioner=cg_preconditioner)
 
 
-@torch.library.custom_op("flashops::lla_fwd", mutates_args=())
-def _lla_fwd(q: Tensor, k: Tensor, v: Tensor, ridge: Tensor, softmax_scale: float, causal: bool,
+def _lla_fwd_impl(q: Tensor, k: Tensor, v: Tensor, ridge: Tensor, softmax_scale: float, causal: bool,
              cg_max_iters: int, cg_tol: float, cg_preconditioner: bool, backend: str
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     a = _args(softmax_scale, causal, cg_max_iters, cg_tol, cg_preconditioner)
     return _dispatch.get(OP, backend).load().forward(q, k, v, ridge, a)
+
+
+_lla_fwd = torch.library.custom_op("flashops::lla_fwd", _lla_fwd_impl, mutates_args=())
 
 
 @_lla_fwd.register_fake
@@ -75,13 +78,16 @@ def _lla_fwd_fake(q, k, v, ridge, *rest):
     return torch.empty_like(q), q.new_empty((b, h, t_q), dtype=torch.float32), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("flashops::lla_bwd", mutates_args=())
-def _lla_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, k_bar: Tensor, z: Tensor,
+def _lla_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, k_bar: Tensor, z: Tensor,
              ridge: Tensor, softmax_scale: float, causal: bool, cg_max_iters: int, cg_tol: float,
              cg_preconditioner: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     a = _args(softmax_scale, causal, cg_max_iters, cg_tol, cg_preconditioner)
     dq, dk, dv, dridge = _dispatch.get(OP, backend).load().backward(dout, q, k, v, out, lse, k_bar, z, ridge, a)
     return dq, dk, dv, dridge.contiguous()
+
+
+_lla_bwd = torch.library.custom_op("flashops::lla_bwd", _lla_bwd_impl, mutates_args=())
+_lla_bwd_call = eager(_lla_bwd, _lla_bwd_impl)
 
 
 @_lla_bwd.register_fake
@@ -103,18 +109,21 @@ def _backward(ctx, dout, _dlse, _dk_bar, _dz):
     q, k, v, ridge, out, lse, k_bar, z = ctx.saved_tensors
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv, dridge = _lla_bwd(dout, q, k, v, out, lse, k_bar, z, ridge, *ctx.config)
+    dq, dk, dv, dridge = _lla_bwd_call(dout, q, k, v, out, lse, k_bar, z, ridge, *ctx.config)
     return dq, dk, dv, dridge if ctx.needs_input_grad[3] else None, None, None, None, None, None, None
 
 
-_lla_fwd.register_autograd(_backward, setup_context=_setup_context)
+_lla = register_autograd(_lla_fwd, _lla_fwd_impl, _backward, _setup_context)
 
 
-@torch.library.custom_op("flashops::lla_decode", mutates_args=())
-def _lla_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Optional[Tensor], ridge: Tensor,
+def _lla_decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Optional[Tensor], ridge: Tensor,
                 softmax_scale: float, backend: str) -> Tensor:
     a = LLAArgs(softmax_scale=softmax_scale, causal=False)
     return _dispatch.get(DECODE_OP, backend).load().decode(q, k_cache, v_cache, cache_seqlens, ridge, a)
+
+
+_lla_decode = torch.library.custom_op("flashops::lla_decode", _lla_decode_impl, mutates_args=())
+_lla_decode_call = eager(_lla_decode, _lla_decode_impl)
 
 
 @_lla_decode.register_fake
@@ -224,7 +233,7 @@ def local_linear_attention(
     iters, tol, precond = _solver(cg_max_iters, cg_tol, cg_preconditioner, q.dtype)
     ridge = _ridge(ridge_lambda, b, t_q, h, q.device)
     chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
-    out, _, _, _ = _lla_fwd(q, k, v, ridge, scale, causal, iters, tol, precond, chosen.name)
+    out, _, _, _ = _lla(q, k, v, ridge, scale, causal, iters, tol, precond, chosen.name)
     return out
 
 
@@ -271,7 +280,7 @@ def local_linear_attention_decode(
                            "torch.no_grad() or use local_linear_attention for training")
     scale = _scale(softmax_scale, d)
     chosen = _dispatch.select(DECODE_OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
-    return _lla_decode(q, k_cache, v_cache, cache_seqlens, ridge, scale, chosen.name)
+    return _lla_decode_call(q, k_cache, v_cache, cache_seqlens, ridge, scale, chosen.name)
 
 
 __all__ = ["local_linear_attention", "local_linear_attention_decode"]
