@@ -101,6 +101,9 @@ class Op:
     memory_cases: Optional[Callable[[str, torch.device], list]] = None
     # providers measured in the memory sweep, besides the materialized reference (None: flashops's own)
     memory_providers: Optional[tuple] = None
+    # outputs (by name), inputs, case -> {metric name: value}: extra metrics of a provider's forward output,
+    # reported next to each of its timings (e.g. an approximation's error against exact attention), or None
+    extra_metrics: Optional[Callable[[dict, dict, Case], dict]] = None
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

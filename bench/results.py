@@ -7,7 +7,7 @@ import json
 import math
 import platform
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -53,6 +53,7 @@ class Result:
     speedup: Optional[float] = None
     max_err: Optional[float] = None
     err_bound: Optional[float] = None
+    extra: dict = field(default_factory=dict)  # the op's extra metrics (Op.extra_metrics), name -> value
 
     @property
     def panel(self) -> str:
@@ -125,6 +126,8 @@ def to_rows(results: list, env: dict) -> list:
             value = getattr(r, attr)
             if value is not None:
                 rows.append({**base, "metric": metric, "value": float(value)})
+        for metric, value in r.extra.items():
+            rows.append({**base, "metric": metric, "value": float(value)})
     return rows
 
 
@@ -192,14 +195,20 @@ def table(results: list) -> str:
 
     header = ["op", "mode", "shape", "dtype", "provider", "ms", "TFLOP/s", "peak MiB", "vs best peer",
               "max err", "status"]
+    extras = any(r.extra for r in speed)
+    if extras:
+        header.insert(-1, "extra")
     lines = []
     for r in speed:
         if (r.op, r.provider) in skipped_everywhere:
             continue
         status = r.status if r.status == OK or not r.note else f"{r.status}: {r.note}"
-        lines.append([r.op, r.mode, r.case.shape, r.case.dtype_name, r.provider, _cell(r.ms, "{:.4g}"),
-                      _cell(r.tflops, "{:.3g}"), _cell(r.mem_mib, "{:.1f}"), _cell(r.speedup, "{:.2f}x"),
-                      _cell(r.max_err, "{:.2g}"), status])
+        line = [r.op, r.mode, r.case.shape, r.case.dtype_name, r.provider, _cell(r.ms, "{:.4g}"),
+                _cell(r.tflops, "{:.3g}"), _cell(r.mem_mib, "{:.1f}"), _cell(r.speedup, "{:.2f}x"),
+                _cell(r.max_err, "{:.2g}"), status]
+        if extras:
+            line.insert(-1, " ".join(f"{k}={v:.3g}" for k, v in r.extra.items()) or "-")
+        lines.append(line)
     text = [_render(header, lines)] if lines else ["(no speed results)"]
     notes = sorted({r.note for r in speed if r.status == OK and r.note})
     if notes:

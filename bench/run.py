@@ -137,6 +137,10 @@ def run_case(op: Op, case: Case, providers: list, modes: list, device, timing, s
             if reference is None or (want_grads and reference.grads is None):
                 reference = _reference(op, case, inputs, douts, slicer, want_grads)
             check = measure.check_provider(op, provider, case, inputs, douts, reference, slicer, want_grads)
+            extra = {}
+            if op.extra_metrics is not None and any(check.ok(m) for m in runnable):
+                with torch.no_grad():
+                    extra = op.extra_metrics(measure.named_outputs(op, provider.run(inputs, case)), inputs, case)
             for m in runnable:
                 worst = check.error(m)
                 errors = dict(max_err=worst.error, err_bound=worst.bound) if worst else {}
@@ -149,7 +153,7 @@ def run_case(op: Op, case: Case, providers: list, modes: list, device, timing, s
                 del fn
                 flops = op.flops(case, m)
                 record(provider, m, OK, check_note, ms=ms, tflops=flops / (ms * 1e-3) / 1e12 if flops else None,
-                       mem_mib=mem, **errors)
+                       mem_mib=mem, extra=extra, **errors)
         except ReferenceFailed:
             raise
         except Unsupported as error:
