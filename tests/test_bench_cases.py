@@ -9,6 +9,7 @@ import torch
 
 import flashops
 from bench import measure, run
+from bench.cases import attention as attention_cases
 from bench.cases import hyper as hyper_cases
 from bench.cases import linear as linear_cases
 from bench.cases import lla as lla_cases
@@ -165,10 +166,10 @@ def test_linear_check_slice_catches_an_error_in_the_checked_heads(monkeypatch):
 def test_exact_baseline_checks_long_forwards_on_the_last_queries(monkeypatch):
     """Past EXACT_GRAD_MAX_T the exact baseline is forward only and checked on the last queries of the last
     head against all keys: with bottom-right causal masks that is the same rows of the full problem."""
-    monkeypatch.setattr(linear_cases, "EXACT_GRAD_MAX_T", 64)
-    monkeypatch.setattr(linear_cases, "EXACT_CHECK_ROWS", 16)
+    monkeypatch.setattr(attention_cases, "EXACT_GRAD_MAX_T", 64)
+    monkeypatch.setattr(attention_cases, "EXACT_CHECK_ROWS", 16)
     long_case = case("linear_vs_exact", torch.float32, ("fwd", "fwd+bwd"), B=2, T=96, H=2, D=16)
-    c = linear_cases.exact_case("linear_vs_exact", long_case)
+    c = attention_cases.exact_case("linear_vs_exact", long_case)
     assert c.modes == ("fwd",) and c["causal"] is True
     op, inputs = _inputs("linear_vs_exact", c)
     narrow, note = op.check_slice(c, CPU)

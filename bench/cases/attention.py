@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import flashops
 from flashops.ops.attention import reference as attention_reference
 
-from ..registry import Op, Provider, Unsupported, case, flashops_providers, module_missing
+from ..registry import Case, Op, Provider, Unsupported, case, flashops_providers, module_missing
 
 GPU_TOKENS, CPU_TOKENS_QUICK, CPU_TOKENS_FULL = 16384, 512, 4096
 GPU_HEADS = {64: 32, 128: 16}
@@ -217,6 +217,59 @@ PROVIDERS = [
     Provider("flash-attn", _flash_attn, unavailable=module_missing("flash_attn"), supports=_flash_attn_supports,
              errors_are_skips=True),
 ]
+
+# ------------------------------------------------------------------------------ exact-attention baseline
+# Past this length exact attention is timed forward only: the check's fp32 reference of one head's backward
+# (several [T, T] matrices) would not fit in 80 GB, and no slice of the backward is an independent problem.
+EXACT_GRAD_MAX_T = 32768
+EXACT_CHECK_ROWS = 1024
+
+
+def exact_case(name: str, c: Case, causal: bool = True) -> Case:
+    """The exact-attention case at the shape of a ``B, T, H, D`` case: its modes, forward only past
+    EXACT_GRAD_MAX_T."""
+    modes = c.modes if c["T"] <= EXACT_GRAD_MAX_T else ("fwd",)
+    return case(name, c.dtype, modes, B=c["B"], T=c["T"], H=c["H"], D=c["D"], causal=causal)
+
+
+def exact_check_slice(c, device):
+    """The attention family's slice (last batch element, last heads) while a backward is checked; for
+    forward-only cases past EXACT_GRAD_MAX_T, the last EXACT_CHECK_ROWS queries of the last head against all
+    keys, an exact sub-problem (causal masks are bottom-right aligned)."""
+    if c.modes != ("fwd",) or c["T"] <= EXACT_GRAD_MAX_T:
+        return check_slice(c, device)
+    rows = min(EXACT_CHECK_ROWS, c["T"])
+
+    def narrow(name, x):
+        x = x[-1:, :, -1:]
+        return x[:, -rows:] if name in ("q", "out") else x
+
+    return narrow, (f"T > {EXACT_GRAD_MAX_T // 1024}k: forward checked on the last {rows} queries of batch "
+                    f"{c['B'] - 1}, head {c['H'] - 1}, against all keys")
+
+
+def _exact(inputs, c, backend):
+    return flashops.flash_attention(inputs["q"], inputs["k"], inputs["v"], causal=c["causal"], backend=backend)
+
+
+def exact_attention_baseline(name: str, family: str, cases) -> Op:
+    """``flashops.flash_attention`` as an op of its own, at another family's shapes (``cases`` gives
+    ``B, T, H, D, causal`` cases named ``name``), so that family's times can be read against exact attention."""
+    return Op(
+        name=name,
+        family=family,
+        cases=cases,
+        make_inputs=make_inputs,
+        reference=reference,
+        flops=flops,
+        flop_formula="fwd = 4*B*H*T*T*D (halved when causal); bwd = 2.5x fwd; fwd+bwd = 3.5x fwd",
+        providers=flashops_providers("attention", _exact, lambda c: {"head_dim": c["D"]}),
+        differentiable=("q", "k", "v"),
+        x="T",
+        panels=("D", "causal"),
+        check_slice=exact_check_slice,
+    )
+
 
 OPS = [
     Op(

@@ -44,7 +44,7 @@ from flashops.ops.hyper.plan import causal_split
 
 from ..registry import Op, case, flashops_providers
 from . import attention as attention_cases
-from .linear import exact_attention_baseline, exact_case
+from .attention import exact_attention_baseline, exact_case
 
 PLAN_SEED = 20231017
 LSH_PROJS = 7

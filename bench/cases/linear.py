@@ -38,7 +38,7 @@ import flashops
 from flashops.ops.linear import reference as linear_reference
 
 from ..registry import Case, Op, Provider, case, flashops_providers, module_missing
-from . import attention as attention_cases
+from .attention import exact_attention_baseline, exact_case
 
 GPU_TOKENS, GPU_HEADS, GPU_DIMS, GPU_LENGTHS = 65536, 16, (64, 128), (2048, 8192, 32768, 65536)
 GPU_QUICK_LENGTHS = (2048, 32768)
@@ -205,59 +205,6 @@ def _lightning_attn(inputs, c):
 
     q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k", "v"))  # [B, H, T, D] views
     return lightning_attn_func(q, k, v, inputs["slopes"][:, None, None]).transpose(1, 2)
-
-
-# ------------------------------------------------------------------------------ exact-attention baseline
-# Past this length exact attention is timed forward only: the check's fp32 reference of one head's backward
-# (several [T, T] matrices) would not fit in 80 GB, and no slice of the backward is an independent problem.
-EXACT_GRAD_MAX_T = 32768
-EXACT_CHECK_ROWS = 1024
-
-
-def exact_case(name: str, c: Case, causal: bool = True) -> Case:
-    """The exact-attention case at the shape of a ``B, T, H, D`` case: its modes, forward only past
-    EXACT_GRAD_MAX_T."""
-    modes = c.modes if c["T"] <= EXACT_GRAD_MAX_T else ("fwd",)
-    return case(name, c.dtype, modes, B=c["B"], T=c["T"], H=c["H"], D=c["D"], causal=causal)
-
-
-def exact_check_slice(c, device):
-    """The attention family's slice (last batch element, last heads) while a backward is checked; for
-    forward-only cases past EXACT_GRAD_MAX_T, the last EXACT_CHECK_ROWS queries of the last head against all
-    keys, an exact sub-problem (causal masks are bottom-right aligned)."""
-    if c.modes != ("fwd",) or c["T"] <= EXACT_GRAD_MAX_T:
-        return attention_cases.check_slice(c, device)
-    rows = min(EXACT_CHECK_ROWS, c["T"])
-
-    def narrow(name, x):
-        x = x[-1:, :, -1:]
-        return x[:, -rows:] if name in ("q", "out") else x
-
-    return narrow, (f"T > {EXACT_GRAD_MAX_T // 1024}k: forward checked on the last {rows} queries of batch "
-                    f"{c['B'] - 1}, head {c['H'] - 1}, against all keys")
-
-
-def _exact(inputs, c, backend):
-    return flashops.flash_attention(inputs["q"], inputs["k"], inputs["v"], causal=c["causal"], backend=backend)
-
-
-def exact_attention_baseline(name: str, family: str, cases) -> Op:
-    """``flashops.flash_attention`` as an op of its own, at another family's shapes (``cases`` gives
-    ``B, T, H, D, causal`` cases named ``name``), so that family's times can be read against exact attention."""
-    return Op(
-        name=name,
-        family=family,
-        cases=cases,
-        make_inputs=attention_cases.make_inputs,
-        reference=attention_cases.reference,
-        flops=attention_cases.flops,
-        flop_formula="fwd = 4*B*H*T*T*D (halved when causal); bwd = 2.5x fwd; fwd+bwd = 3.5x fwd",
-        providers=flashops_providers("attention", _exact, lambda c: {"head_dim": c["D"]}),
-        differentiable=("q", "k", "v"),
-        x="T",
-        panels=("D", "causal"),
-        check_slice=exact_check_slice,
-    )
 
 
 # ------------------------------------------------------------------------------------------------- ops

@@ -31,7 +31,7 @@ import flashops
 from flashops.ops.lla import reference as lla_reference
 
 from ..registry import Op, case, flashops_providers
-from .linear import exact_attention_baseline, exact_case
+from .attention import exact_attention_baseline, exact_case
 
 RIDGE = 1.0
 MODES = ("fwd", "fwd+bwd")
