@@ -18,7 +18,7 @@ from .results import read_rows
 
 MISSING = ("plotting needs matplotlib, which is not installed: `pip install matplotlib` (or "
            "`pip install flashops[bench]`), then `python -m bench.plot <results.csv>`")
-SPEED_METRICS = {"tflops": "TFLOP/s", "time_ms": "time (ms)"}
+SPEED_METRICS = {"tflops": "TFLOP/s", "gb_per_s": "GB/s", "time_ms": "time (ms)"}
 
 
 def _slug(text: str) -> str:

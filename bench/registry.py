@@ -104,6 +104,10 @@ class Op:
     # outputs (by name), inputs, case -> {metric name: value}: extra metrics of a provider's forward output,
     # reported next to each of its timings (e.g. an approximation's error against exact attention), or None
     extra_metrics: Optional[Callable[[dict, dict, Case], dict]] = None
+    # case, mode -> bytes one call must move through device memory (each input read once, each output written
+    # once), for memory-bound ops; reported as GB/s next to the time. ``byte_formula`` states it in words.
+    bytes_moved: Optional[Callable[[Case, str], float]] = None
+    byte_formula: str = ""
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

@@ -23,6 +23,7 @@ OK, WRONG, SKIP, OOM, ERROR = "OK", "WRONG", "SKIP", "OOM", "ERROR"
 METRICS = {
     "time_ms": ("ms", "ms", "{:.4g}"),
     "tflops": ("tflops", "TFLOP/s", "{:.3g}"),
+    "gb_per_s": ("gbps", "GB/s", "{:.4g}"),
     "peak_mem_mib": ("mem_mib", "peak MiB", "{:.1f}"),
     "speedup_vs_best_peer": ("speedup", "vs best peer", "{:.2f}x"),
     "max_abs_err": ("max_err", "max err", "{:.2g}"),
@@ -49,6 +50,7 @@ class Result:
     panels: tuple = ()
     ms: Optional[float] = None
     tflops: Optional[float] = None
+    gbps: Optional[float] = None  # for ops that declare the bytes they must move (Op.bytes_moved)
     mem_mib: Optional[float] = None
     speedup: Optional[float] = None
     max_err: Optional[float] = None
@@ -195,6 +197,9 @@ def table(results: list) -> str:
 
     header = ["op", "mode", "shape", "dtype", "provider", "ms", "TFLOP/s", "peak MiB", "vs best peer",
               "max err", "status"]
+    bandwidth = any(r.gbps is not None for r in speed)
+    if bandwidth:
+        header.insert(7, "GB/s")
     extras = any(r.extra for r in speed)
     if extras:
         header.insert(-1, "extra")
@@ -206,6 +211,8 @@ def table(results: list) -> str:
         line = [r.op, r.mode, r.case.shape, r.case.dtype_name, r.provider, _cell(r.ms, "{:.4g}"),
                 _cell(r.tflops, "{:.3g}"), _cell(r.mem_mib, "{:.1f}"), _cell(r.speedup, "{:.2f}x"),
                 _cell(r.max_err, "{:.2g}"), status]
+        if bandwidth:
+            line.insert(7, _cell(r.gbps, "{:.4g}"))
         if extras:
             line.insert(-1, " ".join(f"{k}={v:.3g}" for k, v in r.extra.items()) or "-")
         lines.append(line)

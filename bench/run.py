@@ -152,8 +152,9 @@ def run_case(op: Op, case: Case, providers: list, modes: list, device, timing, s
                 mem = measure.peak_memory_mib(fn, device)
                 del fn
                 flops = op.flops(case, m)
+                moved = op.bytes_moved(case, m) if op.bytes_moved is not None else None
                 record(provider, m, OK, check_note, ms=ms, tflops=flops / (ms * 1e-3) / 1e12 if flops else None,
-                       mem_mib=mem, extra=extra, **errors)
+                       gbps=moved / (ms * 1e-3) / 1e9 if moved else None, mem_mib=mem, extra=extra, **errors)
         except ReferenceFailed:
             raise
         except Unsupported as error:

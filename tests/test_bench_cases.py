@@ -241,3 +241,22 @@ def test_hyper_provider_redraws_the_plan_of_the_inputs():
         want = flashops.hyper_attention(inputs["q"], inputs["k"], inputs["v"], causal=False, plan=inputs["plan"],
                                         backend="torch")
     assert torch.equal(got, want)
+
+
+# -------------------------------------------------------------------------------------------------- ssm
+def test_ssm_quick_sweep_checks_times_and_reports_bandwidth(tmp_path):
+    code = run.main([*QUICK, "--provider", "flashops-torch,naive-materialized", "--op", "ssm", "--out",
+                     str(tmp_path), "--no-memory"])
+    rows = _rows(tmp_path / "quick.csv")
+    assert code == 0
+    assert {r["op"] for r in rows} == {"linear_scan", "selective_scan", "vandermonde_kernel", "s4d_conv"}
+    status = [r for r in rows if r["metric"] == "status"]
+    assert status and {r["value"] for r in status} == {OK}, [(r["op"], r["note"]) for r in status]
+    # The scans are memory bound: GB/s follows the stated byte counts (fwd 3*B*D*L*4 for fp32 linear_scan).
+    for r in rows:
+        if r["op"] == "linear_scan" and r["metric"] == "gb_per_s" and r["mode"] == "fwd":
+            ms = next(float(x["value"]) for x in rows if x["metric"] == "time_ms" and
+                      (x["op"], x["shape"], x["mode"], x["provider"]) == (r["op"], r["shape"], "fwd", r["provider"]))
+            n = int(r["B"]) * int(r["D"]) * int(r["L"])
+            assert math.isclose(float(r["value"]), 3 * n * 4 / (ms * 1e-3) / 1e9, rel_tol=1e-6)
+    assert any(r["metric"] == "gb_per_s" for r in rows)
