@@ -362,10 +362,12 @@ struct StepTiles {
         if (z) z[t * kLanes + c] = live ? static_cast<acc_t>(in.z[row + t]) : acc_t(0);
       }
     }
-    for (int64_t i = 0; i < steps * kLanes; ++i) {
-      dt[i] = in.softplus ? cpu::softplus(raw[i]) : raw[i];
-      dtu[i] = dt[i] * u[i];
+    if (in.softplus) {
+      for (int64_t i = 0; i < steps * kLanes; ++i) dt[i] = cpu::softplus(raw[i]);
+    } else {
+      for (int64_t i = 0; i < steps * kLanes; ++i) dt[i] = raw[i];
     }
+    for (int64_t i = 0; i < steps * kLanes; ++i) dtu[i] = dt[i] * u[i];
   }
 };
 
@@ -398,6 +400,8 @@ void selective_forward_task(const SelectiveInputs<scalar_t, acc_t>& in, const Se
   StepTiles<scalar_t, acc_t> tile{arena.take(T * kLanes), arena.take(T * kLanes), arena.take(T * kLanes),
                                   arena.take(T * kLanes),  in.z ? arena.take(T * kLanes) : nullptr,
                                   arena.take(T * N),       arena.take(T * N)};
+  acc_t skip[kLanes] = {};
+  for (int64_t c = 0; c < lanes; ++c) skip[c] = in.skip ? in.skip[channel0 + c] : acc_t(0);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c = 0; c < kLanes; ++c) {
       const bool live = c < lanes;
@@ -430,18 +434,19 @@ void selective_forward_task(const SelectiveInputs<scalar_t, acc_t>& in, const Se
         }
       }
     }
-    for (int64_t c = 0; c < lanes; ++c) {
-      const int64_t channel = channel0 + c;
-      const acc_t skip = in.skip ? in.skip[channel] : acc_t(0);
-      scalar_t* out_row = out + (b * s.dim + channel) * s.length + t0;
-      for (int64_t t = 0; t < steps; ++t) {
-        acc_t v = y[t * kLanes + c] + skip * tile.u[t * kLanes + c];
-        if (in.z) {
-          const acc_t zz = tile.z[t * kLanes + c];
-          v = v * zz * cpu::sigmoid(zz);
-        }
-        out_row[t] = static_cast<scalar_t>(v);
+    // y + D u, gated by silu(z), in place (lane-major), then written row by row
+    for (int64_t t = 0; t < steps; ++t) {
+      acc_t* __restrict yt = y + t * kLanes;
+      const acc_t* __restrict ut = tile.u + t * kLanes;
+      for (int c = 0; c < kLanes; ++c) yt[c] += skip[c] * ut[c];
+      if (in.z) {
+        const acc_t* __restrict zt = tile.z + t * kLanes;
+        for (int c = 0; c < kLanes; ++c) yt[c] *= zt[c] * cpu::sigmoid(zt[c]);
       }
+    }
+    for (int64_t c = 0; c < lanes; ++c) {
+      scalar_t* out_row = out + (b * s.dim + channel0 + c) * s.length + t0;
+      for (int64_t t = 0; t < steps; ++t) out_row[t] = static_cast<scalar_t>(y[t * kLanes + c]);
     }
   }
   for (int64_t c = 0; c < lanes; ++c) {
@@ -587,12 +592,16 @@ void selective_backward_task(const SelectiveInputs<scalar_t, acc_t>& in, const S
         ddt[t * kLanes + c] = lb[c] * tile.u[t * kLanes + c] + qa[c];
       }
     }
-    for (int64_t i = 0; i < steps * kLanes; ++i) {
-      const int c = static_cast<int>(i % kLanes);
-      du[i] = lam_b[i] * tile.dt[i] + dy[i] * skip[c];
-      dskip[c] += dy[i] * tile.u[i];
-      if (in.softplus) ddt[i] *= cpu::sigmoid(tile.raw[i]);
-      dbias[c] += ddt[i];
+    if (in.softplus) {
+      for (int64_t i = 0; i < steps * kLanes; ++i) ddt[i] *= cpu::sigmoid(tile.raw[i]);
+    }
+    for (int64_t t = 0; t < steps; ++t) {
+      const int64_t i = t * kLanes;
+      for (int c = 0; c < kLanes; ++c) {
+        du[i + c] = lam_b[i + c] * tile.dt[i + c] + dy[i + c] * skip[c];
+        dskip[c] += dy[i + c] * tile.u[i + c];
+        dbias[c] += ddt[i + c];
+      }
     }
     for (int64_t c = 0; c < lanes; ++c) {
       const int64_t row = (b * s.dim + channel0 + c) * s.length + t0;
