@@ -9,7 +9,7 @@ import torch
 
 import flashops
 
-from . import _dispatch
+from . import _dispatch, _ext
 from ._triton_utils import interpreter_enabled, triton_import_error
 
 
@@ -29,11 +29,13 @@ def devices() -> list[torch.device]:
 
 
 def report() -> str:
+    _ext.load()  # the backend table below needs it (JIT-built on first use)
     lines = [
         f"flashops {flashops.__version__}",
         f"python   {platform.python_version()} ({sys.executable})",
         f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton   {_triton_version()}",
+        f"C++ ext  {_ext.status()}",
     ]
     for dev in devices():
         if dev.type == "cuda":

@@ -6,6 +6,8 @@ import torch
 from flashops import _dispatch
 
 BACKENDS = ["triton", "torch"]
+# The scans also have the C++ CPU backend (csrc/ssm/scan_cpu.cpp).
+SCAN_BACKENDS = ["triton", "cpp", "torch"]
 
 
 def require(op: str, backend: str, device, dtype=torch.float32, **features):

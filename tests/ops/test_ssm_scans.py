@@ -11,10 +11,14 @@ from flashops.ops.ssm import linear_scan, selective_scan, selective_state_update
 from flashops.ops.ssm import reference as ref
 from flashops.testing import GRAD_FACTOR, assert_close
 
-from .ssm_helpers import BACKENDS, pairs, require
+from .ssm_helpers import SCAN_BACKENDS, pairs, require
 
 F64 = torch.float64
 LENGTHS = [1, 31, 2047, 2048, 2049]
+# Backends that compute float64 in float64 (gradcheck needs it); Triton computes in fp32.
+FP64_BACKENDS = ["cpp", "torch"]
+# Backends that run on CPU threads.
+CPU_BACKENDS = ["cpp", "torch"]
 
 
 def _gates(shape, regime, g, dtype=F64):
@@ -51,7 +55,7 @@ def _check_linear(backend, a, b, h0, reverse, device, dtype=torch.float32):
         assert_close(name, pairs(ours[i].grad), pairs(exact[i].grad), base, factor=GRAD_FACTOR, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("L", LENGTHS)
 @pytest.mark.parametrize("regime", ["near0", "near1"])
 def test_linear_scan_real(backend, L, regime, device):
@@ -64,7 +68,7 @@ def test_linear_scan_real(backend, L, regime, device):
     _check_linear(backend, a, b, h0, L % 2 == 1, device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("L", [17, 129])
 def test_linear_scan_complex(backend, reverse, L, device):
@@ -79,7 +83,7 @@ def test_linear_scan_complex(backend, reverse, L, device):
                   dtype=torch.complex64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_linear_scan_pairs_and_mixed_kinds(backend, device):
     require("linear_scan", backend, device)
     a = torch.polar(torch.rand(2, 3, 40, device=device), torch.randn(2, 3, 40, device=device))
@@ -95,7 +99,7 @@ def test_linear_scan_pairs_and_mixed_kinds(backend, device):
     assert_close("h", pairs(mixed), pairs(ref.linear_scan(ar.to(torch.complex128), b.to(torch.complex128))))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_linear_scan_low_precision(backend, dtype, device):
     require("linear_scan", backend, device, dtype)
@@ -106,16 +110,18 @@ def test_linear_scan_low_precision(backend, dtype, device):
     _check_linear(backend, a, b, h0, False, device, dtype)
 
 
-def test_linear_scan_gradcheck():
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
+def test_linear_scan_gradcheck(backend):
+    require("linear_scan", backend, "cpu", F64)
     g = torch.Generator().manual_seed(0)
     for reverse in (False, True):
         a = torch.rand(1, 2, 5, dtype=F64, generator=g, requires_grad=True)
         b = torch.randn(1, 2, 5, dtype=F64, generator=g, requires_grad=True)
         h0 = torch.randn(1, 2, dtype=F64, generator=g, requires_grad=True)
-        torch.autograd.gradcheck(lambda a, b, h0: linear_scan(a, b, h0, reverse, backend="torch"), (a, b, h0))
+        torch.autograd.gradcheck(lambda a, b, h0: linear_scan(a, b, h0, reverse, backend=backend), (a, b, h0))
         ac = torch.randn(1, 2, 4, dtype=torch.complex128, generator=g).mul(0.5).requires_grad_()
         bc = torch.randn(1, 2, 4, dtype=torch.complex128, generator=g, requires_grad=True)
-        torch.autograd.gradcheck(lambda a, b: linear_scan(a, b, reverse=reverse, backend="torch"), (ac, bc))
+        torch.autograd.gradcheck(lambda a, b: linear_scan(a, b, reverse=reverse, backend=backend), (ac, bc))
 
 
 def test_linear_scan_reverse_identity(device):
@@ -189,7 +195,7 @@ def _check_selective(backend, args, device, dtype=torch.float32, with_last=True)
         assert_close(f"d{k}", ours[k].grad, exact[k].grad, base, factor=GRAD_FACTOR, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("L,regime", [(1, "mixed"), (31, "mixed"), (2047, "near1"), (2048, "near0"),
                                       (2049, "near1")])
 def test_selective_scan_lengths(backend, L, regime, device):
@@ -199,7 +205,7 @@ def test_selective_scan_lengths(backend, L, regime, device):
     _check_selective(backend, args, device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("case", ["plain", "grouped", "options", "wide_state"])
 def test_selective_scan_variants(backend, case, device):
     require("selective_scan", backend, device)
@@ -217,27 +223,29 @@ def test_selective_scan_variants(backend, case, device):
         _check_selective(backend, _selective_inputs(1, 1, 40, 19, "mixed", seed=4), device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_selective_scan_low_precision(backend, dtype, device):
     require("selective_scan", backend, device, dtype)
     _check_selective(backend, _selective_inputs(2, 3, 4, 64, "mixed", seed=5), device, dtype)
 
 
-def test_selective_scan_gradcheck():
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
+def test_selective_scan_gradcheck(backend):
+    require("selective_scan", backend, "cpu", F64)
     args = _selective_inputs(1, 2, 2, 5, "mixed", groups=None, seed=6)
     names = list(_FLOAT_ARGS)
     tensors = [args[k].clone().requires_grad_() for k in names]
 
     def run(*xs):
         kw = dict(zip(names, xs))
-        out, last = selective_scan(**kw, delta_softplus=True, return_last_state=True, backend="torch")
+        out, last = selective_scan(**kw, delta_softplus=True, return_last_state=True, backend=backend)
         return out, last
 
     torch.autograd.gradcheck(run, tensors)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_selective_scan_chunked_equals_full(backend, device):
     """State passing: two chunks with the first chunk's last state as the second's initial state."""
     require("selective_scan", backend, device)
@@ -260,6 +268,88 @@ def test_selective_scan_chunked_equals_full(backend, device):
     assert u1.grad is not None and u1.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("groups", [None, 3])
+def test_scans_many_channels(backend, groups, device):
+    """More channels than one of the C++ kernels' channel blocks: D = 21 is two blocks of 8 and a tail, and with 3
+    groups of 7 channels sharing B and C, blocks end at group boundaries."""
+    require("selective_scan", backend, device)
+    _check_selective(backend, _selective_inputs(2, 21, 4, 24, "mixed", groups=groups, seed=11), device)
+    if groups is None:
+        g = torch.Generator().manual_seed(12)
+        _check_linear(backend, _gates((2, 21, 37), "near1", g), torch.randn(2, 21, 37, dtype=F64, generator=g),
+                      torch.randn(2, 21, dtype=F64, generator=g), True, device)
+
+
+def _scan_gradients(backend, device, threads):
+    """Outputs and every gradient of both scans on inputs large enough for the C++ backend to use 2 threads."""
+    g = torch.Generator().manual_seed(13)
+    a = _gates((2, 21, 1000), "uniform", g, torch.float32).to(device).requires_grad_()
+    b = torch.randn(2, 21, 1000, generator=g).to(device).requires_grad_()
+    args = {k: (v.float().to(device).requires_grad_() if isinstance(v, torch.Tensor) else v)
+            for k, v in _selective_inputs(2, 21, 16, 150, "mixed", groups=3, seed=13).items()}
+    leaves = [a, b] + [args[k] for k in _FLOAT_ARGS]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        h = linear_scan(a, b, backend=backend)
+        out, last = selective_scan(**args, return_last_state=True, backend=backend)
+        loss = (h * torch.linspace(-1, 1, 1000, device=device)).sum() + out.square().sum() + last.sum()
+        return [h.detach(), out.detach(), last.detach(), *torch.autograd.grad(loss, leaves)]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scans_two_threads_deterministic(backend, device):
+    """Two CPU threads (the C++ backend splits the channel blocks and adds per-thread dB / dC partial sums in a
+    fixed order) match one thread, and two runs give bitwise equal results."""
+    require("selective_scan", backend, device)
+    names = ["h", "out", "last", "da", "db"] + [f"d{k}" for k in _FLOAT_ARGS]
+    one = _scan_gradients(backend, device, 1)
+    two = _scan_gradients(backend, device, 2)
+    again = _scan_gradients(backend, device, 2)
+    for name, x1, x2, x3 in zip(names, one, two, again):
+        assert torch.equal(x2, x3), f"{name} differs between two identical runs"
+        assert_close(name, x2, x1)
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+def test_selective_scan_extreme_steps(backend, device):
+    """Steps at the edges of the fast math, cycling: softplus above its threshold (delta ~ 25.5: dt = delta), far
+    below 0 (delta ~ -30: dt ~ 1e-13), and ordinary; with A down to -50, exp(dt A) underflows to 0."""
+    require("selective_scan", backend, device)
+    args = _selective_inputs(2, 3, 4, 33, "mixed", seed=14)
+    pattern = torch.tensor([25.5, -30.0, 0.3], dtype=F64).repeat(11)
+    args["delta"] = pattern + 0.2 * torch.rand(2, 3, 33, dtype=F64, generator=torch.Generator().manual_seed(15))
+    args["delta_bias"] = torch.zeros(3, dtype=F64)
+    args["A"] = -torch.linspace(0.5, 50, 12, dtype=F64).reshape(3, 4)
+    _check_selective(backend, args, device)
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scan_custom_ops_per_backend(backend, dtype, device):
+    """opcheck (the fake kernels' shapes and dtypes, e.g. fp64 saved states, against each backend) and a
+    torch.compile(fullgraph=True) trace through both scans."""
+    require("selective_scan", backend, device, dtype)
+    a = torch.rand(2, 3, 9, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(2, 3, 9, device=device, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(2, 3, device=device, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.flashops.linear_scan_fwd, (a, b, h0, True, backend))
+    args = {k: (v.to(device, dtype).requires_grad_() if isinstance(v, torch.Tensor) else v)
+            for k, v in _selective_inputs(1, 2, 3, 40, "mixed", groups=None, seed=9).items()}
+    torch.library.opcheck(torch.ops.flashops.selective_scan_fwd, (*(args[k] for k in _FLOAT_ARGS), True, backend))
+
+    def f(a, b, h0, kw):
+        h = flashops.linear_scan(a, b, h0, backend=backend)
+        out, last = flashops.selective_scan(**kw, return_last_state=True, backend=backend)
+        return h.sum() + out.sum() + last.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(a, b, h0, args), f(a, b, h0, args))
+
+
 def test_selective_state_update_steps_equal_scan(device):
     args = {k: (v.float().to(device) if isinstance(v, torch.Tensor) else v)
             for k, v in _selective_inputs(2, 4, 3, 12, "mixed", groups=2, seed=8).items()}
@@ -273,25 +363,6 @@ def test_selective_state_update_steps_equal_scan(device):
         ys.append(y)
     assert_close("out", torch.stack(ys, -1), out)
     assert_close("state", state, last)
-
-
-def test_scan_custom_ops_and_compile(device):
-    a = torch.rand(2, 3, 9, device=device, requires_grad=True)
-    b = torch.randn(2, 3, 9, device=device, requires_grad=True)
-    h0 = torch.randn(2, 3, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.flashops.linear_scan_fwd, (a, b, h0, False, "torch"))
-    args = {k: (v.float().to(device).requires_grad_() if isinstance(v, torch.Tensor) else v)
-            for k, v in _selective_inputs(1, 2, 3, 9, "mixed", seed=9).items()}
-    torch.library.opcheck(torch.ops.flashops.selective_scan_fwd,
-                          (*(args[k] for k in _FLOAT_ARGS), True, "torch"))
-
-    def f(a, b, h0, kw):
-        h = flashops.linear_scan(a, b, h0, backend="torch")
-        out, last = flashops.selective_scan(**kw, return_last_state=True, backend="torch")
-        return h.sum() + out.sum() + last.sum()
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    assert torch.allclose(compiled(a, b, h0, args), f(a, b, h0, args))
 
 
 def test_scan_bad_inputs(device):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import _dispatch
+from ... import _dispatch, _ext
 from ..._triton_utils import triton_reasons
 from ..._validation import check_same, check_tensor
 from .common import fresh, state_spacing
@@ -29,8 +29,14 @@ def _torch_supports(req: _dispatch.Request) -> list:
 
 def _triton_supports(req: _dispatch.Request) -> list:
     if req.dtype == torch.float64:
-        return ["float64 runs on the torch backend only (the Triton kernels compute in fp32)"]
+        return ["float64 runs on the cpp and torch backends (the Triton kernels compute in fp32)"]
     return triton_reasons(req.device, req.dtype)
+
+
+def _cpp_supports(req: _dispatch.Request) -> list:
+    if torch.device(req.device).type != "cpu":
+        return [f"CPU tensors only, got {req.device}"]
+    return _ext.unavailable_reasons()  # builds the extension on first use
 
 
 for _op, _triton_module, _what in (
@@ -39,6 +45,9 @@ for _op, _triton_module, _what in (
 ):
     _dispatch.register(_op, _dispatch.Backend(
         "triton", _dispatch.PRIORITY_TRITON, _triton_supports, f"{__package__}.{_triton_module}", _what))
+    _dispatch.register(_op, _ext.ExtensionBackend(
+        "cpp", _dispatch.PRIORITY_CPU_EXT, _cpp_supports, "flashops._C",
+        "C++ scan (csrc/ssm/scan_cpu.cpp): channel blocks in parallel, states recomputed in the backward"))
     _dispatch.register(_op, _dispatch.Backend(
         "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__package__}.pytorch",
         "blocked log-depth scan in PyTorch (CPU and fallback)"))
@@ -189,6 +198,10 @@ def linear_scan(a, b, initial_state=None, reverse: bool = False, *, backend: Opt
 
 
 # --------------------------------------------------------------------------------------- selective scan
+# Backends that keep fp64 states for fp64 inputs (the Triton kernels compute in fp32).
+_FP64_STATE_BACKENDS = ("torch", "cpp")
+
+
 @torch.library.custom_op("flashops::selective_scan_fwd", mutates_args=())
 def _selective_scan_fwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
@@ -203,7 +216,7 @@ def _selective_scan_fwd(
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, backend):
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    state_dtype = torch.float64 if u.dtype == torch.float64 and backend == "torch" else torch.float32
+    state_dtype = torch.float64 if u.dtype == torch.float64 and backend in _FP64_STATE_BACKENDS else torch.float32
     n_saved = -(-length // state_spacing(n_state))
     return (torch.empty_like(u, memory_format=torch.contiguous_format),
             u.new_empty(batch, dim, n_state, dtype=state_dtype),
