@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ... import _dispatch
+from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
 from .common import fresh
 from .discretization import discretize
@@ -66,9 +67,11 @@ def _check_length(L) -> int:
 
 
 # -------------------------------------------------------------------------------------------- Vandermonde
-@torch.library.custom_op("flashops::vandermonde_fwd", mutates_args=())
-def _vandermonde_fwd(x: Tensor, w: Tensor, length: int, conj: bool, backend: str) -> Tensor:
+def _vandermonde_fwd_impl(x: Tensor, w: Tensor, length: int, conj: bool, backend: str) -> Tensor:
     return fresh(_dispatch.get(VANDERMONDE, backend).load().vandermonde_fwd(x, w, length, conj))
+
+
+_vandermonde_fwd = torch.library.custom_op("flashops::vandermonde_fwd", _vandermonde_fwd_impl, mutates_args=())
 
 
 @_vandermonde_fwd.register_fake
@@ -76,11 +79,14 @@ def _(x, w, length, conj, backend):
     return x.new_empty(w.shape[0], w.shape[1], length)
 
 
-@torch.library.custom_op("flashops::vandermonde_bwd", mutates_args=())
-def _vandermonde_bwd(dk: Tensor, x: Tensor, w: Tensor, length: int, conj: bool,
-                     backend: str) -> tuple[Tensor, Tensor]:
+def _vandermonde_bwd_impl(dk: Tensor, x: Tensor, w: Tensor, length: int, conj: bool,
+                          backend: str) -> tuple[Tensor, Tensor]:
     dx, dw = _dispatch.get(VANDERMONDE, backend).load().vandermonde_bwd(dk, x, w, length, conj)
     return fresh(dx.contiguous()), fresh(dw.contiguous())
+
+
+_vandermonde_bwd = torch.library.custom_op("flashops::vandermonde_bwd", _vandermonde_bwd_impl, mutates_args=())
+_vandermonde_bwd_call = eager(_vandermonde_bwd, _vandermonde_bwd_impl)
 
 
 @_vandermonde_bwd.register_fake
@@ -98,11 +104,12 @@ def _vandermonde_setup(ctx, inputs, output):
 def _vandermonde_backward(ctx, dk):
     x, w = ctx.saved_tensors
     length, conj, backend = ctx.config
-    dx, dw = _vandermonde_bwd(dk.contiguous(), x, w, length, conj, backend)
+    dx, dw = _vandermonde_bwd_call(dk.contiguous(), x, w, length, conj, backend)
     return dx, dw, None, None, None
 
 
-_vandermonde_fwd.register_autograd(_vandermonde_backward, setup_context=_vandermonde_setup)
+_vandermonde = register_autograd(_vandermonde_fwd, _vandermonde_fwd_impl, _vandermonde_backward,
+                                 _vandermonde_setup)
 
 
 def vandermonde_kernel(log_z: Tensor, w: Tensor, L: int, *, conj: Optional[bool] = None,
@@ -141,7 +148,7 @@ def vandermonde_kernel(log_z: Tensor, w: Tensor, L: int, *, conj: Optional[bool]
     w_pairs = torch.view_as_real(w3.to(cdt))
     request = _dispatch.Request(log_z.device, x.dtype, {})
     chosen = _dispatch.select(VANDERMONDE, request, backend)
-    k = _vandermonde_fwd(x, w_pairs, L, bool(conj), chosen.name)
+    k = _vandermonde(x, w_pairs, L, bool(conj), chosen.name)
     return k.squeeze(0) if squeeze else k
 
 
@@ -168,9 +175,11 @@ def s4d_kernel(A: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int, discretizati
 
 
 # ------------------------------------------------------------------------------------------------ Cauchy
-@torch.library.custom_op("flashops::cauchy_fwd", mutates_args=())
-def _cauchy_fwd(v: Tensor, z: Tensor, w: Tensor, backend: str) -> Tensor:
+def _cauchy_fwd_impl(v: Tensor, z: Tensor, w: Tensor, backend: str) -> Tensor:
     return fresh(_dispatch.get(CAUCHY, backend).load().cauchy_fwd(v, z, w))
+
+
+_cauchy_fwd = torch.library.custom_op("flashops::cauchy_fwd", _cauchy_fwd_impl, mutates_args=())
 
 
 @_cauchy_fwd.register_fake
@@ -178,11 +187,14 @@ def _(v, z, w, backend):
     return v.new_empty(v.shape[0], v.shape[1], z.shape[0], 2)
 
 
-@torch.library.custom_op("flashops::cauchy_bwd", mutates_args=())
-def _cauchy_bwd(dout: Tensor, v: Tensor, z: Tensor, w: Tensor, want_dz: bool,
-                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _cauchy_bwd_impl(dout: Tensor, v: Tensor, z: Tensor, w: Tensor, want_dz: bool,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dv, dz, dw = _dispatch.get(CAUCHY, backend).load().cauchy_bwd(dout, v, z, w, want_dz)
     return fresh(dv.contiguous()), (fresh(dz.contiguous()) if dz is not None else v.new_empty(0)), fresh(dw.contiguous())
+
+
+_cauchy_bwd = torch.library.custom_op("flashops::cauchy_bwd", _cauchy_bwd_impl, mutates_args=())
+_cauchy_bwd_call = eager(_cauchy_bwd, _cauchy_bwd_impl)
 
 
 @_cauchy_bwd.register_fake
@@ -201,11 +213,11 @@ def _cauchy_setup(ctx, inputs, output):
 def _cauchy_backward(ctx, dout):
     v, z, w = ctx.saved_tensors
     want_dz = ctx.needs_input_grad[1]
-    dv, dz, dw = _cauchy_bwd(dout.contiguous(), v, z, w, want_dz, ctx.backend)
+    dv, dz, dw = _cauchy_bwd_call(dout.contiguous(), v, z, w, want_dz, ctx.backend)
     return dv, (dz if want_dz else None), dw, None
 
 
-_cauchy_fwd.register_autograd(_cauchy_backward, setup_context=_cauchy_setup)
+_cauchy = register_autograd(_cauchy_fwd, _cauchy_fwd_impl, _cauchy_backward, _cauchy_setup)
 
 
 def cauchy_kernel(v: Tensor, z: Tensor, w: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -238,7 +250,7 @@ def cauchy_kernel(v: Tensor, z: Tensor, w: Tensor, *, backend: Optional[str] = N
     z1 = torch.view_as_real(z.to(cdt))
     request = _dispatch.Request(v.device, v3.dtype, {})
     chosen = _dispatch.select(CAUCHY, request, backend)
-    out = torch.view_as_complex(_cauchy_fwd(v3, z1, w2, chosen.name))
+    out = torch.view_as_complex(_cauchy(v3, z1, w2, chosen.name))
     return out.reshape(*m_shape, *g_shape, z.shape[0])
 
 

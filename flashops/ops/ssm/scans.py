@@ -2,7 +2,8 @@
 and ``selective_state_update`` (one recurrent step, plain PyTorch).
 
 Each scan funnels into a ``torch.library.custom_op`` pair (``flashops::<op>_fwd`` / ``_bwd``) that looks up
-the chosen backend by name, so ``torch.compile(fullgraph=True)`` traces through without a graph break.
+the chosen backend by name, so ``torch.compile(fullgraph=True)`` traces through without a graph break; eager
+calls on plain tensors skip the dispatcher round trip (``flashops._custom_ops``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _dispatch, _ext
+from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
 from ..._validation import check_same, check_tensor
 from .common import fresh, state_spacing
@@ -64,9 +66,12 @@ def _contiguous_grad(g: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ linear scan
-@torch.library.custom_op("flashops::linear_scan_fwd", mutates_args=())
-def _linear_scan_fwd(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: bool, backend: str) -> Tensor:
+def _linear_scan_fwd_impl(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: bool,
+                          backend: str) -> Tensor:
     return fresh(_dispatch.get(LINEAR_SCAN, backend).load().linear_scan_fwd(a, b, initial_state, reverse))
+
+
+_linear_scan_fwd = torch.library.custom_op("flashops::linear_scan_fwd", _linear_scan_fwd_impl, mutates_args=())
 
 
 @_linear_scan_fwd.register_fake
@@ -74,11 +79,14 @@ def _(a, b, initial_state, reverse, backend):
     return torch.empty_like(b, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("flashops::linear_scan_bwd", mutates_args=())
-def _linear_scan_bwd(dh: Tensor, a: Tensor, h: Tensor, initial_state: Optional[Tensor], reverse: bool,
-                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_scan_bwd_impl(dh: Tensor, a: Tensor, h: Tensor, initial_state: Optional[Tensor], reverse: bool,
+                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
     da, db, dh0 = _dispatch.get(LINEAR_SCAN, backend).load().linear_scan_bwd(dh, a, h, initial_state, reverse)
     return fresh(da), fresh(db), fresh(_empty_if_none(dh0, a))
+
+
+_linear_scan_bwd = torch.library.custom_op("flashops::linear_scan_bwd", _linear_scan_bwd_impl, mutates_args=())
+_linear_scan_bwd_call = eager(_linear_scan_bwd, _linear_scan_bwd_impl)
 
 
 @_linear_scan_bwd.register_fake
@@ -97,11 +105,11 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, dh):
     a, h, initial_state = ctx.saved_tensors
     reverse, backend = ctx.config
-    da, db, dh0 = _linear_scan_bwd(_contiguous_grad(dh), a, h, initial_state, reverse, backend)
+    da, db, dh0 = _linear_scan_bwd_call(_contiguous_grad(dh), a, h, initial_state, reverse, backend)
     return da, db, (dh0 if initial_state is not None else None), None, None
 
 
-_linear_scan_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+_linear_scan = register_autograd(_linear_scan_fwd, _linear_scan_fwd_impl, _linear_backward, _linear_setup)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -189,7 +197,7 @@ def linear_scan(a, b, initial_state=None, reverse: bool = False, *, backend: Opt
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     request = _dispatch.Request(b_s.device, b_s.dtype, {"complex": complex_})
     chosen = _dispatch.select(LINEAR_SCAN, request, backend)
-    h = _linear_scan_fwd(a_s, b_s, h0, reverse, chosen.name)
+    h = _linear_scan(a_s, b_s, h0, reverse, chosen.name)
     if "complex" in kinds:
         return torch.view_as_complex(h)
     if "pair" in kinds:
@@ -202,14 +210,17 @@ def linear_scan(a, b, initial_state=None, reverse: bool = False, *, backend: Opt
 _FP64_STATE_BACKENDS = ("torch", "cpp")
 
 
-@torch.library.custom_op("flashops::selective_scan_fwd", mutates_args=())
-def _selective_scan_fwd(
+def _selective_scan_fwd_impl(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
     delta_bias: Optional[Tensor], initial_state: Optional[Tensor], delta_softplus: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     out = _dispatch.get(SELECTIVE_SCAN, backend).load().selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
     return tuple(fresh(t) for t in out)
+
+
+_selective_scan_fwd = torch.library.custom_op("flashops::selective_scan_fwd", _selective_scan_fwd_impl,
+                                              mutates_args=())
 
 
 @_selective_scan_fwd.register_fake
@@ -223,8 +234,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, backen
             u.new_empty(batch, dim, n_state, n_saved, dtype=state_dtype))
 
 
-@torch.library.custom_op("flashops::selective_scan_bwd", mutates_args=())
-def _selective_scan_bwd(
+def _selective_scan_bwd_impl(
     dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
     saved: Tensor, delta_softplus: bool, backend: str,
@@ -232,6 +242,11 @@ def _selective_scan_bwd(
     grads = _dispatch.get(SELECTIVE_SCAN, backend).load().selective_scan_bwd(
         dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, saved, delta_softplus)
     return tuple(fresh(_empty_if_none(g, u)) for g in grads)
+
+
+_selective_scan_bwd = torch.library.custom_op("flashops::selective_scan_bwd", _selective_scan_bwd_impl,
+                                              mutates_args=())
+_selective_scan_bwd_call = eager(_selective_scan_bwd, _selective_scan_bwd_impl)
 
 
 @_selective_scan_bwd.register_fake
@@ -251,13 +266,14 @@ def _selective_setup(ctx, inputs, output):
 def _selective_backward(ctx, dout, dlast, _dsaved):
     u, delta, A, B, C, D, z, delta_bias, initial_state, saved = ctx.saved_tensors
     delta_softplus, backend = ctx.config
-    grads = _selective_scan_bwd(_contiguous_grad(dout), dlast, u, delta, A, B, C, D, z, delta_bias,
+    grads = _selective_scan_bwd_call(_contiguous_grad(dout), dlast, u, delta, A, B, C, D, z, delta_bias,
                                 initial_state, saved, delta_softplus, backend)
     present = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     return (*(g if x is not None else None for g, x in zip(grads, present)), None, None)
 
 
-_selective_scan_fwd.register_autograd(_selective_backward, setup_context=_selective_setup)
+_selective_scan = register_autograd(_selective_scan_fwd, _selective_scan_fwd_impl, _selective_backward,
+                                    _selective_setup)
 
 def _check_shape(name, t, shape, layout):
     if t is not None and tuple(t.shape) != tuple(shape):
@@ -333,7 +349,7 @@ def selective_scan(
         raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus).__name__}")
     request = _dispatch.Request(u.device, u.dtype, {"state_size": n_state})
     chosen = _dispatch.select(SELECTIVE_SCAN, request, backend)
-    out, last, _ = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+    out, last, _ = _selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                                        chosen.name)
     return (out, last) if return_last_state else out
 
