@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import logging
 import os
 import shutil
 import sys
@@ -47,6 +48,7 @@ JIT_NAME = "flashops_C"
 # compiler vectorize branch-free selects (the kernels never read floating-point exception flags).
 CFLAGS = ["-O3", "-fno-trapping-math"]
 _ERROR_LINES = 30  # of a failed build's output, kept in the reason
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -216,6 +218,8 @@ def _jit():
         library = directory / f"{JIT_NAME}{cpp_extension.LIB_EXT}"
         with _exclusive(directory):  # another process may have built it meanwhile: then ninja has nothing to do
             before = library.stat().st_mtime if library.exists() else None
+            if before is None:  # the first build stalls the first scan call for about half a minute: say why
+                _log.warning("flashops: compiling the C++ extension on first use (cached in %s)", directory)
             start = time.perf_counter()
             module = cpp_extension.load(
                 name=JIT_NAME,

@@ -148,11 +148,12 @@ def linear_scan(a, b, initial_state=None, reverse: bool = False, *, backend: Opt
 
     Args:
         a, b: ``[B, D, L]`` (time last, stride(-1) == 1), same shape and dtype. Real (fp16, bf16, fp32;
-            fp64 on the torch backend), complex tensors (complex64 / complex128), or complex numbers as
+            fp64 on the cpp and torch backends), complex tensors (complex64 / complex128), or complex numbers as
             ``(real, imag)`` pairs of real tensors (e.g. fp16). A real one next to a complex one is promoted.
         initial_state: ``[B, D]``, real, complex or a pair.
         reverse: scan from the end.
-        backend: ``"triton"`` or ``"torch"``; default: the first that supports the inputs.
+        backend: ``"triton"``, ``"cpp"`` (CPU, C++ extension) or ``"torch"``; default: the first that
+            supports the inputs.
 
     Returns:
         All states ``h [B, D, L]`` in b's dtype: complex if a or b is a complex tensor, else a pair if a or b
@@ -293,14 +294,15 @@ def selective_scan(
         y_t = sum_n C_t[n] h_t[n] + D * u_t;   out = y * silu(z)
 
     Args:
-        u, delta: ``[B, D, L]`` (time last, stride(-1) == 1), fp16 / bf16 / fp32 (fp64: torch backend).
+        u, delta: ``[B, D, L]`` (time last, stride(-1) == 1), fp16 / bf16 / fp32 (fp64: cpp and torch backends).
         A: ``[D, N]`` real (usually ``-exp(A_log)``, fp32). Complex A is not supported.
         B, C: ``[B, N, L]`` (shared by all channels) or ``[B, G, N, L]`` (G groups of D/G channels).
         D, delta_bias: ``[D]`` or None. z: ``[B, D, L]`` gate or None.
         initial_state: ``[B, D, N]`` state before u[..., 0], or None for zeros.
         return_last_state: also return the final state ``[B, D, N]`` (fp32); it is differentiable, so a
             chunked run (state passed from chunk to chunk) backpropagates through the chunks.
-        backend: ``"triton"`` or ``"torch"``; default: the first that supports the inputs.
+        backend: ``"triton"``, ``"cpp"`` (CPU, C++ extension) or ``"torch"``; default: the first that
+            supports the inputs.
 
     Returns:
         ``out [B, D, L]`` in u's dtype, or ``(out, last_state)``. Gradients flow to every float input.
