@@ -35,7 +35,8 @@ def seeded(seed=0):
 
 
 def relative_error(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 def run_and_compare(q, k, v, backend, plan, **kwargs):
