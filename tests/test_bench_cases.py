@@ -260,3 +260,13 @@ def test_ssm_quick_sweep_checks_times_and_reports_bandwidth(tmp_path):
             n = int(r["B"]) * int(r["D"]) * int(r["L"])
             assert math.isclose(float(r["value"]), 3 * n * 4 / (ms * 1e-3) / 1e9, rel_tol=1e-6)
     assert any(r["metric"] == "gb_per_s" for r in rows)
+
+
+def test_memory_sweep_of_the_vandermonde_kernel(tmp_path):
+    code, rows = _quick("vandermonde_kernel", tmp_path, "--memory-only", "--set", "L=2048", "--provider",
+                        "flashops-torch,naive-materialized,reference")
+    assert code == 0
+    mem = {r["provider"]: float(r["value"]) for r in rows if r["metric"] == "mem_scaling_mib"}
+    assert set(mem) == {"flashops-torch", "naive-materialized", "reference"}
+    # The materialized [H, N, L] powers alone are 8 * 32 * 2048 complex64 values (4 MiB).
+    assert mem["naive-materialized"] >= 8 * 32 * 2048 * 8 / 2**20

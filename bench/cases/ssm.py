@@ -17,6 +17,10 @@ Ops and sweeps (GPU full / GPU quick / CPU quick):
                       skip; u ``[B, H, L]``, B = 8, H = 256, N = 64, L in {4k, 16k} fp32 / L = 16k / (2, 8, 8, 256).
                       The peer ``naive-materialized`` builds the ``[H, N, L]`` Vandermonde matrix (the issue's
                       target: flashops >= 10x faster at L = 16k). Time only (FFT cost dominates, FLOPs not stated).
+Memory scaling (peak memory of forward + backward vs L; GPU / CPU full, CPU quick: Vandermonde only):
+  linear_scan B=1, D=1024 / 16, L = 4k, 16k, 64k / 1k, 4k, 16k; selective_scan B=1, D=256 / 8, N=16 / 4,
+  L = 2k, 8k, 32k / 512, 2k, 8k; vandermonde_kernel H=256 / 8, N=32, L = 4k, 16k, 64k (CPU quick: N=32, L =
+  512, 2k), with the naive materialized kernel beside it (the issue: memory linear in N + L, not N * L).
 Checks: scans against the float64-capable loops in ``flashops/ops/ssm/reference.py`` (run here in fp32 and in
 the input dtype); linear_scan and the Vandermonde kernel past their budgets are checked on the last channels
 (channels are independent); selective_scan always on the whole problem (B and C are shared across channels,
@@ -214,26 +218,44 @@ def _conv_call(inputs, c, backend):
     return _conv(inputs, flashops.vandermonde_kernel(log_z, w, c["L"], backend=backend))
 
 
+def _memory_sweep(op: str, gpu: dict, cpu: dict, gpu_lengths: tuple, cpu_lengths: tuple, cpu_quick=()):
+    """Cases of the memory-scaling sweep (one forward + backward, fp32) over L at fixed other sizes."""
+    def cases(sweep: str, device: torch.device) -> list:
+        if device.type == "cuda":
+            return [case(op, torch.float32, ("fwd+bwd",), **gpu, L=length) for length in gpu_lengths]
+        lengths = cpu_quick if sweep == "quick" else cpu_lengths
+        return [case(op, torch.float32, ("fwd+bwd",), **cpu, L=length) for length in lengths]
+
+    return cases
+
+
 OPS = [
     Op(name="linear_scan", family="ssm", cases=_scan_cases, make_inputs=_scan_inputs, reference=_scan_reference,
        flops=lambda c, mode: 0.0, flop_formula="memory bound: see GB/s", bytes_moved=_scan_bytes,
        byte_formula="fwd 3*B*D*L*e, bwd 5*B*D*L*e, fwd+bwd 8*B*D*L*e",
        providers=flashops_providers("linear_scan", lambda inputs, c, backend: flashops.linear_scan(
            inputs["a"], inputs["b"], backend=backend)),
-       differentiable=("a", "b"), x="L", panels=("B", "D"), check_slice=_scan_check_slice),
+       differentiable=("a", "b"), x="L", panels=("B", "D"), check_slice=_scan_check_slice,
+       memory_cases=_memory_sweep("linear_scan", dict(B=1, D=1024), dict(B=1, D=16), (4096, 16384, 65536),
+                                  (1024, 4096, 16384))),
     Op(name="selective_scan", family="ssm", cases=_selective_cases, make_inputs=_selective_inputs,
        reference=_selective_reference, flops=lambda c, mode: 0.0, flop_formula="memory bound: see GB/s",
        bytes_moved=_selective_bytes,
        byte_formula="fwd (4*B*D*L + 2*B*N*L)*e, bwd (7*B*D*L + 4*B*N*L)*e, fwd+bwd the sum",
        providers=flashops_providers("selective_scan", _selective_call),
-       differentiable=_SELECTIVE_ARGS, x="L", panels=("D",)),
+       differentiable=_SELECTIVE_ARGS, x="L", panels=("D",),
+       memory_cases=_memory_sweep("selective_scan", dict(B=1, D=256, N=16), dict(B=1, D=8, N=4),
+                                  (2048, 8192, 32768), (512, 2048, 8192))),
     Op(name="vandermonde_kernel", family="ssm", cases=_vandermonde_cases, make_inputs=_vandermonde_inputs,
        reference=_vandermonde_reference, flops=_vandermonde_flops,
        flop_formula="fwd 8*H*N*L (one complex multiply-add per term), bwd 2x fwd",
        providers=[*flashops_providers("vandermonde_kernel", _vandermonde_call),
                   Provider("naive-materialized", lambda inputs, c: _naive_kernel(inputs, c["L"]))],
        differentiable=("log_z_re", "log_z_im", "w_re", "w_im"), x="L", panels=("H", "N"),
-       check_slice=_vandermonde_check_slice),
+       check_slice=_vandermonde_check_slice,
+       memory_cases=_memory_sweep("vandermonde_kernel", dict(H=256, N=32), dict(H=8, N=32), (4096, 16384, 65536),
+                                  (4096, 16384, 65536), cpu_quick=(512, 2048)),
+       memory_providers=("naive-materialized",)),
     Op(name="s4d_conv", family="ssm", cases=_conv_cases, make_inputs=_conv_inputs, reference=_conv_reference,
        flops=lambda c, mode: 0.0, flop_formula="time only (kernel + FFT convolution)",
        providers=[*flashops_providers("vandermonde_kernel", _conv_call),
