@@ -142,7 +142,38 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-class FlashSelfAttention(nn.Module):
+class SelfAttentionProjections(nn.Module):
+    """The projections shared by the ``[B, T, C]`` self-attention layers: a fused ``qkv_proj`` with
+    ``num_heads`` query heads and ``num_kv_heads`` key/value heads (GQA/MQA), and ``out_proj``. Layers with
+    these parameter names exchange state dicts."""
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int], head_dim: Optional[int],
+                 bias: bool, factory: dict):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}) "
+                                 f"unless head_dim is given")
+            head_dim = embed_dim // num_heads
+        self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
+        self.qkv_proj = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [..., C]`` -> q ``[..., H, D]``, k and v ``[..., H_kv, D]``."""
+        h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([h * d, h_kv * d, h_kv * d], dim=-1)
+        return q.unflatten(-1, (h, d)), k.unflatten(-1, (h_kv, d)), v.unflatten(-1, (h_kv, d))
+
+    def merge(self, out: Tensor) -> Tensor:
+        """Attention output ``[..., H, D]`` -> ``[..., C]``."""
+        return self.out_proj(out.flatten(-2))
+
+
+class FlashSelfAttention(SelfAttentionProjections):
     """Multi-head self-attention for ``[B, T, C]`` inputs on the flashops kernel.
 
     A fused QKV projection (``num_kv_heads < num_heads`` gives GQA, 1 gives MQA), exact attention with
@@ -155,21 +186,9 @@ class FlashSelfAttention(nn.Module):
                  head_dim: Optional[int] = None, causal: bool = False, bias: bool = True, dropout: float = 0.0,
                  softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
                  softcap: float = 0.0, alibi: bool = False, device=None, dtype=None):
-        super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
-        if head_dim is None:
-            if embed_dim % num_heads:
-                raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}) "
-                                 f"unless head_dim is given")
-            head_dim = embed_dim // num_heads
-        self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
+        super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, bias, {"device": device, "dtype": dtype})
         self.causal, self.dropout, self.softmax_scale = causal, dropout, softmax_scale
         self.window_size, self.softcap = tuple(window_size), softcap
-        factory = {"device": device, "dtype": dtype}
-        self.qkv_proj = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias, **factory)
-        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads).to(device) if alibi else None,
                              persistent=False)
 
@@ -180,10 +199,7 @@ class FlashSelfAttention(nn.Module):
             raise ValueError(f"with cu_seqlens, x must be packed [total, C], got shape {tuple(x.shape)}")
         if not packed and x.dim() != 3:
             raise ValueError(f"x must be [B, T, C], got shape {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([h * d, h_kv * d, h_kv * d], dim=-1)
-        q, k, v = q.unflatten(-1, (h, d)), k.unflatten(-1, (h_kv, d)), v.unflatten(-1, (h_kv, d))
+        q, k, v = self.project(x)
         options = dict(causal=self.causal, softmax_scale=self.softmax_scale, window_size=self.window_size,
                        softcap=self.softcap, alibi_slopes=self.alibi_slopes,
                        dropout_p=self.dropout if self.training else 0.0)
@@ -191,4 +207,4 @@ class FlashSelfAttention(nn.Module):
             out = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
         else:
             out = flash_attention(q, k, v, **options)
-        return self.out_proj(out.reshape(*lead, h * d))
+        return self.merge(out)
