@@ -14,14 +14,6 @@ from flashops.testing import assert_close
 BACKENDS = ["triton", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _require(backend, device):
     reasons = _dispatch.get(L.GLA, backend).supports(_dispatch.Request(device, torch.float32, {}))
     if reasons:

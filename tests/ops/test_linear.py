@@ -18,15 +18,6 @@ from flashops.testing import GRAD_FACTOR, assert_close
 BACKENDS = ["triton", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The references loop over time steps with tiny ops; intra-op threads only add spin-wait overhead here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _require(op, backend, device, dtype):
     reasons = _dispatch.get(op, backend).supports(_dispatch.Request(device, dtype, {}))
     if reasons:
