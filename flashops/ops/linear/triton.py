@@ -61,6 +61,17 @@ def _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN: tl.constexp
 
 
 @triton.jit
+def _chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN: tl.constexpr, BT: tl.constexpr):
+    """(batch row, first token of the sequence, its length, first token of the chunk, tokens in the chunk,
+    row offsets [BT], row mask [BT]) of global chunk ``pid_c``."""
+    n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
+    t0 = i * BT
+    length = tl.minimum(seqlen - t0, BT)
+    offs_t = tl.arange(0, BT)
+    return b, bos, seqlen, t0, length, offs_t, offs_t < length
+
+
+@triton.jit
 def _seq_coords(n, CU, CHUNK_OFF, seqlen, n_chunks, IS_VARLEN: tl.constexpr):
     """(batch row, first token, length, global index of its first chunk, number of chunks) of sequence n."""
     if IS_VARLEN:
@@ -296,11 +307,7 @@ def lightning_fwd_kernel_output(
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
-    t0 = i * BT
-    length = tl.minimum(seqlen - t0, BT)
-    offs_t = tl.arange(0, BT)
-    t_ok = offs_t < length
+    b, bos, seqlen, t0, length, offs_t, t_ok = _chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN, BT)
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < V_DIM
     q_base = _row_base(Q, b, bos, t0, h, stride_qb, stride_qt, stride_qh)
@@ -341,11 +348,7 @@ def lightning_bwd_kernel_dv(
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
-    t0 = i * BT
-    length = tl.minimum(seqlen - t0, BT)
-    offs_t = tl.arange(0, BT)
-    t_ok = offs_t < length
+    b, bos, seqlen, t0, length, offs_t, t_ok = _chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN, BT)
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < V_DIM
     slope = _slope(SLOPES, h)
@@ -388,11 +391,7 @@ def lightning_bwd_kernel_dqdk(
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
-    t0 = i * BT
-    length = tl.minimum(seqlen - t0, BT)
-    offs_t = tl.arange(0, BT)
-    t_ok = offs_t < length
+    b, bos, seqlen, t0, length, offs_t, t_ok = _chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN, BT)
     offs_k = pid_k * BK + tl.arange(0, BK)
     k_ok = offs_k < K_DIM
     v_base = _row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh)
@@ -506,11 +505,7 @@ def gla_fwd_kernel_output(
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
-    t0 = i * BT
-    length = tl.minimum(seqlen - t0, BT)
-    offs_t = tl.arange(0, BT)
-    t_ok = offs_t < length
+    b, bos, seqlen, t0, length, offs_t, t_ok = _chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN, BT)
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < V_DIM
     gc_stride = num_heads * K_DIM
@@ -548,11 +543,7 @@ def gla_bwd_kernel_dv(
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
-    t0 = i * BT
-    length = tl.minimum(seqlen - t0, BT)
-    offs_t = tl.arange(0, BT)
-    t_ok = offs_t < length
+    b, bos, seqlen, t0, length, offs_t, t_ok = _chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN, BT)
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < V_DIM
     gc_stride = num_heads * K_DIM
@@ -589,11 +580,7 @@ def gla_bwd_kernel_dscores(
     """dA[r, c] = scale * do_r . v_c for c <= r (fp32 [B, T, H, BT])."""
     EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, h = tl.program_id(0), tl.program_id(1)
-    n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
-    t0 = i * BT
-    length = tl.minimum(seqlen - t0, BT)
-    offs_t = tl.arange(0, BT)
-    t_ok = offs_t < length
+    b, bos, seqlen, t0, length, offs_t, t_ok = _chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN, BT)
     v_base = _row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh)
     do_base = _row_base(DO, b, bos, t0, h, stride_db, stride_dt, stride_dh)
     acc = tl.zeros([BT, BT], dtype=tl.float32)
@@ -697,11 +684,7 @@ def gla_bwd_kernel_inter(
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     EVEN_V: tl.constexpr = V_DIM % BV == 0
     pid_c, pid_k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, b, bos, seqlen, i = _chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
-    t0 = i * BT
-    length = tl.minimum(seqlen - t0, BT)
-    offs_t = tl.arange(0, BT)
-    t_ok = offs_t < length
+    b, bos, seqlen, t0, length, offs_t, t_ok = _chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN, BT)
     offs_k = pid_k * BK + tl.arange(0, BK)
     k_ok = offs_k < K_DIM
     v_base = _row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh)
