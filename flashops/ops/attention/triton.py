@@ -63,6 +63,20 @@ def _tanh(x):
 
 
 @triton.jit
+def _sequence_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(first query row, query count, first key row, key count) of batch entry b: read from cu_seqlens for
+    packed sequences; dense ones start at row 0 with the given lengths."""
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
 def _logits(qk, rows, cols, diag, qk_scale2, cap_scale, cap2, slope2,
             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """log2-domain logits from raw q.k and the tanh of the capped score (or qk when no softcap)."""
@@ -231,13 +245,7 @@ def _attn_fwd_kernel(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     h_kv = h // kv_group
-    q_start = 0
-    k_start = 0
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
     # Heaviest query tiles first when the mask is causal-like: better tail balance.
     if HAS_RIGHT:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -448,13 +456,7 @@ def _attn_bwd_dkdv_kernel(
     num_kv_heads = num_heads // kv_group
     b = pid_bh // num_kv_heads
     h_kv = pid_bh % num_kv_heads
-    q_start = 0
-    k_start = 0
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
         return
@@ -609,13 +611,7 @@ def _attn_bwd_dq_kernel(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     h_kv = h // kv_group
-    q_start = 0
-    k_start = 0
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
     if HAS_RIGHT:
         pid_m = tl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
