@@ -1,0 +1,29 @@
+"""The decoding convention every flashops module follows.
+
+    cache = layer.init_cache(batch_size, max_seqlen, device=..., dtype=...)   # one cache per layer
+    y = layer(x, cache=cache)        # x [B, T, C]: T new tokens after what the cache holds (prefill or step)
+    y_t = layer.step(x_t, cache)     # one token per sequence, [B, C]; same as layer(x_t[:, None], cache=cache)[:, 0]
+
+A call with a cache reads it and updates it in place (appends keys/values or advances the recurrent state) and
+returns what the same call returns without one. Each family subclasses :class:`Cache` with the tensors it
+needs (keys and values for softmax attention and LLA, a fixed-size state for the recurrent families).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+class Cache:
+    """Base of every module's decoding state. ``seqlens`` (int32 ``[B]``, on the cache's device) counts the
+    tokens each sequence has consumed; it stays on the device so that decode steps need no host sync."""
+
+    seqlens: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.seqlens.shape[0]
+
+    def reset(self) -> None:
+        """Forget every sequence (the cache can be reused for a new batch of the same size)."""
+        raise NotImplementedError
