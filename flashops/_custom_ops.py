@@ -7,11 +7,19 @@ The dispatcher round trip of a custom op with autograd costs several hundred mic
 against ~55 us for the rest of an attention call), which dominates short GPU kernels. So eager calls on
 plain tensors run the implementation directly under an equivalent ``torch.autograd.Function`` that reuses
 the op's own ``setup_context`` and ``backward``; everything else goes through the dispatcher.
+
+A custom op's argument list is written once, as an :class:`OpArgs`; the op's schema (order and types), named
+access to a call's arguments, the tensors saved for the backward and the gradient tuple (None for every
+input without a gradient) are all derived from it.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import inspect
+import typing
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils import _python_dispatch
@@ -60,3 +68,104 @@ def register_autograd(op, impl: Callable, backward: Callable, setup_context: Cal
 
     call.__name__ = getattr(impl, "__name__", "call")
     return call
+
+
+def _is_tensor_type(annotation) -> bool:
+    return annotation is torch.Tensor or annotation == Optional[torch.Tensor]
+
+
+class OpArgs:
+    """The argument list of a custom op: ``(name, type)`` pairs in schema order, written once.
+
+    Example (the attention forward op takes q, k, v, the fields of ``AttentionArgs`` and the backend name)::
+
+        FWD = OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor)) + OpArgs.fields(AttentionArgs) + BACKEND
+        _fwd = FWD.custom_op("flashops::attention_fwd", lambda a: ..., fake=lambda a: ..., returns=...)
+        out, lse = _fwd(*FWD.values(q=q, k=k, v=v, **OpArgs.field_values(args), backend=name))
+        # in setup_context: FWD.save(ctx, inputs, output); in backward: a = FWD.saved(ctx) and
+        return FWD.grads(q=dq, k=dk, v=dv)  # None for every other input
+    """
+
+    def __init__(self, *params: tuple[str, Any]):
+        self.params = tuple(params)
+        self.names = tuple(name for name, _ in self.params)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        if len(self.index) != len(self.names):
+            raise ValueError(f"duplicate argument names in {self.names}")
+        self.signature = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in self.params])
+
+    @classmethod
+    def fields(cls, dataclass_type) -> "OpArgs":
+        """The fields of a dataclass of normalized arguments (e.g. ``AttentionArgs``), in declaration order."""
+        hints = typing.get_type_hints(dataclass_type)
+        return cls(*((f.name, hints[f.name]) for f in dataclasses.fields(dataclass_type)))
+
+    @staticmethod
+    def field_values(instance) -> dict:
+        """The fields of a dataclass instance by name (shallow: tensors are not copied)."""
+        return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
+
+    def pick(self, namespace) -> dict:
+        """This list's arguments, by name, out of a bound namespace (e.g. a larger op's arguments)."""
+        return {n: getattr(namespace, n) for n in self.names}
+
+    def __add__(self, other: "OpArgs") -> "OpArgs":
+        return OpArgs(*self.params, *other.params)
+
+    def without(self, *names: str) -> "OpArgs":
+        return OpArgs(*((n, t) for n, t in self.params if n not in names))
+
+    def values(self, **named) -> tuple:
+        """The positional arguments of a call, in schema order, from keyword ones (all of them, no others)."""
+        extra = set(named) - set(self.names)
+        if extra:
+            raise TypeError(f"unknown op arguments {sorted(extra)}; the op takes {self.names}")
+        return tuple(named[n] for n in self.names)
+
+    def bind(self, args: tuple, kwargs: Optional[dict] = None) -> SimpleNamespace:
+        """A call's arguments by name."""
+        return SimpleNamespace(**self.signature.bind(*args, **(kwargs or {})).arguments)
+
+    def custom_op(self, qualname: str, impl: Callable[[SimpleNamespace], Any], *, returns,
+                  fake: Callable[[SimpleNamespace], Any]):
+        """``torch.library.custom_op`` with this argument list; ``impl`` and ``fake`` take the bound arguments.
+        Returns ``(op, prototype)``: the prototype is the op's plain Python implementation (the eager path)."""
+        def prototype(*args, **kwargs):
+            return impl(self.bind(args, kwargs))
+
+        def fake_prototype(*args, **kwargs):
+            return fake(self.bind(args, kwargs))
+
+        prototype.__signature__ = self.signature.replace(return_annotation=returns)
+        prototype.__name__ = qualname.split("::")[-1]
+        op = torch.library.custom_op(qualname, prototype, mutates_args=())
+        op.register_fake(fake_prototype)
+        return op, prototype
+
+    # --------------------------------------------------------------------------------------- autograd
+    def save(self, ctx, inputs: tuple, outputs: tuple = ()) -> None:
+        """setup_context: save the tensor inputs (and ``outputs``) for the backward, keep the others on ctx."""
+        tensors = [n for n, t in self.params if _is_tensor_type(t)]
+        ctx.save_for_backward(*(inputs[self.index[n]] for n in tensors), *outputs)
+        ctx.op_tensor_names = tensors
+        ctx.op_constants = {n: inputs[i] for i, n in enumerate(self.names) if n not in tensors}
+
+    def saved(self, ctx) -> SimpleNamespace:
+        """The forward's inputs by name in the backward, and its saved ``outputs`` (a tuple)."""
+        saved = ctx.saved_tensors
+        names = ctx.op_tensor_names
+        return SimpleNamespace(**dict(zip(names, saved)), **ctx.op_constants, outputs=tuple(saved[len(names):]))
+
+    def needs_grad(self, ctx, name: str) -> bool:
+        return bool(ctx.needs_input_grad[self.index[name]])
+
+    def grads(self, **named) -> tuple:
+        """The backward's return value: one entry per input in schema order, None where not named."""
+        extra = set(named) - set(self.names)
+        if extra:
+            raise TypeError(f"gradients for unknown op arguments {sorted(extra)}")
+        return tuple(named.get(n) for n in self.names)
+
+
+BACKEND = OpArgs(("backend", str))
