@@ -144,15 +144,17 @@ class OpArgs:
         return op, prototype
 
     # --------------------------------------------------------------------------------------- autograd
-    def save(self, ctx, inputs: tuple, outputs: tuple = ()) -> None:
-        """setup_context: save the tensor inputs (and ``outputs``) for the backward, keep the others on ctx."""
+    def save(self, ctx, inputs: tuple, outputs: tuple = (), *, skip: tuple = ()) -> None:
+        """setup_context: save the tensor inputs (but those in ``skip``, which the backward does not need) and
+        ``outputs`` for the backward; keep the other arguments on ctx."""
         tensors = [n for n, t in self.params if _is_tensor_type(t)]
-        ctx.save_for_backward(*(inputs[self.index[n]] for n in tensors), *outputs)
-        ctx.op_tensor_names = tensors
+        saved = [n for n in tensors if n not in skip]
+        ctx.save_for_backward(*(inputs[self.index[n]] for n in saved), *outputs)
+        ctx.op_tensor_names = saved
         ctx.op_constants = {n: inputs[i] for i, n in enumerate(self.names) if n not in tensors}
 
     def saved(self, ctx) -> SimpleNamespace:
-        """The forward's inputs by name in the backward, and its saved ``outputs`` (a tuple)."""
+        """The forward's saved inputs by name in the backward, and its saved ``outputs`` (a tuple)."""
         saved = ctx.saved_tensors
         names = ctx.op_tensor_names
         return SimpleNamespace(**dict(zip(names, saved)), **ctx.op_constants, outputs=tuple(saved[len(names):]))

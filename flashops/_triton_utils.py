@@ -109,6 +109,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def programs_to_fill(device: torch.device) -> int:
+    """How many programs a kernel that splits a reduction into partial sums should aim for: four per SM of the
+    GPU, two under the interpreter (whose programs run one after another)."""
+    if device.type != "cuda":
+        return 2
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def autotune_enabled() -> bool:
     """FLASHOPS_AUTOTUNE=0 runs each kernel's default config (quick compiles, e.g. for test suites)."""
     return os.environ.get("FLASHOPS_AUTOTUNE", "1") not in ("0", "false", "False")

@@ -21,3 +21,8 @@ def fresh(t: torch.Tensor) -> torch.Tensor:
     """A custom op must return tensors that own their storage: a view (e.g. ``view_as_real`` of a complex
     result) is rebuilt from its base under AOT tracing with the wrong element size. Copy views only."""
     return t if t._base is None else t.clone()
+
+
+def contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    """A fake kernel's gradient: an empty tensor like ``t``, contiguous."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
