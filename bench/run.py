@@ -24,8 +24,21 @@ from . import measure  # noqa: E402
 from .memory import run_memory  # noqa: E402
 from .progress import Progress  # noqa: E402
 from .registry import MODES, Case, Op, Unsupported, load_ops  # noqa: E402
-from .results import (ERROR, OK, OOM, SKIP, WRONG, Result, device_slug, environment,  # noqa: E402
-                      memory_table, table, to_rows, write_csv, write_json)
+from .results import (  # noqa: E402
+    ERROR,
+    OK,
+    OOM,
+    SKIP,
+    WRONG,
+    Result,
+    device_slug,
+    environment,
+    memory_table,
+    table,
+    to_rows,
+    write_csv,
+    write_json,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils import _python_dispatch
@@ -96,7 +97,7 @@ class OpArgs:
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in self.params])
 
     @classmethod
-    def fields(cls, dataclass_type) -> "OpArgs":
+    def fields(cls, dataclass_type) -> OpArgs:
         """The fields of a dataclass of normalized arguments (e.g. ``AttentionArgs``), in declaration order."""
         hints = typing.get_type_hints(dataclass_type)
         return cls(*((f.name, hints[f.name]) for f in dataclasses.fields(dataclass_type)))
@@ -110,10 +111,10 @@ class OpArgs:
         """This list's arguments, by name, out of a bound namespace (e.g. a larger op's arguments)."""
         return {n: getattr(namespace, n) for n in self.names}
 
-    def __add__(self, other: "OpArgs") -> "OpArgs":
+    def __add__(self, other: OpArgs) -> OpArgs:
         return OpArgs(*self.params, *other.params)
 
-    def without(self, *names: str) -> "OpArgs":
+    def without(self, *names: str) -> OpArgs:
         return OpArgs(*((n, t) for n, t in self.params if n not in names))
 
     def values(self, **named) -> tuple:

@@ -62,8 +62,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -207,7 +208,7 @@ class TunedTable:
         return None if entry is None else dict(entry["config"])
 
     @classmethod
-    def read(cls, path: Union[str, Path]) -> "TunedTable":
+    def read(cls, path: Union[str, Path]) -> TunedTable:
         data = json.loads(Path(path).read_text())
         return cls(data["device"], data.get("kernels", {}), data.get("torch", ""), data.get("triton", ""))
 
@@ -343,6 +344,12 @@ class Launcher:
     def run(self, cfg, grid, args: dict):
         """One launch with the config ``cfg``."""
         return self._runner[grid](**args, **cfg.all_kwargs())
+
+    def kernel_arguments(self, cfg, args: dict) -> dict:
+        """Every argument the kernel gets for ``cfg``: the call's, the config's meta-parameters and the derived
+        (heuristic) ones."""
+        full = {**args, **cfg.kwargs}
+        return {**full, **{name: derive(full) for name, derive in getattr(self._runner, "values", {}).items()}}
 
     def _config_ids(self, candidates: Sequence[Any]) -> tuple:
         """Config ids of a candidate list, cached while the list lives (configs functions may memoize)."""

@@ -12,8 +12,13 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.linear import (gated_linear_attention, gated_linear_attention_step, lightning_attention,
-                          lightning_attention_step, lightning_slopes)
+from ..ops.linear import (
+    gated_linear_attention,
+    gated_linear_attention_step,
+    lightning_attention,
+    lightning_attention_step,
+    lightning_slopes,
+)
 
 
 def _check_hidden(x: Tensor, hidden_size: int, ndim: int, layout: str) -> None:

@@ -16,8 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.ssm import (default_state, fft_conv, forward_state, init_log_dt, inverse_softplus, krylov_kernel,
-                       s4d_init, s4d_kernel, setup_step, state_output, step, transition)
+from ..ops.ssm import (
+    default_state,
+    fft_conv,
+    forward_state,
+    init_log_dt,
+    inverse_softplus,
+    krylov_kernel,
+    s4d_init,
+    s4d_kernel,
+    setup_step,
+    state_output,
+    step,
+    transition,
+)
 from ..ops.ssm.discretization import discretize
 
 _ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "identity": lambda x: x}
@@ -42,7 +54,8 @@ class _LTISSM(nn.Module):
         self.d_model, self.channels = d_model, channels
         self.dt_transform, self.discretization, self.activation = dt_transform, discretization, activation
         log_dt = init_log_dt(d_model, dt_min, dt_max)
-        self.dt_param = nn.Parameter(log_dt if dt_transform == "exp" else inverse_softplus(log_dt.double().exp()).float())
+        dt_param = log_dt if dt_transform == "exp" else inverse_softplus(log_dt.double().exp()).float()
+        self.dt_param = nn.Parameter(dt_param)
         self.D = nn.Parameter(torch.randn(channels, d_model))
         self.output_linear = nn.Linear(channels * d_model, d_model)
         self._step: Optional[object] = None

@@ -6,8 +6,18 @@ import math
 import pytest
 import torch
 
-from flashops.ops.ssm import (cauchy_kernel, discretize, dplr_kernel, fft_conv, krylov_kernel, nplr, s4d_init,
-                              s4d_kernel, transition, vandermonde_kernel)
+from flashops.ops.ssm import (
+    cauchy_kernel,
+    discretize,
+    dplr_kernel,
+    fft_conv,
+    krylov_kernel,
+    nplr,
+    s4d_init,
+    s4d_kernel,
+    transition,
+    vandermonde_kernel,
+)
 from flashops.ops.ssm import reference as ref
 from flashops.testing import assert_close
 

@@ -4,8 +4,19 @@ and the float64 step-by-step recurrence."""
 import pytest
 import torch
 
-from flashops.ops.ssm import (default_state, discretize, fft_conv, forward_state, krylov_kernel, s4d_init,
-                              s4d_kernel, setup_step, state_output, step, transition)
+from flashops.ops.ssm import (
+    default_state,
+    discretize,
+    fft_conv,
+    forward_state,
+    krylov_kernel,
+    s4d_init,
+    s4d_kernel,
+    setup_step,
+    state_output,
+    step,
+    transition,
+)
 from flashops.ops.ssm import reference as ref
 
 F64 = torch.float64

@@ -9,7 +9,8 @@ additive masks) is the same code. The log-sum-exp output is differentiable.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -63,11 +64,11 @@ def _backend(a) -> AttentionBackend:
     return _dispatch.get(OP, a.backend).load()
 
 
-def _fwd(a) -> tuple[Tensor, Tensor]:
+def _run_attention_fwd(a) -> tuple[Tensor, Tensor]:
     return _backend(a).forward(a.q, a.k, a.v, AttentionArgs(**_ARGS.pick(a)))
 
 
-def _fwd_fake(a) -> tuple[Tensor, Tensor]:
+def _attention_fwd_fake(a) -> tuple[Tensor, Tensor]:
     q = a.q
     if a.cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[2], q.shape[1]), dtype=torch.float32)
@@ -76,22 +77,23 @@ def _fwd_fake(a) -> tuple[Tensor, Tensor]:
     return torch.empty_like(q), lse
 
 
-def _bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _run_attention_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dbias = _backend(a).backward(a.dout, a.dlse, a.q, a.k, a.v, a.out, a.lse,
                                              AttentionArgs(**_ARGS.pick(a)), a.want_dbias)
     # A custom op returns tensors only: an empty one stands for "no bias gradient".
     return dq, dk, dv, dbias if dbias is not None else a.q.new_empty(0)
 
 
-def _bwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _attention_bwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dbias = torch.empty_like(a.bias, memory_format=torch.contiguous_format) if a.want_dbias else a.q.new_empty(0)
     return torch.empty_like(a.q), torch.empty_like(a.k), torch.empty_like(a.v), dbias
 
 
 _attention_fwd, _attention_fwd_impl = FWD_ARGS.custom_op(
-    "flashops::attention_fwd", _fwd, fake=_fwd_fake, returns=tuple[Tensor, Tensor])
+    "flashops::attention_fwd", _run_attention_fwd, fake=_attention_fwd_fake, returns=tuple[Tensor, Tensor])
 _attention_bwd, _attention_bwd_impl = BWD_ARGS.custom_op(
-    "flashops::attention_bwd", _bwd, fake=_bwd_fake, returns=tuple[Tensor, Tensor, Tensor, Tensor])
+    "flashops::attention_bwd", _run_attention_bwd, fake=_attention_bwd_fake,
+    returns=tuple[Tensor, Tensor, Tensor, Tensor])
 _attention_bwd_call = eager(_attention_bwd, _attention_bwd_impl)
 
 

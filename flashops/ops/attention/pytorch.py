@@ -210,7 +210,8 @@ def forward(q, k, v, a: AttentionArgs):
     (varlen: q/k/v packed [1, total, ., D], lse [H, total_q])."""
     out = torch.empty_like(q)
     h = q.shape[2]
-    lse = torch.empty(h, q.shape[1], device=q.device) if a.varlen else torch.empty(q.shape[0], h, q.shape[1], device=q.device)
+    lse_shape = (h, q.shape[1]) if a.varlen else (q.shape[0], h, q.shape[1])
+    lse = torch.empty(lse_shape, device=q.device)
     for qs, _, seq in _sequences(q, k, v, a):
         o, l = _forward_one(seq)
         out[:, qs] = _ungroup(o).to(q.dtype)

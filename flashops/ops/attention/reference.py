@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange, repeat
 
 
 def allowed_mask(t_q: int, t_k: int, window_left, window_right, device) -> torch.Tensor:
@@ -32,10 +33,10 @@ def _dense(q, k, v, *, softmax_scale, window_left, window_right, softcap, alibi_
     dtype = torch.float32 if upcast else q.dtype
     b, t_q, h, d = q.shape
     t_k, h_kv = k.shape[1], k.shape[2]
-    group = h // h_kv
-    qh = q.to(dtype).transpose(1, 2)
-    kh = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
-    vh = v.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    group = h // h_kv  # GQA: query head h uses key/value head h // group
+    qh = rearrange(q.to(dtype), "b t h d -> b h t d")
+    kh = repeat(k.to(dtype), "b t h d -> b (h g) t d", g=group)
+    vh = repeat(v.to(dtype), "b t h d -> b (h g) t d", g=group)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * softmax_scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
@@ -61,7 +62,7 @@ def _dense(q, k, v, *, softmax_scale, window_left, window_right, softcap, alibi_
         if dropout_mask is None:
             raise ValueError("the reference needs dropout_mask when dropout_p > 0")
         probs = probs * dropout_mask.to(dtype) / (1.0 - dropout_p)
-    out = torch.matmul(probs, vh).transpose(1, 2)
+    out = rearrange(torch.matmul(probs, vh), "b h t d -> b t h d")
     return out, lse
 
 

@@ -69,7 +69,7 @@ def _mask_block(args: dict):
     return (args["mask_block_m"], args["mask_block_n"]) if args["HAS_BLOCK_MASK"] else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _candidates(kind: str, block_d: int, elem_size: int, mask_block) -> tuple:
     """Configs to try for one kernel, best first. 4-byte inputs also get halved tiles with one pipeline stage
     less, so that fp32 fits in shared memory; with a block mask, a tile must sit inside one mask block."""
@@ -84,7 +84,7 @@ def _candidates(kind: str, block_d: int, elem_size: int, mask_block) -> tuple:
     return tuple(_tile(*e) for e in dict.fromkeys(entries))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _interpreted(kind: str, mask_block):
     block_m, block_n = _INTERPRETED[kind]
     if mask_block is not None:
@@ -339,7 +339,8 @@ def attention_output_fwd_kernel(
         bias_base = BIAS + b64 * stride_biasb + h.to(tl.int64) * stride_biash
     mask_row_ptr = BLOCK_MASK
     if HAS_BLOCK_MASK:
-        mask_row_ptr = BLOCK_MASK + b * stride_block_maskb + h * stride_block_maskh + (start_m // mask_block_m) * stride_block_maskm
+        mask_row_ptr = (BLOCK_MASK + b * stride_block_maskb + h * stride_block_maskh
+                        + (start_m // mask_block_m) * stride_block_maskm)
     drop_rows = rows
     if HAS_DROPOUT:
         drop_rows = _dropout_row_hash(tl.load(SEED), b * num_heads + h, rows)
@@ -350,14 +351,14 @@ def attention_output_fwd_kernel(
     lo, a, bnd, end = _key_ranges(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                   HAS_LEFT, HAS_RIGHT)
     acc, l_i, m_i = _fwd_range(
-        acc, l_i, m_i, lo, a, q, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows, offs_n,
-        offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale, cap2,
-        slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
-        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+        acc, l_i, m_i, lo, a, q, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale,
+        cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N, True,
+        HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
     acc, l_i, m_i = _fwd_range(
-        acc, l_i, m_i, a, bnd, q, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows, offs_n,
-        offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale, cap2,
-        slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
+        acc, l_i, m_i, a, bnd, q, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale,
+        cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
         False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
     acc, l_i, m_i = _fwd_range(
         acc, l_i, m_i, bnd, end, q, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows,
@@ -479,9 +480,9 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_bas
 
 @triton.jit
 def _bwd_dkdv_range(dk, dv, lo, hi, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr,
-                    stride_block_maskm, mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot,
-                    stride_biasm, stride_biasn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh,
-                    drop_threshold, drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+                    stride_block_maskm, mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt,
+                    stride_dot, stride_biasm, stride_biasn, qk_scale2, cap_scale, cap2, slope2, window_left,
+                    window_right, seed, bh, drop_threshold, drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -564,7 +565,8 @@ def attention_dkdv_bwd_kernel(
             bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
         mask_col_ptr = BLOCK_MASK
         if HAS_BLOCK_MASK:
-            mask_col_ptr = BLOCK_MASK + b * stride_block_maskb + h * stride_block_maskh + (start_n // mask_block_n) * stride_block_maskn
+            mask_col_ptr = (BLOCK_MASK + b * stride_block_maskb + h * stride_block_maskh
+                            + (start_n // mask_block_n) * stride_block_maskn)
         bh = b * num_heads + h
         dk, dv = _bwd_dkdv_range(
             dk, dv, lo, a, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr, stride_block_maskm,
@@ -636,10 +638,10 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, row
 
 
 @triton.jit
-def _bwd_dq_range(dq, lo, hi, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n,
-                  rows, offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn,
-                  qk_scale2, cap_scale, cap2, slope2, window_left, window_right, drop_rows, drop_threshold,
-                  drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_dq_range(dq, lo, hi, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn,
+                  mask_block_n, rows, offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm,
+                  stride_biasn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, drop_rows,
+                  drop_threshold, drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -716,7 +718,8 @@ def attention_dq_bwd_kernel(
         bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
     mask_row_ptr = BLOCK_MASK
     if HAS_BLOCK_MASK:
-        mask_row_ptr = BLOCK_MASK + b * stride_block_maskb + h * stride_block_maskh + (start_m // mask_block_m) * stride_block_maskm
+        mask_row_ptr = (BLOCK_MASK + b * stride_block_maskb + h * stride_block_maskh
+                        + (start_m // mask_block_m) * stride_block_maskm)
     drop_rows = rows
     if HAS_DROPOUT:
         drop_rows = _dropout_row_hash(tl.load(SEED), b * num_heads + h, rows)
@@ -734,17 +737,18 @@ def attention_dq_bwd_kernel(
         cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
         False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
     dq = _bwd_dq_range(
-        dq, bnd, end, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows,
-        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale,
-        cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
-        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+        dq, bnd, end, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n,
+        rows, offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2,
+        cap_scale, cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D,
+        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK,
+        DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row64 * stride_dqt + offs_m[:, None] * stride_dqt
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _delta_configs(head_dim: int) -> tuple:
     return (config(4, 3, BLOCK_M=64 if head_dim <= 128 else 32),)
 
@@ -782,7 +786,8 @@ def _optional_inputs(q: torch.Tensor, a: AttentionArgs) -> dict:
         SLOPES=slopes if slopes is not None else dummy, BLOCK_MASK=a.block_mask if a.block_mask is not None else dummy,
         BIAS=a.bias if a.bias is not None else dummy,
         CU_Q=a.cu_seqlens_q if a.varlen else dummy, CU_K=a.cu_seqlens_k if a.varlen else dummy,
-        **slope_strides, **strides("block_mask", a.block_mask, "bhmn", broadcast=True), **strides("bias", a.bias, "bhmn", broadcast=True),
+        **slope_strides, **strides("block_mask", a.block_mask, "bhmn", broadcast=True),
+        **strides("bias", a.bias, "bhmn", broadcast=True),
     )
 
 

@@ -40,7 +40,7 @@ def _triton_supports(req: _dispatch.Request) -> list:
 
 
 _TRITON_MODULES = {
-    LIGHTNING: ("triton_lightning", "Triton chunked kernels: per-chunk states, then every chunk in parallel; fwd + bwd"),
+    LIGHTNING: ("triton_lightning", "Triton chunked kernels: per-chunk states, then every chunk in parallel"),
     GLA: ("triton_gla", "Triton chunked kernels: gate cumsum, per-chunk states, then every chunk in parallel"),
     NONCAUSAL: ("triton_noncausal", "Triton: segment states reduced per sequence, then applied chunk by chunk"),
     LIGHTNING_STEP: ("triton_step", "Triton: one fused recurrent step per (batch, head)"),

@@ -26,15 +26,25 @@ global chunk index to (sequence, chunk in sequence), and chunks never straddle s
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ..._triton_utils import config, dot_precision, launcher, strides
-from ..common.chunks import ChunkLayout, buffer_base, gate_cumsum, load_tile, load_tile_t, row_base, \
-    sequence_chunks, state_ptrs, tile_mask
+from ..common.chunks import (
+    ChunkLayout,
+    buffer_base,
+    gate_cumsum,
+    load_tile,
+    load_tile_t,
+    row_base,
+    sequence_chunks,
+    state_ptrs,
+    tile_mask,
+)
 from .common import LOG_GATE_FLOOR
 
 CHUNK = 64  # BT: positions per chunk

@@ -14,10 +14,31 @@ import triton
 import triton.language as tl
 
 from ..._triton_utils import dot_precision, launcher, strides
-from ..common.chunks import ChunkLayout, buffer_base, chunk_coords, chunk_rows, load_tile, load_tile_t, row_base, \
-    state_ptrs, state_ptrs_t, tile_mask, tile_mask_t
-from .triton_chunk import CHUNK, DSCORES_CONFIGS, FLOOR, GRAD_CONFIGS, INTRA_CONFIGS, OUTPUT_CONFIGS, SUB, \
-    chunk_launch_options, run_backward, run_forward
+from ..common.chunks import (
+    ChunkLayout,
+    buffer_base,
+    chunk_coords,
+    chunk_rows,
+    load_tile,
+    load_tile_t,
+    row_base,
+    state_ptrs,
+    state_ptrs_t,
+    tile_mask,
+    tile_mask_t,
+)
+from .triton_chunk import (
+    CHUNK,
+    DSCORES_CONFIGS,
+    FLOOR,
+    GRAD_CONFIGS,
+    INTRA_CONFIGS,
+    OUTPUT_CONFIGS,
+    SUB,
+    chunk_launch_options,
+    run_backward,
+    run_forward,
+)
 
 
 # ----------------------------------------------------------------------------------------------- forward

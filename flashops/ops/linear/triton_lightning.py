@@ -11,10 +11,26 @@ import triton
 import triton.language as tl
 
 from ..._triton_utils import dot_precision, launcher, strides
-from ..common.chunks import ChunkLayout, chunk_rows, load_tile, load_tile_t, row_base, state_ptrs, state_ptrs_t, \
-    tile_mask, tile_mask_t
-from .triton_chunk import CHUNK, GRAD_CONFIGS, OUTPUT_CONFIGS, chunk_launch_options, decay_slope, run_backward, \
-    run_forward
+from ..common.chunks import (
+    ChunkLayout,
+    chunk_rows,
+    load_tile,
+    load_tile_t,
+    row_base,
+    state_ptrs,
+    state_ptrs_t,
+    tile_mask,
+    tile_mask_t,
+)
+from .triton_chunk import (
+    CHUNK,
+    GRAD_CONFIGS,
+    OUTPUT_CONFIGS,
+    chunk_launch_options,
+    decay_slope,
+    run_backward,
+    run_forward,
+)
 
 
 # ----------------------------------------------------------------------------------------------- kernels

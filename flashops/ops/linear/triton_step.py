@@ -13,7 +13,7 @@ from ..._triton_utils import config, launcher, strides
 from .triton_chunk import FLOOR, contiguous_states, decay_slope
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step_configs(d_k: int, d_v: int, interpreted: bool) -> tuple:
     """One config: the whole key dimension per program and as wide a V tile as 8K elements allow (16 under the
     interpreter, so that tests cross V tiles)."""

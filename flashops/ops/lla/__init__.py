@@ -67,33 +67,33 @@ DECODE_ARGS = (OpArgs(("q", Tensor), ("k_cache", Tensor), ("v_cache", Tensor), (
                       ("ridge", Tensor), ("softmax_scale", float)) + BACKEND)
 
 
-def _fwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _run_lla_fwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     backend: LLABackend = _dispatch.get(OP, a.backend).load()
     return backend.forward(a.q, a.k, a.v, a.ridge, LLAArgs(**_ARGS.pick(a)))
 
 
-def _fwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lla_fwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     b, t_q, h, _ = a.q.shape
     stats = a.q.new_empty(a.q.shape, dtype=torch.float32)
     return torch.empty_like(a.q), a.q.new_empty((b, h, t_q), dtype=torch.float32), stats, torch.empty_like(stats)
 
 
-def _bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _run_lla_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     backend: LLABackend = _dispatch.get(OP, a.backend).load()
     dq, dk, dv, dridge = backend.backward(a.dout, a.q, a.k, a.v, a.out, a.lse, a.k_bar, a.z, a.ridge,
                                           LLAArgs(**_ARGS.pick(a)))
     return dq, dk, dv, dridge.contiguous()
 
 
-def _bwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lla_bwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     b, t_q, h, _ = a.q.shape
     return (torch.empty_like(a.q), torch.empty_like(a.k), torch.empty_like(a.v),
             a.q.new_empty((b, t_q, h), dtype=torch.float32))
 
 
-_lla_fwd, _lla_fwd_impl = FWD_ARGS.custom_op("flashops::lla_fwd", _fwd, fake=_fwd_fake,
+_lla_fwd, _lla_fwd_impl = FWD_ARGS.custom_op("flashops::lla_fwd", _run_lla_fwd, fake=_lla_fwd_fake,
                                              returns=tuple[Tensor, Tensor, Tensor, Tensor])
-_lla_bwd, _lla_bwd_impl = BWD_ARGS.custom_op("flashops::lla_bwd", _bwd, fake=_bwd_fake,
+_lla_bwd, _lla_bwd_impl = BWD_ARGS.custom_op("flashops::lla_bwd", _run_lla_bwd, fake=_lla_bwd_fake,
                                              returns=tuple[Tensor, Tensor, Tensor, Tensor])
 _lla_bwd_call = eager(_lla_bwd, _lla_bwd_impl)
 
@@ -117,14 +117,14 @@ def _backward(ctx, dout, _dlse, _dk_bar, _dz):
 _lla = register_autograd(_lla_fwd, _lla_fwd_impl, _backward, _setup_context)
 
 
-def _decode(a) -> Tensor:
+def _run_lla_decode(a) -> Tensor:
     backend: LLADecodeBackend = _dispatch.get(DECODE_OP, a.backend).load()
     return backend.decode(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.ridge,
                           LLAArgs(softmax_scale=a.softmax_scale, causal=False))
 
 
 _lla_decode, _lla_decode_impl = DECODE_ARGS.custom_op(
-    "flashops::lla_decode", _decode, fake=lambda a: torch.empty_like(a.q), returns=Tensor)
+    "flashops::lla_decode", _run_lla_decode, fake=lambda a: torch.empty_like(a.q), returns=Tensor)
 _lla_decode_call = eager(_lla_decode, _lla_decode_impl)
 
 

@@ -62,7 +62,7 @@ def _tile(block_m, block_n, warps, stages):
     return config(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _candidates(kind: str, block_d: int) -> tuple:
     return tuple(_tile(*e) for e in _CONFIGS[kind][64 if block_d <= 64 else 128])
 
@@ -602,13 +602,13 @@ def lla_dkdv_bwd_kernel(
         for start_m in range(lo, full, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, ks, v, q_base, do_base, Z_LO + side, R_LO + side, LSE + scalar,
                                 ROWS + scalar * ROW_FIELDS, start_m, cols, offs_m, offs_d, seqlen_q, diag, stride_qt,
-                                stride_dot, stride_kbart, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, True, CAUSAL, ROW_FIELDS,
-                                DOT_PRECISION)
+                                stride_dot, stride_kbart, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, True, CAUSAL,
+                                ROW_FIELDS, DOT_PRECISION)
         for start_m in range(full, end, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, ks, v, q_base, do_base, Z_LO + side, R_LO + side, LSE + scalar,
                                 ROWS + scalar * ROW_FIELDS, start_m, cols, offs_m, offs_d, seqlen_q, diag, stride_qt,
-                                stride_dot, stride_kbart, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, False, CAUSAL, ROW_FIELDS,
-                                DOT_PRECISION)
+                                stride_dot, stride_kbart, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, False, CAUSAL,
+                                ROW_FIELDS, DOT_PRECISION)
     ok = (cols < seqlen_k)[:, None] & (offs_d[None, :] < HEAD_DIM)
     col64 = cols.to(tl.int64)
     tl.store(DK + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + col64[:, None] * stride_dkt + offs_d[None, :],

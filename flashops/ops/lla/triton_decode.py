@@ -20,7 +20,7 @@ from .state import combine_partials
 BLOCK_N = 32  # keys per step; every split holds a multiple of it
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _configs(block_d: int) -> tuple:
     return (config(4 if block_d <= 64 else 8, 3, BLOCK_N=BLOCK_N),)
 

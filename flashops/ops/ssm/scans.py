@@ -68,7 +68,8 @@ def _contiguous_grad(g: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ linear scan
 # The argument lists of the custom ops, written once.
-LINEAR_SCAN_ARGS = OpArgs(("a", Tensor), ("b", Tensor), ("initial_state", Optional[Tensor]), ("reverse", bool)) + BACKEND
+LINEAR_SCAN_ARGS = (OpArgs(("a", Tensor), ("b", Tensor), ("initial_state", Optional[Tensor]), ("reverse", bool))
+                    + BACKEND)
 LINEAR_SCAN_BWD_ARGS = (OpArgs(("dh", Tensor), ("a", Tensor), ("h", Tensor), ("initial_state", Optional[Tensor]),
                                ("reverse", bool)) + BACKEND)
 
@@ -174,7 +175,8 @@ def linear_scan(a, b, initial_state=None, reverse: bool = False, *, backend: Opt
         raise ValueError(f"a and b must have 3 dimensions {_SEQ}, got shapes {tuple(a_s.shape[:a_s.dim() - complex_])}"
                          f" and {tuple(b_s.shape[:b_s.dim() - complex_])}")
     if a_s.shape != b_s.shape:
-        raise ValueError(f"a and b must have the same shape {_SEQ}, got {tuple(a_s.shape[:3])} and {tuple(b_s.shape[:3])}")
+        raise ValueError(f"a and b must have the same shape {_SEQ}, got {tuple(a_s.shape[:3])} and "
+                         f"{tuple(b_s.shape[:3])}")
     check_same((("a", a_s), ("b", b_s)), "device")
     if a_s.dtype != b_s.dtype:
         raise ValueError(f"a and b must have the same dtype, got {a_s.dtype} and {b_s.dtype}")

@@ -92,7 +92,8 @@ def scan_selective_fwd_kernel(
     state_off = (b * dim + d)[:, None] * n_state + n[None, :]  # [B, D, N] contiguous fp32 buffers
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     if HAS_INIT:
-        h = tl.load(H0 + b * stride_h0b + d[:, None] * stride_h0d + n[None, :] * stride_h0n, mask=dn_ok, other=0.0).to(tl.float32)
+        h0_ptrs = H0 + b * stride_h0b + d[:, None] * stride_h0d + n[None, :] * stride_h0n
+        h = tl.load(h0_ptrs, mask=dn_ok, other=0.0).to(tl.float32)
     u_row = U + b * stride_ub + d * stride_ud
     dl_row = DELTA + b * stride_deltab + d * stride_deltad
     z_row = Z + b * stride_zb + d * stride_zd
