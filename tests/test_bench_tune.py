@@ -3,21 +3,19 @@ that the launch helper then uses, and the op stays correct with it."""
 
 import json
 
-import pytest
 import torch
 
 import flashops
 from bench import tune
-from flashops import _dispatch
 from flashops._triton_utils import TunedTable
 from flashops.ops.ssm import reference
 
 from .conftest import DEVICE
+from .helpers import require
 
 
 def test_tune_writes_a_table_that_the_kernels_then_use(tmp_path, monkeypatch):
-    if _dispatch.get("vandermonde_kernel", "triton").supports(_dispatch.Request(DEVICE, torch.float32, {})):
-        pytest.skip("no Triton here")
+    require("vandermonde_kernel", "triton")
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"device": "old", "kernels": {"other_kernel": [
         {"config": {"num_stages": 1, "num_warps": 1}, "key": {"X": 1}, "ms": 1.0}]}}))

@@ -1,20 +1,9 @@
-"""Shared helpers of the ssm tests: backend skips with the backend's own reasons."""
+"""Shared helpers of the ssm tests."""
 
-import pytest
 import torch
 
-from flashops import _dispatch
-
-BACKENDS = ["triton", "torch"]
 # The scans also have the C++ CPU backend (csrc/ssm/scan_cpu.cpp).
 SCAN_BACKENDS = ["triton", "cpp", "torch"]
-
-
-def require(op: str, backend: str, device, dtype=torch.float32, **features):
-    """Skip unless ``backend`` of ``op`` accepts (device, dtype); the skip names its reasons."""
-    reasons = _dispatch.get(op, backend).supports(_dispatch.Request(torch.device(device), dtype, features))
-    if reasons:
-        pytest.skip(f"{op}/{backend}: " + "; ".join(reasons))
 
 
 def pairs(x: torch.Tensor) -> torch.Tensor:

@@ -88,8 +88,8 @@ def test_chunked_inference_equals_full(kind, disc, split):
 
 
 def test_state_output_triton_matches_torch(device):
-    from .ssm_helpers import require
-    require("vandermonde_kernel", "triton", device)
+    from ..helpers import require
+    require("vandermonde_kernel", "triton", device=device)
     A, B, C, dt, _ = _system("complex", "zoh")
     ssm = setup_step(A.to(torch.complex64).to(device), B.float().to(device), C.to(torch.complex64).to(device),
                      dt.float().to(device), "zoh", diagonal=True)
