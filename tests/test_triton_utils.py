@@ -217,3 +217,16 @@ def test_tuning_session_times_every_candidate_keeps_the_fastest_and_restores_out
 def test_launcher_rejects_keys_that_are_not_arguments():
     with pytest.raises(ValueError, match="not arguments of the kernel"):
         launcher(configs=CANDIDATES, key=["NOPE"])(toy_add_fwd_kernel.fn)
+
+
+def test_the_module_docstring_example_runs(fresh_launcher):
+    """The complete example in flashops/_triton_utils.py's docstring (docs/contributing.md points to it)."""
+    if ON_GPU:
+        pytest.skip("interpreter path")
+    doc = tu.__doc__
+    block = doc[doc.index("::\n\n") + 4:doc.index("\nHow a config")]
+    source = "\n".join(line[4:] for line in block.splitlines())
+    namespace = {"torch": torch}
+    exec(compile(source, "_triton_utils example", "exec"), namespace)
+    x = torch.randn(2, 37, 16)
+    torch.testing.assert_close(namespace["scale_rows"](x, 0.5), x * 0.5)
