@@ -62,6 +62,20 @@ def _program_channels(pid_d, pid_bg, n_groups, group_dim, n_state, BLOCK_D: tl.c
     return b.to(tl.int64), g.to(tl.int64), d, d_ok, n, n_ok
 
 
+@triton.jit
+def _channel_parameters(A, DBIAS, DSKIP, d, n, d_ok, dn_ok, stride_ad, stride_an, HAS_BIAS: tl.constexpr,
+                        HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A [BLOCK_D, BLOCK_N], delta_bias and D [BLOCK_D] of the program's channels (fp32; 0 where absent)."""
+    a_dn = tl.load(A + d[:, None] * stride_ad + n[None, :] * stride_an, mask=dn_ok, other=0.0).to(tl.float32)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(DBIAS + d, mask=d_ok, other=0.0).to(tl.float32)
+    skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        skip = tl.load(DSKIP + d, mask=d_ok, other=0.0).to(tl.float32)
+    return a_dn, bias, skip
+
+
 @launcher(**_launch_options(["OUT", "LAST", "CKPT"]))
 @triton.jit
 def scan_selective_fwd_kernel(
@@ -82,13 +96,9 @@ def scan_selective_fwd_kernel(
     b, g, d, d_ok, n, n_ok = _program_channels(tl.program_id(0), tl.program_id(1), n_groups, group_dim, n_state,
                                                BLOCK_D, BLOCK_N)
     dn_ok = d_ok[:, None] & n_ok[None, :]
-    A2 = tl.load(A + d[:, None] * stride_ad + n[None, :] * stride_an, mask=dn_ok, other=0.0).to(tl.float32) * LOG2E
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(DBIAS + d, mask=d_ok, other=0.0).to(tl.float32)
-    skip = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        skip = tl.load(DSKIP + d, mask=d_ok, other=0.0).to(tl.float32)
+    a_dn, bias, skip = _channel_parameters(A, DBIAS, DSKIP, d, n, d_ok, dn_ok, stride_ad, stride_an, HAS_BIAS, HAS_D,
+                                           BLOCK_D)
+    A2 = a_dn * LOG2E
     state_off = (b * dim + d)[:, None] * n_state + n[None, :]  # [B, D, N] contiguous fp32 buffers
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     if HAS_INIT:
@@ -153,14 +163,9 @@ def scan_selective_bwd_kernel(
     pid_bg = tl.program_id(1)
     b, g, d, d_ok, n, n_ok = _program_channels(pid_d, pid_bg, n_groups, group_dim, n_state, BLOCK_D, BLOCK_N)
     dn_ok = d_ok[:, None] & n_ok[None, :]
-    a_dn = tl.load(A + d[:, None] * stride_ad + n[None, :] * stride_an, mask=dn_ok, other=0.0).to(tl.float32)
+    a_dn, bias, skip = _channel_parameters(A, DBIAS, DSKIP, d, n, d_ok, dn_ok, stride_ad, stride_an, HAS_BIAS, HAS_D,
+                                           BLOCK_D)
     A2 = a_dn * LOG2E
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(DBIAS + d, mask=d_ok, other=0.0).to(tl.float32)
-    skip = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        skip = tl.load(DSKIP + d, mask=d_ok, other=0.0).to(tl.float32)
     state_off = (b * dim + d)[:, None] * n_state + n[None, :]
     mu = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # exp(dt A) lambda at the first step of the later tile
     if HAS_DLAST:
