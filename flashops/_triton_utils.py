@@ -272,8 +272,7 @@ class Launcher:
         self._configs = configs
         self._interpreted = interpreted
         self._runner = triton.heuristics(dict(heuristics))(fn) if heuristics else fn
-        self._ids: dict[int, tuple] = {}  # id(candidate list) -> (the list, its config ids)
-        self._decisions: dict = {}  # (config ids, shape class, table, autotune?) -> how to launch
+        self._decisions: dict = {}  # (candidates, dtype, worth tuning, key values) -> (candidates, how to launch)
         arg_names = list(inspect.signature(fn.fn).parameters)
         unknown = [n for n in (*self.key, *self.restore_value, *self.reset_to_zero) if n not in arg_names]
         if unknown:
@@ -312,34 +311,39 @@ class Launcher:
     # --------------------------------------------------------------------------------------- launching
     def launch(self, grid, *, work: Optional[float] = None, **args):
         """Launch on ``grid`` (a tuple, or a function of the chosen meta-parameters) with keyword arguments.
-        ``work`` (e.g. the call's FLOPs) gates autotuning for kernels with a ``tune_min_work``."""
+        ``work`` (e.g. the call's FLOPs) gates autotuning for kernels with a ``tune_min_work``. How a shape class
+        is launched (table, autotuning, first fit) is decided on its first launch and remembered."""
         if _SESSION is not None:
             return _SESSION.launch(self, grid, args)
-        table = tuned_table()
         if interpreter_enabled():
+            table = tuned_table()
             chosen = self.tuned(args, self.candidates(args), table) if table is not None else None
             return self.run(chosen or self.interpreted(args), grid, args)
         candidates = self.candidates(args)
-        ids = self._config_ids(candidates)
-        autotune = autotune_enabled() and len(candidates) > 1 and (work is None or work >= self.tune_min_work)
-        decision_key = (ids, tuple(self.shape_class(args).items()), id(table), autotune)
-        decision = self._decisions.get(decision_key)
-        if decision is None:
-            tuned = self.tuned(args, candidates, table)
-            if tuned is not None:
-                decision = [tuned, *candidates], 0
-            elif autotune:
-                import triton
-
-                decision = triton.autotune(configs=list(candidates), key=list(self.key),
-                                           restore_value=self.restore_value,
-                                           reset_to_zero=self.reset_to_zero)(self._runner)
-            else:
-                decision = list(candidates), 0
-            self._decisions[decision_key] = decision
+        dtype = next((a.dtype for a in args.values() if isinstance(a, torch.Tensor)), None)
+        worth_tuning = work is None or work >= self.tune_min_work
+        decision_key = (id(candidates), dtype, worth_tuning, *(args[name] for name in self.key))
+        entry = self._decisions.get(decision_key)
+        if entry is None or entry[0] is not candidates:  # the list is kept alive, so its id is not reused
+            entry = candidates, self._decide(candidates, args, worth_tuning)
+            self._decisions[decision_key] = entry
+        decision = entry[1]
         if isinstance(decision, tuple):
             return self._first_that_fits(decision_key, *decision, grid, args)
         return decision[grid](**args)
+
+    def _decide(self, candidates: Sequence[Any], args: dict, worth_tuning: bool):
+        """A tuned config (then the candidates as resource fallbacks), an autotuner, or the candidates in order:
+        ``(chain, first index)`` or a ``triton.autotune`` wrapper."""
+        tuned = self.tuned(args, candidates, tuned_table())
+        if tuned is not None:
+            return [tuned, *candidates], 0
+        if autotune_enabled() and len(candidates) > 1 and worth_tuning:
+            import triton
+
+            return triton.autotune(configs=list(candidates), key=list(self.key), restore_value=self.restore_value,
+                                   reset_to_zero=self.reset_to_zero)(self._runner)
+        return list(candidates), 0
 
     def run(self, cfg, grid, args: dict):
         """One launch with the config ``cfg``."""
@@ -351,14 +355,6 @@ class Launcher:
         full = {**args, **cfg.kwargs}
         return {**full, **{name: derive(full) for name, derive in getattr(self._runner, "values", {}).items()}}
 
-    def _config_ids(self, candidates: Sequence[Any]) -> tuple:
-        """Config ids of a candidate list, cached while the list lives (configs functions may memoize)."""
-        cached = self._ids.get(id(candidates))
-        if cached is None or cached[0] is not candidates:
-            cached = candidates, tuple(_config_id(c) for c in candidates)
-            self._ids[id(candidates)] = cached
-        return cached[1]
-
     def _first_that_fits(self, decision_key, chain: list, start: int, grid, args: dict):
         """Run the first config of ``chain`` from ``start`` on that fits the GPU's resources; remember it."""
         from triton.runtime.errors import OutOfResources
@@ -369,7 +365,7 @@ class Launcher:
             except OutOfResources:
                 continue
             if index != start:
-                self._decisions[decision_key] = chain, index
+                self._decisions[decision_key] = self._decisions[decision_key][0], (chain, index)
             return result
         raise RuntimeError(f"{self.name}: none of its {len(chain)} configs fits this GPU's resources")
 
