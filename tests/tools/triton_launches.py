@@ -4,8 +4,9 @@ none. The interpreter accepts code that the compiler rejects (Python globals, in
 unsupported dot shapes); this closes that gap in CPU-only CI.
 
 Two specs per launch of a ``flashops._triton_utils.Launcher``: the launch as the interpreter ran it (its small
-tiles), and the same call with the config a GPU would run by default (the first candidate, with its warps and
-stages): that one is what the resource report and the spill check look at."""
+tiles), and the same call with the config a GPU would run by default (the first candidate that fits the GPU's
+resources, with its warps and stages; the others follow in ``fallbacks``): that one is what the resource report
+and the spill check look at."""
 
 from __future__ import annotations
 
@@ -64,9 +65,14 @@ def install_recorder(directory: str) -> None:
     path = os.path.join(directory, f"launches-{os.getpid()}.jsonl")
     seen = set()
 
-    def record(fn, args, kwargs, gpu_default=False):
+    def record(fn, args, kwargs, gpu_default=False, fallbacks=()):
+        if fn.__module__ in (None, "__main__"):
+            return  # a kernel defined by exec (e.g. a docstring example): the compile check cannot import it
         try:
-            spec = json.dumps(launch_spec(fn, args, kwargs, gpu_default), sort_keys=True)
+            spec = launch_spec(fn, args, kwargs, gpu_default)
+            if gpu_default:
+                spec["fallbacks"] = [launch_spec(fn, args, options, True) for options in fallbacks]
+            spec = json.dumps(spec, sort_keys=True)
         except TypeError:
             return  # an argument type the compile check cannot express; the launch still runs
         if spec not in seen:
@@ -83,9 +89,11 @@ def install_recorder(directory: str) -> None:
     launcher_run = Launcher.run
 
     def run_launcher(self, cfg, grid, args):
-        gpu = self.candidates(args)[0]
-        record(self.fn.fn, (), {**self.kernel_arguments(gpu, args), "num_warps": gpu.num_warps,
-                                "num_stages": gpu.num_stages}, gpu_default=True)
+        # A GPU runs the first candidate that fits its resources: record them all, the compile step stops at the
+        # first that fits.
+        chain = [{**self.kernel_arguments(c, args), "num_warps": c.num_warps, "num_stages": c.num_stages}
+                 for c in self.candidates(args)]
+        record(self.fn.fn, (), chain[0], gpu_default=True, fallbacks=chain[1:])
         return launcher_run(self, cfg, grid, args)
 
     InterpretedFunction.run = run_interpreted
