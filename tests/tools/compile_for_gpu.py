@@ -9,11 +9,11 @@ options (their tile sizes as recorded); GPU-default specs (the config a GPU runs
 
 Each variant has a hash of everything that decides its compiled code: the kernel's source with the jit functions
 and constexpr globals it uses (Triton's ``cache_key``, without line numbers), the specialization, the options,
-triton's version and the arch. ``kernel_resources.json`` beside this file (the reviewed baseline) and a local cache keep, per hash, the
-registers, spill bytes and shared memory ptxas reported: a variant whose hash is known was proved by an identical
-source and is not compiled again. Fails if a variant does not compile, needs more shared memory than the GPU has
-(for a GPU default: if no candidate fits, as the launcher falls back to the next one), or if the GPU-default
-config of a hot kernel spills more than the baseline says (a new spill).
+triton's version and the arch. ``kernel_resources.json`` beside this file (the reviewed baseline) and a local
+cache keep, per hash, the registers, spill bytes and shared memory ptxas reported: a variant whose hash is known
+was proved by an identical source and is not compiled again. Fails if a variant does not compile, needs more
+shared memory than the GPU has (for a GPU default: if no candidate fits, as the launcher falls back to the next
+one), or if the GPU-default config of a hot kernel spills more than the baseline says (a new spill).
 """
 
 from __future__ import annotations
