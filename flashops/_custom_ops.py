@@ -15,8 +15,10 @@ input without a gradient) are all derived from it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
+import operator
 import typing
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -80,10 +82,11 @@ class OpArgs:
 
     Example (the attention forward op takes q, k, v, the fields of ``AttentionArgs`` and the backend name)::
 
-        FWD = OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor)) + OpArgs.fields(AttentionArgs) + BACKEND
+        ARGS = OpArgs.fields(AttentionArgs)
+        FWD = OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor)) + ARGS + BACKEND
         _fwd = FWD.custom_op("flashops::attention_fwd", lambda a: ..., fake=lambda a: ..., returns=...)
-        out, lse = _fwd(*FWD.values(q=q, k=k, v=v, **OpArgs.field_values(args), backend=name))
-        # in setup_context: FWD.save(ctx, inputs, output); in backward: a = FWD.saved(ctx) and
+        out, lse = _fwd(*FWD.values(q=q, k=k, v=v, **ARGS.pick(args), backend=name))  # args: an AttentionArgs
+        # in setup_context: FWD.save(ctx, inputs, output); in backward: a, outputs = FWD.saved(ctx) and
         return FWD.grads(q=dq, k=dk, v=dv)  # None for every other input
     """
 
@@ -95,6 +98,21 @@ class OpArgs:
             raise ValueError(f"duplicate argument names in {self.names}")
         self.signature = inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in self.params])
+        # What runs on every call of an op is precomputed or generated (host overhead counts for short kernels):
+        # a named tuple of the arguments, and values() / grads() as plain functions with keyword-only parameters,
+        # so that Python itself rejects a missing or unknown name.
+        self._record = collections.namedtuple("Arguments", self.names)
+        self._getter = operator.attrgetter(*self.names)
+        self._tensor_slots = tuple(i for i, (_, t) in enumerate(self.params) if _is_tensor_type(t))
+        self._saved_slots = {(): self._tensor_slots}
+        listed = ", ".join(self.names)
+        code = (f"def values(*, {listed}):\n    return ({listed},)\n"
+                f"def grads(*, {', '.join(n + '=None' for n in self.names)}):\n    return ({listed},)\n")
+        generated: dict = {}
+        exec(code, generated)
+        self.values, self.grads = generated["values"], generated["grads"]
+        self.values.__doc__ = "The positional arguments of a call, in schema order, from keyword ones (all of them)."
+        self.grads.__doc__ = "The backward's return value: one entry per input in schema order, None where not named."
 
     @classmethod
     def fields(cls, dataclass_type) -> OpArgs:
@@ -102,14 +120,13 @@ class OpArgs:
         hints = typing.get_type_hints(dataclass_type)
         return cls(*((f.name, hints[f.name]) for f in dataclasses.fields(dataclass_type)))
 
-    @staticmethod
-    def field_values(instance) -> dict:
-        """The fields of a dataclass instance by name (shallow: tensors are not copied)."""
-        return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
-
-    def pick(self, namespace) -> dict:
-        """This list's arguments, by name, out of a bound namespace (e.g. a larger op's arguments)."""
-        return {n: getattr(namespace, n) for n in self.names}
+    def pick(self, arguments) -> dict:
+        """This list's arguments, by name, out of anything that has them as attributes: bound arguments (e.g. a
+        larger op's) or a dataclass instance of :meth:`fields`."""
+        if type(arguments) is self._record:
+            return dict(zip(self.names, arguments))
+        values = self._getter(arguments)
+        return dict(zip(self.names, values if len(self.names) > 1 else (values,)))
 
     def __add__(self, other: OpArgs) -> OpArgs:
         return OpArgs(*self.params, *other.params)
@@ -117,20 +134,16 @@ class OpArgs:
     def without(self, *names: str) -> OpArgs:
         return OpArgs(*((n, t) for n, t in self.params if n not in names))
 
-    def values(self, **named) -> tuple:
-        """The positional arguments of a call, in schema order, from keyword ones (all of them, no others)."""
-        extra = set(named) - set(self.names)
-        if extra:
-            raise TypeError(f"unknown op arguments {sorted(extra)}; the op takes {self.names}")
-        return tuple(named[n] for n in self.names)
-
-    def bind(self, args: tuple, kwargs: Optional[dict] = None) -> SimpleNamespace:
-        """A call's arguments by name."""
-        return SimpleNamespace(**self.signature.bind(*args, **(kwargs or {})).arguments)
+    def bind(self, args: tuple, kwargs: Optional[dict] = None):
+        """A call's arguments by name (a named tuple)."""
+        if not kwargs and len(args) == len(self.names):
+            return self._record(*args)
+        return self._record(**self.signature.bind(*args, **(kwargs or {})).arguments)
 
     def custom_op(self, qualname: str, impl: Callable[[SimpleNamespace], Any], *, returns,
                   fake: Callable[[SimpleNamespace], Any]):
-        """``torch.library.custom_op`` with this argument list; ``impl`` and ``fake`` take the bound arguments.
+        """``torch.library.custom_op`` with this argument list; ``impl`` and ``fake`` take the bound arguments
+        (a named tuple: ``a.q``).
         Returns ``(op, prototype)``: the prototype is the op's plain Python implementation (the eager path)."""
         def prototype(*args, **kwargs):
             return impl(self.bind(args, kwargs))
@@ -148,27 +161,26 @@ class OpArgs:
     def save(self, ctx, inputs: tuple, outputs: tuple = (), *, skip: tuple = ()) -> None:
         """setup_context: save the tensor inputs (but those in ``skip``, which the backward does not need) and
         ``outputs`` for the backward; keep the other arguments on ctx."""
-        tensors = [n for n, t in self.params if _is_tensor_type(t)]
-        saved = [n for n in tensors if n not in skip]
-        ctx.save_for_backward(*(inputs[self.index[n]] for n in saved), *outputs)
-        ctx.op_tensor_names = saved
-        ctx.op_constants = {n: inputs[i] for i, n in enumerate(self.names) if n not in tensors}
+        if skip not in self._saved_slots:
+            self._saved_slots[skip] = tuple(i for i in self._tensor_slots if self.names[i] not in skip)
+        slots = self._saved_slots[skip]
+        ctx.save_for_backward(*[inputs[i] for i in slots], *outputs)
+        others = list(inputs)
+        for i in self._tensor_slots:
+            others[i] = None  # tensors travel through save_for_backward only
+        ctx.op_saved_slots, ctx.op_others = slots, others
 
-    def saved(self, ctx) -> SimpleNamespace:
-        """The forward's saved inputs by name in the backward, and its saved ``outputs`` (a tuple)."""
-        saved = ctx.saved_tensors
-        names = ctx.op_tensor_names
-        return SimpleNamespace(**dict(zip(names, saved)), **ctx.op_constants, outputs=tuple(saved[len(names):]))
+    def saved(self, ctx) -> tuple:
+        """``(arguments, outputs)`` in the backward: the forward's arguments by name (None for tensors not saved)
+        and the outputs ``save`` was given."""
+        tensors = ctx.saved_tensors
+        values = list(ctx.op_others)
+        for i, t in zip(ctx.op_saved_slots, tensors):
+            values[i] = t
+        return self._record(*values), tuple(tensors[len(ctx.op_saved_slots):])
 
     def needs_grad(self, ctx, name: str) -> bool:
         return bool(ctx.needs_input_grad[self.index[name]])
-
-    def grads(self, **named) -> tuple:
-        """The backward's return value: one entry per input in schema order, None where not named."""
-        extra = set(named) - set(self.names)
-        if extra:
-            raise TypeError(f"gradients for unknown op arguments {sorted(extra)}")
-        return tuple(named.get(n) for n in self.names)
 
 
 BACKEND = OpArgs(("backend", str))

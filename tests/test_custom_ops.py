@@ -55,15 +55,17 @@ def test_opargs_order_names_values_grads_and_dataclass_fields():
     assert args.names == ("q", "k", "mask", "scale", "steps", "backend")
     assert args.without("k", "steps").names == ("q", "mask", "scale", "backend")
     options = _Options(scale=0.5)
-    values = args.values(q=1, k=2, **OpArgs.field_values(options), backend="torch")
+    values = args.values(q=1, k=2, **OpArgs.fields(_Options).pick(options), backend="torch")
     assert values == (1, 2, None, 0.5, 3, "torch")
     bound = args.bind(values)
     assert (bound.q, bound.scale, bound.backend) == (1, 0.5, "torch")
     assert _Options(**OpArgs.fields(_Options).pick(bound)) == options
     assert args.grads(k="dk", mask="dmask") == (None, "dk", "dmask", None, None, None)
-    with pytest.raises(TypeError, match="unknown op arguments"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'extra'"):
         args.values(q=1, k=2, mask=None, scale=1.0, steps=1, backend="x", extra=0)
-    with pytest.raises(TypeError, match="unknown op arguments"):
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'backend'"):
+        args.values(q=1, k=2, mask=None, scale=1.0, steps=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
         args.grads(nope=1)
 
 
@@ -84,8 +86,8 @@ def test_opargs_custom_op_schema_fake_autograd_and_saved_tensors():
         args.save(ctx, inputs, skip=("unused",))
 
     def backward(ctx, grad):
-        a = args.saved(ctx)
-        assert not hasattr(a, "unused") and a.alpha == 2.0 and a.outputs == ()
+        a, outputs = args.saved(ctx)
+        assert a.unused is None and a.alpha == 2.0 and outputs == ()
         return args.grads(x=grad * a.alpha, bias=grad if args.needs_grad(ctx, "bias") else None)
 
     call = register_autograd(op, prototype, backward, setup)

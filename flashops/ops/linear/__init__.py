@@ -137,7 +137,7 @@ def _chunk_setup(ctx, inputs, output):
 
 
 def _chunk_backward(ctx, do, d_final):
-    a = CHUNK_ARGS.saved(ctx)
+    a, _ = CHUNK_ARGS.saved(ctx)
     dht = d_final if a.output_final_state else None
     dq, dk, dv, dg, dh0 = _chunk_bwd_call(*CHUNK_BWD_ARGS.values(
         do=_last_dim_contiguous(do), dht=dht, **CHUNK_BWD_ARGS.without("do", "dht").pick(a)))
@@ -175,7 +175,7 @@ def _noncausal_setup(ctx, inputs, output):
 
 
 def _noncausal_backward(ctx, do, d_final):
-    a = NONCAUSAL_ARGS.saved(ctx)
+    a, _ = NONCAUSAL_ARGS.saved(ctx)
     dht = d_final if a.output_final_state else None
     dq, dk, dv, dh0 = _noncausal_bwd_call(*NONCAUSAL_BWD_ARGS.values(
         do=_last_dim_contiguous(do), dht=dht, **NONCAUSAL_BWD_ARGS.without("do", "dht").pick(a)))
@@ -215,7 +215,7 @@ def _step_setup(ctx, inputs, output):
 
 
 def _step_backward(ctx, do, d_new):
-    a = STEP_ARGS.saved(ctx)
+    a, _ = STEP_ARGS.saved(ctx)
     dq, dk, dv, dg, d_state = _step_bwd_call(*STEP_BWD_ARGS.values(do=do.contiguous(), d_new=d_new,
                                                                     **STEP_ARGS.pick(a)))
     return STEP_ARGS.grads(q=dq, k=dk, v=dv, g=dg if a.g is not None else None,

@@ -105,8 +105,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dlse, _dk_bar, _dz):
-    a = FWD_ARGS.saved(ctx)
-    out, lse, k_bar, z = a.outputs
+    a, (out, lse, k_bar, z) = FWD_ARGS.saved(ctx)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dq, dk, dv, dridge = _lla_bwd_call(*BWD_ARGS.values(dout=dout, out=out, lse=lse, k_bar=k_bar, z=z,

@@ -101,7 +101,7 @@ def _vandermonde_setup(ctx, inputs, output):
 
 
 def _vandermonde_backward(ctx, dk):
-    a = VANDERMONDE_ARGS.saved(ctx)
+    a, _ = VANDERMONDE_ARGS.saved(ctx)
     dx, dw = _vandermonde_bwd_call(*VANDERMONDE_BWD_ARGS.values(dk=dk.contiguous(), **VANDERMONDE_ARGS.pick(a)))
     return VANDERMONDE_ARGS.grads(x=dx, w=dw)
 
@@ -206,7 +206,7 @@ def _cauchy_setup(ctx, inputs, output):
 
 
 def _cauchy_backward(ctx, dout):
-    a = CAUCHY_ARGS.saved(ctx)
+    a, _ = CAUCHY_ARGS.saved(ctx)
     want_dz = CAUCHY_ARGS.needs_grad(ctx, "z")
     dv, dz, dw = _cauchy_bwd_call(*CAUCHY_BWD_ARGS.values(dout=dout.contiguous(), want_dz=want_dz,
                                                           **CAUCHY_ARGS.pick(a)))

@@ -101,8 +101,7 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_backward(ctx, dh):
-    a = LINEAR_SCAN_ARGS.saved(ctx)
-    (h,) = a.outputs
+    a, (h,) = LINEAR_SCAN_ARGS.saved(ctx)
     da, db, dh0 = _linear_scan_bwd_call(*LINEAR_SCAN_BWD_ARGS.values(
         dh=_contiguous_grad(dh), a=a.a, h=h, initial_state=a.initial_state, reverse=a.reverse, backend=a.backend))
     return LINEAR_SCAN_ARGS.grads(a=da, b=db, initial_state=dh0 if a.initial_state is not None else None)
@@ -268,8 +267,7 @@ def _selective_setup(ctx, inputs, output):
 
 
 def _selective_backward(ctx, dout, dlast, _dsaved):
-    a = SELECTIVE_SCAN_ARGS.saved(ctx)
-    (saved,) = a.outputs
+    a, (saved,) = SELECTIVE_SCAN_ARGS.saved(ctx)
     grads = _selective_scan_bwd_call(*SELECTIVE_SCAN_BWD_ARGS.values(
         dout=_contiguous_grad(dout), dlast=dlast, saved=saved, **SELECTIVE_SCAN_ARGS.pick(a)))
     return SELECTIVE_SCAN_ARGS.grads(**{name: g for name, g in zip(_SELECTIVE_GRADS, grads)
