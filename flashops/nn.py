@@ -6,7 +6,8 @@ from .modules.hyper import HyperAttention
 from .modules.linear import GatedLinearAttention, LightningAttention
 from .modules.lla import LLACache, LocalLinearAttention
 from .modules.ssm import LSSL, S4D, SSMCache
+from .modules.swap import swap_attention
 
 __all__ = ["MultiheadAttention", "FlashSelfAttention", "HyperAttention", "LightningAttention",
            "GatedLinearAttention", "LocalLinearAttention", "LSSL", "S4D",
-           "Cache", "RecurrentCache", "LLACache", "SSMCache"]
+           "Cache", "RecurrentCache", "LLACache", "SSMCache", "swap_attention"]
