@@ -31,9 +31,10 @@ def accepts_aliases(**aliases: str):
 
 
 class KeepsFP32(nn.Module):
-    """A module whose ``fp32_names`` (those of its own parameters and buffers it has) stay at least fp32 when the module is
-    cast to fp16 or bf16: ``.to(dtype)``, ``.half()`` and ``.bfloat16()`` move them to the new device but
-    restore their full-precision values (decay rates, ridges, SSM dynamics lose too much in 8 mantissa bits)."""
+    """A module whose ``fp32_names`` (those of its own parameters and buffers it has) stay at least fp32 when
+    the module is cast to fp16 or bf16: ``.to(dtype)``, ``.half()`` and ``.bfloat16()`` move them to the new
+    device but keep their full-precision values (decay rates, ridges, SSM dynamics lose too much in 8 mantissa
+    bits)."""
 
     fp32_names: tuple[str, ...] = ()
 

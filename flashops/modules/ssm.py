@@ -55,7 +55,8 @@ class _LTISSM(KeepsFP32):
         self.embed_dim, self.channels = embed_dim, channels
         self.dt_transform, self.discretization, self.activation = dt_transform, discretization, activation
         log_dt = init_log_dt(embed_dim, dt_min, dt_max)
-        self.dt_param = nn.Parameter(log_dt if dt_transform == "exp" else inverse_softplus(log_dt.double().exp()).float())
+        self.dt_param = nn.Parameter(log_dt if dt_transform == "exp"
+                                     else inverse_softplus(log_dt.double().exp()).float())
         self.D = nn.Parameter(torch.randn(channels, embed_dim))
         self.output_linear = nn.Linear(channels * embed_dim, embed_dim)
 
