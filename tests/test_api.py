@@ -104,3 +104,14 @@ def test_step_ops_take_the_decay_before_the_state(gated, _pytorch_backends):
     with pytest.warns(DeprecationWarning, match="old argument order"):
         old = op(q, k, v, None, decay)  # an empty state, old order
     assert torch.equal(old[0], op(q, k, v, decay)[0])
+
+
+def test_selective_scan_takes_mamba_ssm_positional_arguments(_pytorch_backends):
+    u, delta = torch.randn(2, 4, 7, device=DEVICE), torch.rand(2, 4, 7, device=DEVICE)
+    A, D, bias = -torch.rand(4, 3, device=DEVICE), torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    B, C, z = torch.randn(2, 3, 7, device=DEVICE), torch.randn(2, 3, 7, device=DEVICE), torch.randn_like(u)
+    # selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    out, last = flashops.selective_scan(u, delta, A, B, C, D, z, bias, True, True)
+    want = flashops.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
+                                   return_last_state=True)
+    assert torch.equal(out, want[0]) and torch.equal(last, want[1])
