@@ -55,6 +55,14 @@ class KeepsFP32(nn.Module):
         return self
 
 
+def check_input(x, embed_dim: int, ndims: tuple[int, ...], layout: str) -> None:
+    """``x`` is a tensor of one of the ranks ``ndims`` whose last dimension is the layer's width."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in ndims or x.shape[-1] != embed_dim:
+        raise ValueError(f"x must have shape {layout} with C = embed_dim = {embed_dim}, got {tuple(x.shape)}")
+
+
 def describe(**fields) -> str:
     """``extra_repr`` text: ``name=value`` pairs, strings quoted, ``None`` backends shown as ``'auto'``."""
     parts = []

@@ -30,6 +30,14 @@ class Cache:
         raise NotImplementedError
 
 
+def check_cache(cache, cache_type: type, layer, sequences: int) -> None:
+    """The cache given to ``layer``: one its ``init_cache`` makes, for as many sequences as the input has."""
+    if not isinstance(cache, cache_type):
+        raise TypeError(f"cache must come from {type(layer).__name__}.init_cache, got {type(cache).__name__}")
+    if cache.batch_size != sequences:
+        raise ValueError(f"the cache holds {cache.batch_size} sequences but x has {sequences}")
+
+
 class RecurrentCache(Cache):
     """The decoding state of a recurrent layer (linear attention, state-space models): a fixed-size ``state``
     ``[B, ...]`` that each call replaces by the state after its tokens, whatever the sequence length.

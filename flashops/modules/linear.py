@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from ..ops.linear import (gated_linear_attention, gated_linear_attention_step, lightning_attention,
                           lightning_attention_step, lightning_slopes)
-from .base import KeepsFP32, accepts_aliases, describe
-from .cache import RecurrentCache
+from .base import KeepsFP32, accepts_aliases, check_input, describe
+from .cache import RecurrentCache, check_cache
 
 
 class _LinearAttentionLayer(KeepsFP32):
@@ -39,19 +39,6 @@ class _LinearAttentionLayer(KeepsFP32):
     def _finish(self, o: Tensor, projected: tuple) -> Tensor:
         raise NotImplementedError
 
-    def _check_x(self, x, ndims: tuple[int, ...], layout: str) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() not in ndims or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape {layout} with C = embed_dim = {self.embed_dim}, "
-                             f"got {tuple(x.shape)}")
-
-    def _check_cache(self, cache, sequences: int) -> None:
-        if not isinstance(cache, RecurrentCache):
-            raise TypeError(f"cache must come from {type(self).__name__}.init_cache, got {type(cache).__name__}")
-        if cache.batch_size != sequences:
-            raise ValueError(f"the cache holds {cache.batch_size} sequences but x has {sequences}")
-
     def init_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
                    dtype=None) -> RecurrentCache:
         """A zero state for ``batch_size`` sequences (fp32 ``[B, H, K, V]``, on the layer's device unless
@@ -69,13 +56,13 @@ class _LinearAttentionLayer(KeepsFP32):
         (of N sequences), the tokens continue from its state, which then holds the state after them."""
         packed_2d = cu_seqlens is not None and isinstance(x, Tensor) and x.dim() == 2
         if cu_seqlens is not None:
-            self._check_x(x, (2, 3), "[1, total_T, C] or [total_T, C] (packed, with cu_seqlens)")
+            check_input(x, self.embed_dim, (2, 3), "[1, total_T, C] or [total_T, C] (packed, with cu_seqlens)")
             x = x.unsqueeze(0) if packed_2d else x
         else:
-            self._check_x(x, (3,), "[B, T, C]")
+            check_input(x, self.embed_dim, (3,), "[B, T, C]")
         initial_state = None
         if cache is not None:
-            self._check_cache(cache, x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1)
+            check_cache(cache, RecurrentCache, self, x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1)
             initial_state = cache.state
         projected = self._project(x)
         o, final = self._attend(projected, initial_state, cache is not None, cu_seqlens)
@@ -87,8 +74,8 @@ class _LinearAttentionLayer(KeepsFP32):
     def step(self, x_t: Tensor, cache: RecurrentCache) -> Tensor:
         """One token per sequence: x_t ``[B, C]`` -> y_t ``[B, C]``, equal to ``forward`` on that token with the
         same cache; the cache's state advances by one token. Differentiable."""
-        self._check_x(x_t, (2,), "[B, C] (one token per sequence)")
-        self._check_cache(cache, x_t.shape[0])
+        check_input(x_t, self.embed_dim, (2,), "[B, C] (one token per sequence)")
+        check_cache(cache, RecurrentCache, self, x_t.shape[0])
         projected = self._project(x_t)
         o, state = self._attend_step(projected, cache.state)
         cache.advance(state, 1)

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..ops.lla import local_linear_attention, local_linear_attention_decode
-from .base import KeepsFP32, accepts_aliases, describe
-from .cache import Cache
+from .base import KeepsFP32, accepts_aliases, check_input, describe
+from .cache import Cache, check_cache
 
 
 class LLACache(Cache):
@@ -121,12 +121,9 @@ class LocalLinearAttention(KeepsFP32):
         return q, k, v
 
     def _check_input(self, x: Tensor, cache: Optional[LLACache]):
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must be [B, T, {self.embed_dim}], got shape {tuple(x.shape)}")
-        if cache is not None and not isinstance(cache, LLACache):
-            raise TypeError(f"cache must come from LocalLinearAttention.init_cache, got {type(cache).__name__}")
-        if cache is not None and cache.batch_size != x.shape[0]:
-            raise ValueError(f"the cache holds {cache.batch_size} sequences but x has {x.shape[0]}")
+        check_input(x, self.embed_dim, (3,), "[B, T, C]")
+        if cache is not None:
+            check_cache(cache, LLACache, self, x.shape[0])
 
     def forward(self, x: Tensor, cache: Optional[LLACache] = None) -> Tensor:
         """x ``[B, T, C]`` -> ``[B, T, C]``; with a cache, after the tokens it holds (which it then includes)."""

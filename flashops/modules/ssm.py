@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from ..ops.ssm import (SSMStep, default_state, fft_conv, forward_state, init_log_dt, inverse_softplus,
                        krylov_kernel, s4d_init, s4d_kernel, setup_step, state_output, step, transition)
 from ..ops.ssm.discretization import discretize
-from .base import KeepsFP32, accepts_aliases, describe
-from .cache import RecurrentCache
+from .base import KeepsFP32, accepts_aliases, check_input, describe
+from .cache import RecurrentCache, check_cache
 
 _ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "identity": lambda x: x}
 
@@ -83,17 +83,6 @@ class _LTISSM(KeepsFP32):
         y = y.reshape(*y.shape[:-2], self.channels * self.embed_dim)
         return self.output_linear(_ACTIVATIONS[self.activation](y))
 
-    def _check_x(self, x, ndim: int, layout: str):
-        if not isinstance(x, torch.Tensor) or x.dim() != ndim or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape {layout} with C = embed_dim = {self.embed_dim}, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-
-    def _check_cache(self, cache, batch: int):
-        if not isinstance(cache, SSMCache):
-            raise TypeError(f"cache must come from {type(self).__name__}.init_cache, got {type(cache).__name__}")
-        if cache.batch_size != batch:
-            raise ValueError(f"the cache holds {cache.batch_size} sequences but x has {batch}")
-
     def init_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
                    dtype=None) -> SSMCache:
         """A zero state for ``batch_size`` sequences and the layer discretized for :meth:`step` (make a new
@@ -109,13 +98,13 @@ class _LTISSM(KeepsFP32):
     def forward(self, x: Tensor, cache: Optional[SSMCache] = None) -> Tensor:
         """x ``[B, T, C]`` -> y ``[B, T, C]`` (convolution mode, any T). With a cache, the tokens continue from
         its state, which then holds the state after them: a sequence fed in chunks gives the same outputs."""
-        self._check_x(x, 3, "[B, T, C]")
+        check_input(x, self.embed_dim, (3,), "[B, T, C]")
         length = x.shape[1]
         xt = x.transpose(1, 2)  # [B, C, T]
         y = fft_conv(xt, self.kernel(length), self.D)
         if cache is None:
             return self._mix(y)
-        self._check_cache(cache, x.shape[0])
+        check_cache(cache, SSMCache, self, x.shape[0])
         ssm = self._ssm()
         y = y + state_output(ssm, cache.state, length).to(y.dtype)
         cache.advance(forward_state(ssm, xt, cache.state), length)
@@ -123,8 +112,8 @@ class _LTISSM(KeepsFP32):
 
     def step(self, x_t: Tensor, cache: SSMCache) -> Tensor:
         """One token per sequence in recurrent mode: x_t ``[B, C]`` -> y_t ``[B, C]``."""
-        self._check_x(x_t, 2, "[B, C] (one token per sequence)")
-        self._check_cache(cache, x_t.shape[0])
+        check_input(x_t, self.embed_dim, (2,), "[B, C] (one token per sequence)")
+        check_cache(cache, SSMCache, self, x_t.shape[0])
         y, state = step(cache.ssm, x_t, cache.state, self.D)
         cache.advance(state, 1)
         return self._mix(y.to(x_t.dtype))

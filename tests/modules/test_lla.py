@@ -74,7 +74,7 @@ def test_generation_with_cache_matches_the_full_forward(backend, device):
 
 def test_bad_usage_raises(device):
     layer = LocalLinearAttention(32, 2, backend="torch", device=device)
-    with pytest.raises(ValueError, match=r"x must be \[B, T, 32\]"):
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, C\] with C = embed_dim = 32"):
         layer(torch.randn(2, 5, 16, device=device))
     cache = layer.init_cache(1, 4)
     with torch.no_grad():
