@@ -13,6 +13,7 @@ C = 32
 
 
 MODULES = {  # name -> a small instance
+    "MultiheadAttention": lambda: fnn.MultiheadAttention(C, 4, batch_first=True),
     "FlashSelfAttention": lambda: fnn.FlashSelfAttention(C, 4, 2, causal=True, alibi=True),
     "HyperAttention": lambda: fnn.HyperAttention(C, 4, causal=True, block_size=4, sample_size=4, min_seq_len=8),
     "LightningAttention": lambda: fnn.LightningAttention(C, 2),
@@ -41,6 +42,8 @@ def _make(name, seed=0):
 
 
 def _forward(layer, x):
+    if isinstance(layer, fnn.MultiheadAttention):  # torch's signature and (out, weights) result
+        return layer(x, x, x, need_weights=False)[0]
     if isinstance(layer, fnn.HyperAttention):  # its samples are random: the same draw for every dtype
         return layer(x, generator=torch.Generator(DEVICE).manual_seed(0))
     return layer(x)
@@ -69,7 +72,7 @@ def test_to_dtype_runs_forward_and_backward_and_keeps_fp32_internals(name, dtype
         assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), tensor_name
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", [name for name in MODULES if name != "MultiheadAttention"])
 def test_extra_repr_shows_the_configuration(name):
     text = repr(_make(name))
     assert f"embed_dim={C}" in text.splitlines()[1]
@@ -101,13 +104,13 @@ def test_flash_attn_spelling_of_kv_heads():
     assert fnn.HyperAttention(C, 4, num_heads_kv=2).num_kv_heads == 2
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", [name for name in MODULES if name != "MultiheadAttention"])  # torch's forward
 def test_one_decoding_loop_for_every_module(name):
     """The same generation code runs every layer: prefill a prompt in two pieces, then step token by token;
     the outputs are those of one forward pass over the whole sequence."""
     layer = _make(name).eval()
     if not hasattr(layer, "init_cache"):
-        pytest.skip(f"{name} has no decoding cache yet (issue 12 adds the softmax-attention KV cache)")
+        pytest.skip(f"{name} has no decoding cache yet (the softmax-attention KV cache is not in this branch)")
     x = torch.randn(2, 11, C, device=DEVICE)
     with torch.no_grad():
         want = _forward(layer, x)
