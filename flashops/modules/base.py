@@ -50,6 +50,8 @@ class KeepsFP32(nn.Module):
             kept = old.to(device=new.device, dtype=torch.float32)
             if isinstance(new, nn.Parameter):
                 new.data = kept
+                if new.grad is not None:  # fn cast the gradient too; it must match the parameter
+                    new.grad = new.grad.to(torch.float32)
             else:
                 self._buffers[name] = kept
         return self
