@@ -1,5 +1,7 @@
 """flashops: fast attention and sequence-model kernels with autograd, references, modules and benchmarks."""
 
+import importlib
+
 from . import nn
 from .ops.attention import block_sparse_attention, flash_attention, flash_attention_varlen, sdpa
 from .ops.hyper import hyper_attention, hyper_attention_plan
@@ -20,3 +22,10 @@ __all__ = [
     "linear_scan", "selective_scan", "selective_state_update", "vandermonde_kernel", "s4d_kernel",
     "cauchy_kernel", "dplr_kernel", "krylov_kernel", "fft_conv",
 ]
+
+
+def __getattr__(name: str):
+    # Subpackages with optional dependencies load on first access: flashops.integrations.transformers.register()
+    if name == "integrations":
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

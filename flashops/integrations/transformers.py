@@ -50,4 +50,10 @@ def register(name: str = NAME) -> str:
     from transformers import AttentionInterface
 
     AttentionInterface.register(name, flashops_attention_forward)
+    try:  # transformers >= 4.53 builds no mask at all for an implementation without a mask function
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        pass
+    else:  # the function above takes SDPA's masks (bool, True = attend; None = plain causal)
+        AttentionMaskInterface.register(name, sdpa_mask)
     return name

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.attention import flash_attention, flash_attention_varlen, sdpa
+from .base import KeepsFP32, accepts_aliases, describe
 
 
 def _additive(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
@@ -127,6 +128,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
                 F.linear(value, self.v_proj_weight, bv))
 
+    def extra_repr(self) -> str:
+        fields = dict(embed_dim=self.embed_dim, num_heads=self.num_heads, dropout=self.dropout,
+                      bias=self.in_proj_bias is not None, batch_first=self.batch_first)
+        if not self._qkv_same_embed_dim:
+            fields.update(kdim=self.kdim, vdim=self.vdim)
+        if self.bias_k is not None or self.add_zero_attn:
+            fields.update(add_bias_kv=self.bias_k is not None, add_zero_attn=self.add_zero_attn)
+        return describe(**fields)
+
 
 def alibi_slopes(num_heads: int) -> Tensor:
     """The ALiBi paper's head slopes: a geometric sequence starting at 2^(-8/n) for the nearest power of
@@ -142,7 +152,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-class SelfAttentionProjections(nn.Module):
+class SelfAttentionProjections(KeepsFP32):
     """The projections shared by the ``[B, T, C]`` self-attention layers: a fused ``qkv_proj`` with
     ``num_heads`` query heads and ``num_kv_heads`` key/value heads (GQA/MQA), and ``out_proj``. Layers with
     these parameter names exchange state dicts."""
@@ -172,6 +182,10 @@ class SelfAttentionProjections(nn.Module):
         """Attention output ``[..., H, D]`` -> ``[..., C]``."""
         return self.out_proj(out.flatten(-2))
 
+    def projection_repr(self) -> dict:
+        return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                    head_dim=self.head_dim)
+
 
 class FlashSelfAttention(SelfAttentionProjections):
     """Multi-head self-attention for ``[B, T, C]`` inputs on the flashops kernel.
@@ -179,9 +193,13 @@ class FlashSelfAttention(SelfAttentionProjections):
     A fused QKV projection (``num_kv_heads < num_heads`` gives GQA, 1 gives MQA), exact attention with
     the kernel's options (causal, sliding window, softcap, ALiBi, dropout) and an output projection.
     ``forward(x, cu_seqlens=..., max_seqlen=...)`` takes packed variable-length batches ``[total, C]``.
-    No positional encoding is applied (rotary embeddings belong to the model).
+    No positional encoding is applied (rotary embeddings belong to the model). ``hidden_size=`` (fla) and
+    ``num_heads_kv=`` (flash-attn's ``MHA``) are accepted for ``embed_dim`` and ``num_kv_heads``.
     """
 
+    fp32_names = ("alibi_slopes",)
+
+    @accepts_aliases(hidden_size="embed_dim", num_heads_kv="num_kv_heads")
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
                  head_dim: Optional[int] = None, causal: bool = False, bias: bool = True, dropout: float = 0.0,
                  softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
@@ -208,3 +226,7 @@ class FlashSelfAttention(SelfAttentionProjections):
         else:
             out = flash_attention(q, k, v, **options)
         return self.merge(out)
+
+    def extra_repr(self) -> str:
+        return describe(**self.projection_repr(), causal=self.causal, dropout=self.dropout,
+                        window_size=self.window_size, softcap=self.softcap, alibi=self.alibi_slopes is not None)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..ops.hyper import hyper_attention
 from .attention import SelfAttentionProjections
+from .base import accepts_aliases, describe
 
 
 class HyperAttention(SelfAttentionProjections):
@@ -18,9 +19,11 @@ class HyperAttention(SelfAttentionProjections):
     ``num_kv_heads < num_heads`` for GQA, ``out_proj``), so a state dict moves between the two. Sequences of
     at most ``min_seq_len`` tokens get exact attention; longer ones the approximation, with fresh LSH
     hyperplanes and samples on every call (from ``generator`` when given to ``forward``).
-    No positional encoding is applied (rotary embeddings belong to the model).
+    No positional encoding is applied (rotary embeddings belong to the model). Constructor aliases as in
+    :class:`flashops.nn.FlashSelfAttention`.
     """
 
+    @accepts_aliases(hidden_size="embed_dim", num_heads_kv="num_kv_heads")
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
                  head_dim: Optional[int] = None, causal: bool = False, bias: bool = True,
                  softmax_scale: Optional[float] = None, lsh_num_projs: int = 7, block_size: int = 256,
@@ -41,6 +44,5 @@ class HyperAttention(SelfAttentionProjections):
         return self.merge(out)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"causal={self.causal}, lsh_num_projs={self.lsh_num_projs}, block_size={self.block_size}, "
-                f"sample_size={self.sample_size}, min_seq_len={self.min_seq_len}")
+        return describe(**self.projection_repr(), causal=self.causal, lsh_num_projs=self.lsh_num_projs,
+                        block_size=self.block_size, sample_size=self.sample_size, min_seq_len=self.min_seq_len)

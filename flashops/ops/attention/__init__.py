@@ -17,7 +17,7 @@ from torch import Tensor
 from ... import _dispatch
 from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
-from ..._validation import check_attention_inputs, check_cu_seqlens, check_tensor
+from ..._validation import check_attention_inputs, check_cu_seqlens, check_tensor, pick_scale
 from .args import AttentionArgs
 from .dropout import draw_seed
 
@@ -219,20 +219,23 @@ def _run(q, k, v, *, args: AttentionArgs, deterministic, backend):
 
 # ------------------------------------------------------------------------------------------ public API
 def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
-    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-    dropout_p: float = 0.0, return_lse: bool = False, deterministic: bool = False,
-    block_mask: Optional[Tensor] = None, block_size: Sequence[int] = (128, 128),
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, *, scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
+    deterministic: bool = False, block_mask: Optional[Tensor] = None, block_size: Sequence[int] = (128, 128),
     generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
 ):
     """Exact softmax attention, IO-aware (FlashAttention-2 tiling with an online softmax).
+
+    ``dropout_p, softmax_scale, causal`` may be passed by position, in the order of flash-attn's
+    ``flash_attn_func``; every other option is keyword-only.
 
     Args:
         q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA).
             fp16, bf16 or fp32; D from 1 to 256 (any, powers of two are fastest); stride(-1) == 1.
         causal: mask keys after the query. With ``Tq != Tk`` the mask is aligned bottom-right
             (query i sees keys j <= i + Tk - Tq), as in flash-attn.
-        softmax_scale: multiplies q.k; default ``1/sqrt(D)``.
+        softmax_scale: multiplies q.k; default ``1/sqrt(D)``. ``scale=`` (SDPA's name) is the same argument.
         window_size: ``(left, right)`` sliding window around the bottom-right diagonal; -1 = unlimited.
         softcap: if > 0, logits become ``softcap * tanh(logits / softcap)`` (Gemma-2 style).
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``; adds ``-slope * |i + Tk - Tq - j|`` to the logits.
@@ -259,7 +262,7 @@ def flash_attention(
     b, t_q, h, d = q.shape
     t_k = k.shape[1]
     left, right = _window(causal, window_size)
-    scale, softcap, dropout_p = _scalars(softmax_scale, softcap, dropout_p, d)
+    scale, softcap, dropout_p = _scalars(pick_scale(softmax_scale, scale), softcap, dropout_p, d)
     block_mask, (bm, bn) = _check_block_mask(block_mask, block_size, b, h, t_q, t_k, q.device)
     args = AttentionArgs(
         softmax_scale=scale, window_left=left, window_right=right, softcap=softcap, dropout_p=dropout_p,
@@ -295,18 +298,20 @@ def _max_seqlen(name, cu, given):
 
 def flash_attention_varlen(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *, causal: bool = False,
-    softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
-    alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, return_lse: bool = False,
-    deterministic: bool = False, block_mask: Optional[Tensor] = None, block_size: Sequence[int] = (128, 128),
-    generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, *, scale: Optional[float] = None,
+    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    return_lse: bool = False, deterministic: bool = False, block_mask: Optional[Tensor] = None,
+    block_size: Sequence[int] = (128, 128), generator: Optional[torch.Generator] = None,
+    backend: Optional[str] = None,
 ):
-    """Exact attention over packed variable-length sequences.
+    """Exact attention over packed variable-length sequences (positional arguments as flash-attn's
+    ``flash_attn_varlen_func``: ``..., max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal``).
 
     Args:
         q: ``[1, total_q, H, D]`` or ``[total_q, H, D]`` (flash-attn layout); k, v likewise with total_k
             and Hkv heads. Sequence n holds rows ``cu_seqlens[n]:cu_seqlens[n+1]``.
-        cu_seqlens_q, cu_seqlens_k: int32 ``[N + 1]`` cumulative lengths starting at 0 (empty sequences
+        cu_seqlens_q, cu_seqlens_k: int32 or int64 ``[N + 1]`` cumulative lengths starting at 0 (empty sequences
             are allowed).
         max_seqlen_q, max_seqlen_k: the longest sequence (computed from cu_seqlens when omitted; required
             under torch.compile).
@@ -324,8 +329,8 @@ def flash_attention_varlen(
     _check_qkv(q, k, v, packed=True)
     if q.shape[0] != 1:
         raise ValueError(f"packed q must have batch size 1 ([1, total, H, D]), got shape {tuple(q.shape)}")
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device)
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[1], q.device)
+    cu_seqlens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device)
+    cu_seqlens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[1], q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
@@ -333,7 +338,7 @@ def flash_attention_varlen(
     max_q = _max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
     max_k = _max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
     left, right = _window(causal, window_size)
-    scale, softcap, dropout_p = _scalars(softmax_scale, softcap, dropout_p, d)
+    scale, softcap, dropout_p = _scalars(pick_scale(softmax_scale, scale), softcap, dropout_p, d)
     block_mask, (bm, bn) = _check_block_mask(block_mask, block_size, n_seq, h, max_q, max_k, q.device)
     args = AttentionArgs(
         softmax_scale=scale, window_left=left, window_right=right, softcap=softcap, dropout_p=dropout_p,

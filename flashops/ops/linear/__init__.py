@@ -11,6 +11,7 @@ returns ``(o, final_state)`` with ``final_state`` None unless ``output_final_sta
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -274,10 +275,10 @@ def _check_scale(scale, head_dim: int) -> float:
 
 def _check_varlen(q, cu_seqlens):
     if cu_seqlens is None:
-        return
+        return None
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens the inputs must be packed as [1, total_T, H, D], got q {tuple(q.shape)}")
-    check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[1], q.device)
+    return check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[1], q.device)
 
 
 def _check_state(name, state, n: int, heads: int, d_k: int, d_v: int, device, what="sequences"):
@@ -383,7 +384,7 @@ def lightning_attention(
         initial_state: fp32 ``[N, H, K, V]`` (N = B, or the number of sequences with cu_seqlens); it gets a
             gradient.
         output_final_state: also return the state after the last position, fp32 ``[N, H, K, V]``.
-        cu_seqlens: int32 ``[N + 1]`` for packed sequences ``[1, total_T, H, D]`` (empty sequences allowed);
+        cu_seqlens: int32 or int64 ``[N + 1]`` for packed sequences ``[1, total_T, H, D]`` (empty sequences allowed);
             each sequence starts from its own initial state (or zeros).
         backend: ``"triton"`` or ``"torch"``; default: the first that supports the inputs.
 
@@ -395,7 +396,7 @@ def lightning_attention(
         >>> o, _ = flashops.lightning_attention(q, k, v, flashops.lightning_slopes(8, device="cuda"))
     """
     _check_qkv(q, k, v)
-    _check_varlen(q, cu_seqlens)
+    cu_seqlens = _check_varlen(q, cu_seqlens)
     b, t, h, d_k = q.shape
     slopes = _check_slopes(slopes, h, q.device)
     initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), h, d_k, v.shape[-1],
@@ -427,7 +428,7 @@ def gated_linear_attention(
         ``(o, final_state)``.
     """
     _check_qkv(q, k, v)
-    _check_varlen(q, cu_seqlens)
+    cu_seqlens = _check_varlen(q, cu_seqlens)
     b, t, h, d_k = q.shape
     g = _check_gates("g", g, q, q.shape)
     initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), h, d_k, v.shape[-1],
@@ -456,7 +457,7 @@ def linear_attention(
         slopes = torch.zeros(q.shape[2], dtype=torch.float32, device=q.device)
         return lightning_attention(q, k, v, slopes, scale=scale, initial_state=initial_state,
                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
-    _check_varlen(q, cu_seqlens)
+    cu_seqlens = _check_varlen(q, cu_seqlens)
     b, t, h, d_k = q.shape
     initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), h, d_k, v.shape[-1],
                                  q.device)
@@ -475,13 +476,31 @@ def _check_step(q_t, k_t, v_t, state):
     return _check_state("state", state, b, h, d_k, v_t.shape[-1], q_t.device, what="batch rows (B)")
 
 
+def _old_step_order(op: str, decay: str, legacy: bool, first, second):
+    """The step ops take (decay, state) in the order of the chunked ops; until 0.1.0 they took (state, decay).
+    Shapes tell the two apart (a state is 4-D), so old positional calls keep working, with a warning."""
+    if not legacy:
+        return first, second
+    warnings.warn(f"{op}(q_t, k_t, v_t, state, {decay}) is the old argument order: pass {decay} before state, "
+                  f"as in the chunked op ({op}(q_t, k_t, v_t, {decay}, state)), or both by keyword",
+                  DeprecationWarning, stacklevel=3)
+    return second, first
+
+
+def _is_state(t) -> bool:
+    return isinstance(t, Tensor) and t.dim() == 4
+
+
 def lightning_attention_step(
-    q_t: Tensor, k_t: Tensor, v_t: Tensor, state: Optional[Tensor] = None, slopes: Optional[Tensor] = None, *,
+    q_t: Tensor, k_t: Tensor, v_t: Tensor, slopes: Optional[Tensor] = None, state: Optional[Tensor] = None, *,
     scale: Optional[float] = None, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
-    """One decoding step of :func:`lightning_attention`: q_t, k_t ``[B, H, K]``, v_t ``[B, H, V]``, state fp32
-    ``[B, H, K, V]`` (None = zeros). Returns ``(o_t [B, H, V], new_state fp32)``; differentiable. Feeding a
-    sequence token by token gives the chunked op's outputs and final state."""
+    """One decoding step of :func:`lightning_attention`: q_t, k_t ``[B, H, K]``, v_t ``[B, H, V]``, slopes ``[H]``
+    (None = :func:`lightning_slopes`), state fp32 ``[B, H, K, V]`` (None = zeros). Returns
+    ``(o_t [B, H, V], new_state fp32)``; differentiable. Feeding a sequence token by token gives the chunked
+    op's outputs and final state."""
+    legacy = _is_state(slopes) or (slopes is None and isinstance(state, Tensor) and state.dim() == 1)
+    slopes, state = _old_step_order(LIGHTNING_STEP, "slopes", legacy, slopes, state)
     state = _check_step(q_t, k_t, v_t, state)
     slopes = _check_slopes(slopes, q_t.shape[1], q_t.device)
     scale = _check_scale(scale, q_t.shape[-1])
@@ -490,11 +509,12 @@ def lightning_attention_step(
 
 
 def gated_linear_attention_step(
-    q_t: Tensor, k_t: Tensor, v_t: Tensor, state: Optional[Tensor], g_t: Tensor, *, scale: Optional[float] = None,
-    backend: Optional[str] = None,
+    q_t: Tensor, k_t: Tensor, v_t: Tensor, g_t: Tensor, state: Optional[Tensor] = None, *,
+    scale: Optional[float] = None, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """One decoding step of :func:`gated_linear_attention`: q_t, k_t, g_t ``[B, H, K]``, v_t ``[B, H, V]``,
     state fp32 ``[B, H, K, V]`` (None = zeros). Returns ``(o_t, new_state)``; differentiable."""
+    g_t, state = _old_step_order(GLA_STEP, "g_t", g_t is None or _is_state(g_t), g_t, state)
     state = _check_step(q_t, k_t, v_t, state)
     g_t = _check_gates("g_t", g_t, q_t, q_t.shape)
     scale = _check_scale(scale, q_t.shape[-1])

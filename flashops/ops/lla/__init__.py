@@ -20,7 +20,7 @@ from torch import Tensor
 from ... import _dispatch
 from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
-from ..._validation import check_attention_inputs, check_tensor
+from ..._validation import check_attention_inputs, check_tensor, pick_scale
 from .args import LLAArgs
 
 OP = "local_linear_attention"
@@ -190,8 +190,8 @@ def _solver(cg_max_iters, cg_tol, cg_preconditioner, dtype) -> tuple[int, float,
 # ------------------------------------------------------------------------------------------ public API
 def local_linear_attention(
     q: Tensor, k: Tensor, v: Tensor, *, ridge_lambda: Union[float, Tensor], softmax_scale: Optional[float] = None,
-    causal: bool = True, cg_max_iters: int = 32, cg_tol: Optional[float] = None, cg_preconditioner: bool = False,
-    backend: Optional[str] = None,
+    scale: Optional[float] = None, causal: bool = True, cg_max_iters: int = 32, cg_tol: Optional[float] = None,
+    cg_preconditioner: bool = False, backend: Optional[str] = None,
 ) -> Tensor:
     """Local Linear Attention: per query, the intercept of a softmax-kernel-weighted local ridge regression.
 
@@ -208,7 +208,7 @@ def local_linear_attention(
             D up to 256 (128 on the Triton backend); stride(-1) == 1.
         ridge_lambda: > 0; a float or a tensor broadcastable to ``[B, Tq, H]`` (e.g. ``[H]`` per head). A
             tensor that requires grad gets its exact gradient.
-        softmax_scale: multiplies q.k; default ``1/sqrt(D)``.
+        softmax_scale: multiplies q.k; default ``1/sqrt(D)``. ``scale=`` is the same argument.
         causal: query i sees keys j <= i + Tk - Tq (bottom-right aligned, as flash-attn). Otherwise all keys.
         cg_max_iters, cg_tol, cg_preconditioner: the matrix-free conjugate-gradient solve of the Triton
             backend (forward and backward): at most ``cg_max_iters`` iterations, stopping per query when the
@@ -229,7 +229,7 @@ def local_linear_attention(
     b, t_q, h, d = q.shape
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    scale = _scale(softmax_scale, d)
+    scale = _scale(pick_scale(softmax_scale, scale), d)
     iters, tol, precond = _solver(cg_max_iters, cg_tol, cg_preconditioner, q.dtype)
     ridge = _ridge(ridge_lambda, b, t_q, h, q.device)
     chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
@@ -239,7 +239,8 @@ def local_linear_attention(
 
 def local_linear_attention_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, *, ridge_lambda: Union[float, Tensor],
-    cache_seqlens: Optional[Tensor] = None, softmax_scale: Optional[float] = None, backend: Optional[str] = None,
+    cache_seqlens: Optional[Tensor] = None, softmax_scale: Optional[float] = None, scale: Optional[float] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """One decoding step of LLA: a single new query per sequence against its KV cache (inference only).
 
@@ -252,6 +253,7 @@ def local_linear_attention_decode(
         k_cache, v_cache: ``[B, Tmax, Hkv, D]``.
         cache_seqlens: optional int32 ``[B]``: sequence b uses keys ``[0, cache_seqlens[b])``; default Tmax.
         ridge_lambda: as in :func:`local_linear_attention` (broadcastable to ``[B, 1, H]``).
+        softmax_scale (or ``scale``), backend: as in :func:`local_linear_attention`.
 
     Returns:
         ``out`` ``[B, 1, H, D]`` in the input dtype.
@@ -278,7 +280,7 @@ def local_linear_attention_decode(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, ridge)):
         raise RuntimeError("local_linear_attention_decode is inference-only (no backward); call it under "
                            "torch.no_grad() or use local_linear_attention for training")
-    scale = _scale(softmax_scale, d)
+    scale = _scale(pick_scale(softmax_scale, scale), d)
     chosen = _dispatch.select(DECODE_OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
     return _lla_decode_call(q, k_cache, v_cache, cache_seqlens, ridge, scale, chosen.name)
 

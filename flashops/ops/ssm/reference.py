@@ -98,7 +98,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | 
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_last_state=False):
+                   return_last_state=False, initial_state=None):
     """Mamba's selective scan, step by step, in the dtype of ``u`` (pass float64 for ground truth).
 
     u, delta, z ``[B, D, L]``; A ``[D, N]``; B, C ``[B, N, L]`` or grouped ``[B, G, N, L]``; D, delta_bias

@@ -284,10 +284,10 @@ def _check_shape(name, t, shape, layout):
 def selective_scan(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
     z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-    initial_state: Optional[Tensor] = None, return_last_state: bool = False, *, backend: Optional[str] = None,
+    return_last_state: bool = False, initial_state: Optional[Tensor] = None, *, backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Mamba-1 selective scan (same arguments and layout as ``mamba_ssm``'s ``selective_scan_fn``, plus
-    ``initial_state``)::
+    """Mamba-1 selective scan (same arguments, positions and layout as ``mamba_ssm``'s ``selective_scan_fn``,
+    plus ``initial_state``)::
 
         dt = softplus(delta + delta_bias) if delta_softplus else delta + delta_bias
         h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t        (per channel d, state n; ZOH-A / Euler-B)
