@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,100 @@ def test_run_py_works_as_a_script():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- noise, files
+def test_interleaved_timing_alternates_functions_and_reports_the_spread():
+    from bench.measure import Samples, Timing, time_interleaved
+
+    calls = []
+
+    def make(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+        return fn
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("boom")
+
+    fns = {"slow": make("slow", 0.002), "fast": make("fast", 0.0005), "broken": broken}
+    samples, failures = time_interleaved(fns, torch.device("cpu"), Timing(warmup_ms=0, rep_ms=10, min_reps=6,
+                                                                          max_reps=40, rounds=4))
+    assert set(samples) == {"slow", "fast"} and str(failures["broken"]) == "boom"
+    assert calls.count("broken") == 1  # dropped after its first failure
+    timed = [c for c in calls if c != "broken"][4:]  # after the warmups (one untimed, one timed call each)
+    # Every round runs both: the timed calls of "slow" are spread over the run, not bunched at one end.
+    positions = [i for i, c in enumerate(timed) if c == "slow"]
+    assert positions[0] < len(timed) / 4 and positions[-1] > 3 * len(timed) / 4
+    assert len(samples["slow"].times) >= 6 and len(samples["fast"].times) > len(samples["slow"].times)
+    s = samples["slow"]
+    assert s.minimum <= s.q1 <= s.median <= s.q3 <= s.maximum and s.minimum >= 2.0
+    assert Samples([1, 2, 5, 6]).overlaps(Samples([4, 5, 6, 7])) and not Samples([1, 2]).overlaps(Samples([5, 6]))
+
+
+def _timed_result(provider, peer, times):
+    from bench.measure import Samples
+    from bench.results import Result
+
+    c = case("flash_attention", torch.float32, ("fwd",), B=1, T=8, H=1, D=8, causal=False)
+    return Result("flash_attention", "attention", provider, peer, c, "fwd", "OK", samples=Samples(times))
+
+
+def test_speedups_flag_overlapping_spreads_as_ties():
+    from bench.results import table
+
+    peer = _timed_result("peer", True, [10, 10.5, 11, 11.5, 12])
+    near = _timed_result("near", False, [9, 9.5, 10.2, 11.8, 12])  # IQRs overlap: a tie
+    clear = _timed_result("clear", False, [4, 4.1, 4.2, 4.3, 4.4])
+    run.add_speedups([peer, near, clear])
+    assert peer.speedup == 1.0 and peer.tie is None
+    assert near.tie is True and near.speedup_low < 1 < near.speedup_high
+    assert clear.tie is False and clear.speedup == pytest.approx(11 / 4.2) and clear.speedup_low > 2
+    text = table([peer, near, clear])
+    assert "1.08x tie" in text and "2.62x  " in text and "tie: the interquartile ranges" in text
+    assert "GFLOP/s" in text.splitlines()[0]  # no rate reaches 1 TFLOP/s: a readable unit
+
+
+def test_cli_rows_carry_the_spread_of_every_time(tmp_path):
+    code, rows = _bench(["--provider", "flashops-torch,sdpa-math", "--set", "causal=1", "--mode", "fwd",
+                         "--no-memory"], tmp_path)
+    assert code == 0
+    for provider in ("flashops-torch", "sdpa-math"):
+        spread = [float(_metric(rows, provider, "fwd", f"time{s}_ms")[0]["value"])
+                  for s in ("_min", "_q1", "", "_q3", "_max")]
+        assert spread == sorted(spread) and spread[0] > 0
+        assert float(_metric(rows, provider, "fwd", "time_reps")[0]["value"]) >= 3
+    tie = _metric(rows, "flashops-torch", "fwd", "speedup_tie")
+    assert len(tie) == 1 and tie[0]["value"] in ("0.0", "1.0")
+
+
+def test_unknown_set_key_is_an_error_and_an_empty_result_replaces_nothing(tmp_path):
+    kept = tmp_path / "quick.csv"
+    kept.write_text("earlier results\n")
+    with pytest.raises(SystemExit, match="no selected op has a parameter 'L'.*B, D, H, T, causal"):
+        run.main(["--quick", "--op", "flash_attention", "--set", "L=999", "--out", str(tmp_path)])
+    code = run.main(["--quick", "--op", "flash_attention", "--set", "T=999", "--no-progress", "--out", str(tmp_path)])
+    assert code == 2 and kept.read_text() == "earlier results\n" and not (tmp_path / "quick.json").exists()
+
+
+def test_earlier_results_are_kept_under_their_date(tmp_path):
+    args = ["--provider", "sdpa-math", "--set", "causal=0", "--mode", "fwd", "--no-memory"]
+    _bench(args, tmp_path)
+    first = _rows(tmp_path / "quick.csv")
+    _bench(args, tmp_path)
+    stamp = first[0]["date"].replace("-", "").replace(":", "")[:15]
+    assert _rows(tmp_path / f"quick.{stamp}.csv") == first
+    assert (tmp_path / f"quick.{stamp}.json").exists() and len(_rows(tmp_path / "quick.csv")) == len(first)
+
+
+def test_provider_patterns_exclude_and_the_time_budget_stops_new_cases(tmp_path):
+    assert registry.name_matches("flashops-triton", ["flashops-*", "!flashops-torch"])
+    assert not registry.name_matches("flashops-torch", ["flashops-*", "!flashops-torch"])
+    assert registry.name_matches("sdpa-math", ["!flashops-*"]) and registry.name_matches("x", None)
+    code, rows = _bench(["--provider", "sdpa-math", "--mode", "fwd", "--no-memory", "--time-budget", "1e-9"],
+                        tmp_path)
+    status = [r for r in rows if r["metric"] == "status"]
+    assert code == 0 and len(status) == 2 and {(r["value"], r["note"]) for r in status} == {
+        ("SKIP", "not run: the --time-budget was spent")}
