@@ -20,9 +20,10 @@ from bench.registry import Provider, case
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = {"date", "device", "op", "family", "suite", "provider", "peer", "mode", "shape", "dtype", "metric",
           "value", "status", "note", "torch", "triton", "flashops"}
-# One tiny shape, and just enough timing to produce numbers (the minimum of 3 timed calls still applies).
-TINY = ["--quick", "--op", "flash_attention", "--set", "T=128", "--no-progress", "--warmup-ms", "0", "--rep-ms", "1",
-        "--threads", "1"]
+# One tiny shape, and just enough timing to produce numbers (the minimum of 5 timed calls still applies). The
+# CLI's plumbing is tested on the CPU, also on a machine with a GPU.
+TINY = ["--quick", "--device", "cpu", "--op", "flash_attention", "--set", "T=128", "--no-progress", "--warmup-ms",
+        "0", "--rep-ms", "1", "--threads", "1"]
 
 
 def _rows(path):
@@ -158,8 +159,8 @@ def test_unavailable_provider_is_skipped_with_its_reason(tmp_path, planted):
 
 
 def test_memory_sweep_rows(tmp_path):
-    code = run.main(["--quick", "--op", "flash_attention", "--memory-only", "--set", "T=512", "--provider",
-                     "flashops-torch,reference", "--no-progress", "--out", str(tmp_path)])
+    code = run.main(["--quick", "--device", "cpu", "--op", "flash_attention", "--memory-only", "--set", "T=512",
+                     "--provider", "flashops-torch,reference", "--no-progress", "--out", str(tmp_path)])
     assert code == 0
     rows = _rows(tmp_path / "quick.csv")
     for provider in ("flashops-torch", "reference"):
@@ -202,7 +203,7 @@ def test_a_new_case_file_needs_no_framework_change(tmp_path, monkeypatch):
     assert {"flash_attention", "toy_scale"} <= {op.name for op in loaded.ops}
     assert any("unmerged" in note for note in loaded.notes)
 
-    code = run.main(["--quick", "--op", "toy", "--no-progress", "--out", str(tmp_path / "out")])
+    code = run.main(["--quick", "--device", "cpu", "--op", "toy", "--no-progress", "--out", str(tmp_path / "out")])
     rows = _rows(tmp_path / "out" / "quick.csv")
     status = {(r["provider"], r["T"], r["mode"]): r["value"] for r in rows if r["metric"] == "status"}
     assert code == 0 and len(status) == 2 * 2 * 3
@@ -320,8 +321,9 @@ def test_unknown_set_key_is_an_error_and_an_empty_result_replaces_nothing(tmp_pa
     kept = tmp_path / "quick.csv"
     kept.write_text("earlier results\n")
     with pytest.raises(SystemExit, match="no selected op has a parameter 'L'.*B, D, H, T, causal"):
-        run.main(["--quick", "--op", "flash_attention", "--set", "L=999", "--out", str(tmp_path)])
-    code = run.main(["--quick", "--op", "flash_attention", "--set", "T=999", "--no-progress", "--out", str(tmp_path)])
+        run.main(["--quick", "--device", "cpu", "--op", "flash_attention", "--set", "L=999", "--out", str(tmp_path)])
+    code = run.main(["--quick", "--device", "cpu", "--op", "flash_attention", "--set", "T=999", "--no-progress",
+                     "--out", str(tmp_path)])
     assert code == 2 and kept.read_text() == "earlier results\n" and not (tmp_path / "quick.json").exists()
 
 
