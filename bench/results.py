@@ -267,7 +267,8 @@ def _spread_cells(samples: Optional[Samples]) -> list:
     """[min-max, IQR as a share of the median] of a timing."""
     if samples is None:
         return ["-", "-"]
-    return [f"{samples.minimum:.3g}-{samples.maximum:.3g}", f"{100 * (samples.q3 - samples.q1) / samples.median:.0f}%"]
+    iqr = 100 * (samples.q3 - samples.q1) / samples.median
+    return [f"{samples.minimum:.3g}-{samples.maximum:.3g}", f"{iqr:.0f}%" if iqr >= 1 else "<1%"]
 
 
 def _speedup_cell(r: Result) -> str:
