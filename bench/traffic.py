@@ -251,10 +251,11 @@ def run_traffic(ops, sweep, args, progress_enabled) -> list:
             per_kernel = {}
             for kernel, (_, read, written) in traffic.by_kernel().items():
                 per_kernel[f"bytes_read:{kernel}"], per_kernel[f"bytes_written:{kernel}"] = read, written
+            checked_error = {k: v for k, v in metrics.items() if k != "extra"}
             record(provider, mode, OK, traffic.summary(), suite="traffic", bytes_read=traffic.read,
                    bytes_written=traffic.written, bytes_min=least,
                    bytes_bound=None if bound is None else max(bound, least),
-                   extra={**metrics.get("extra", {}), **per_kernel})
+                   extra={**metrics["extra"], **per_kernel}, **checked_error)
         for r in found:
             r.suite = "traffic"
         results += found

@@ -11,7 +11,8 @@ from bench.run import parse_args, plan_cases
 
 
 def test_dry_run_writes_results_logs_and_a_one_screen_summary(tmp_path):
-    code = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--tests", "tests/test_dispatch.py::test_unknown_names"])
+    code = gpu_check.main(["--dry-run", "--out", str(tmp_path),
+                           "--tests", "tests/test_dispatch.py::test_unknown_names"])
     assert code == 0
     (summary,) = tmp_path.glob("gpu-check-*-summary.txt")
     text = summary.read_text()
