@@ -108,13 +108,15 @@ class Traffic:
 
 
 def _tensor_ranges(bound: dict) -> list:
-    ranges = []
+    """(start, end, name) of each CPU tensor argument, sorted; one tensor passed as several arguments (e.g. as a
+    placeholder for absent ones) is one range named ``A=B``."""
+    names = {}
     for name, value in bound.items():
         if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.numel() > 0:
             span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(value.shape, value.stride()))
             start = value.data_ptr()
-            ranges.append((start, start + span * value.element_size(), name))
-    return sorted(ranges)
+            names.setdefault((start, start + span * value.element_size()), []).append(name)
+    return sorted((start, end, "=".join(found)) for (start, end), found in names.items())
 
 
 def _launch_record(executor, args, kwargs) -> Launch:
