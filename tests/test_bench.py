@@ -256,28 +256,26 @@ def test_interleaved_timing_alternates_functions_and_reports_the_spread():
 
     calls = []
 
-    def make(name, seconds):
-        def fn():
-            calls.append(name)
-            time.sleep(seconds)
-        return fn
+    def slow():
+        calls.append("slow")
+        time.sleep(0.02)
 
     def broken():
         calls.append("broken")
         raise RuntimeError("boom")
 
-    fns = {"slow": make("slow", 0.002), "fast": make("fast", 0.0005), "broken": broken}
-    samples, failures = time_interleaved(fns, torch.device("cpu"), Timing(warmup_ms=0, rep_ms=10, min_reps=6,
+    fns = {"slow": slow, "fast": lambda: calls.append("fast"), "broken": broken}
+    samples, failures = time_interleaved(fns, torch.device("cpu"), Timing(warmup_ms=5, rep_ms=40, min_reps=4,
                                                                           max_reps=40, rounds=4))
     assert set(samples) == {"slow", "fast"} and str(failures["broken"]) == "boom"
     assert calls.count("broken") == 1  # dropped after its first failure
-    timed = [c for c in calls if c != "broken"][4:]  # after the warmups (one untimed, one timed call each)
-    # Every round runs both: the timed calls of "slow" are spread over the run, not bunched at one end.
-    positions = [i for i, c in enumerate(timed) if c == "slow"]
-    assert positions[0] < len(timed) / 4 and positions[-1] > 3 * len(timed) / 4
-    assert len(samples["slow"].times) >= 6 and len(samples["fast"].times) > len(samples["slow"].times)
+    # As many timed calls as fit in rep_ms, within [min_reps, max_reps]: 40 of the fast call, 4 of the slow one.
+    assert len(samples["fast"].times) == 40 and len(samples["slow"].times) == 4
+    # Every round runs both: the slow call's timed runs are spread over the whole run, one per round.
+    timed = calls[-44:]
+    assert [timed[i:i + 11].count("slow") for i in range(0, 44, 11)] == [1, 1, 1, 1]
     s = samples["slow"]
-    assert s.minimum <= s.q1 <= s.median <= s.q3 <= s.maximum and s.minimum >= 2.0
+    assert s.minimum <= s.q1 <= s.median <= s.q3 <= s.maximum and s.minimum >= 20.0
     assert Samples([1, 2, 5, 6]).overlaps(Samples([4, 5, 6, 7])) and not Samples([1, 2]).overlaps(Samples([5, 6]))
 
 
