@@ -326,7 +326,10 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "bench", *bench_args(args.dry_run, args.all_providers, 0.85 * bench.budget_s,
                                                       name, out, extra, timing)]
     began = time.monotonic()
-    _, timed_out = _run(cmd, bench.budget_s, out / f"{name}-bench.log", env)
+    # The bench stops starting cases at 85% of its share; it is only killed (losing its files) when a case runs
+    # on past what is left of the whole budget, less a little for the summary.
+    hard_stop = max(bench.budget_s, args.budget - (began - start) - 15.0)
+    _, timed_out = _run(cmd, hard_stop, out / f"{name}-bench.log", env)
     bench.seconds = time.monotonic() - began
     results_file = out / f"quick-{name}.csv"
     rows = read_rows(results_file) if results_file.exists() else []
@@ -341,7 +344,7 @@ def main(argv=None) -> int:
     (out / f"{name}-summary.txt").write_text("\n".join(text) + "\n")
     print("\n".join(text[len(report):]))
     print(f"\nfiles: {out}/{name}-*, quick-{name}.csv/json and the plots")
-    return 0 if tests.status in ("OK", "skipped", "SKIPPED") and bench.status == "OK" else 1
+    return 0 if tests.status in ("OK", "skipped") and bench.status == "OK" else 1
 
 
 if __name__ == "__main__":
