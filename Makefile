@@ -2,7 +2,8 @@
 #   make bench   the main job: correctness + timing table of every op on the device at hand (CPU: quick sweep)
 #   make test    the test suite (Triton kernels run under the interpreter when there is no GPU, then are
 #                compiled for sm_90 to catch what the interpreter lets through)
-# Both create .venv (seeing system packages, so a preinstalled GPU torch is used as is) and install what is missing.
+#   make gpu-check  on a GPU machine, offline: kernel tests on the GPU + quick GPU benchmark in 10 minutes
+# bench and test create .venv (seeing system packages, so a preinstalled GPU torch is used as is) and install what is missing.
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup test bench info clean
+.PHONY: setup test bench gpu-check info clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +33,13 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# One GPU run in at most 10 minutes (H200): the kernel tests on the GPU, then the quick GPU benchmark of every
+# family against the peers present (eager and CUDA-graph times), files under bench/results/<device>/ and a
+# one-screen summary. Offline: the Python that holds torch is used as is (no venv, no pip); WHEELS=.whl installs
+# carried peer wheels into a temporary folder first (docs/benchmarks.md). GPU_CHECK_ARGS=--dry-run: on a CPU.
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
 
 info: setup
 	$(BIN)/python -m flashops.info
