@@ -23,6 +23,15 @@ def _check_hidden(x: Tensor, hidden_size: int, ndim: int, layout: str) -> None:
         raise ValueError(f"x must have shape {layout} with hidden={hidden_size}, got {tuple(x.shape)}")
 
 
+def _lasp2(cp_group, cu_seqlens, q, k, v, **kwargs):
+    """The layers' context-parallel path (torch.distributed is imported only when it is used)."""
+    from ..distributed import lasp2_attention
+
+    if cu_seqlens is not None:
+        raise ValueError("a layer with cp_group takes [B, T/P, hidden] shards, not packed input (cu_seqlens)")
+    return lasp2_attention(q, k, v, group=cp_group, **kwargs)
+
+
 class LightningAttention(nn.Module):
     """TransNormerLLM's token mixer (NormLinearAttention) on Lightning Attention-2.
 
@@ -37,12 +46,16 @@ class LightningAttention(nn.Module):
         output_gate: multiply by ``x Wu`` before the output projection.
         norm_eps: RMSNorm epsilon. bias: biases in the projections.
         backend: forwarded to the ops (``"triton"``, ``"torch"`` or None for automatic).
+        cp_group: a process group over which the sequence is sharded (context parallelism): ``forward`` then
+            takes this rank's part ``[B, T/P, hidden]`` (zigzag layout) and runs LASP-2
+            (:func:`flashops.distributed.lasp2_attention`).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, head_dim: Optional[int] = None, layer_idx: int = 0,
                  num_layers: int = 1, output_gate: bool = True, norm_eps: float = 1e-5, bias: bool = False,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, cp_group=None, device=None, dtype=None):
         super().__init__()
+        self.cp_group = cp_group
         if hidden_size <= 0 or num_heads <= 0:
             raise ValueError(f"hidden_size and num_heads must be positive, got {hidden_size} and {num_heads}")
         if head_dim is None:
@@ -80,9 +93,13 @@ class LightningAttention(nn.Module):
         """x ``[B, T, hidden]`` -> ``(y [B, T, hidden], final_state fp32 [N, H, D, D] or None)``."""
         _check_hidden(x, self.hidden_size, 3, "[B, T, hidden]")
         q, k, v, gate = self._project(x)
-        o, state = lightning_attention(q, k, v, self.slopes, scale=1.0, initial_state=initial_state,
-                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                       backend=self.backend)
+        if self.cp_group is not None:
+            o, state = _lasp2(self.cp_group, cu_seqlens, q, k, v, slopes=self.slopes, scale=1.0,
+                              initial_state=initial_state, output_final_state=output_final_state, backend=self.backend)
+        else:
+            o, state = lightning_attention(q, k, v, self.slopes, scale=1.0, initial_state=initial_state,
+                                           output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                           backend=self.backend)
         return self._finish(o, gate), state
 
     def step(self, x_t: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -107,12 +124,14 @@ class GatedLinearAttention(nn.Module):
         gate_low_rank_dim: rank of the gate projection. gate_logit_normalizer: divides the log-gates (16 keeps
             the gates close to 1 at initialization).
         norm_eps: RMSNorm epsilon. backend: forwarded to the ops.
+        cp_group: shard the sequence over this process group (LASP-2), as in :class:`LightningAttention`.
     """
 
     def __init__(self, hidden_size: int, num_heads: int = 4, *, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-5,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, cp_group=None, device=None, dtype=None):
         super().__init__()
+        self.cp_group = cp_group
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
         if hidden_size <= 0 or num_heads <= 0 or key_dim % num_heads or value_dim % num_heads or key_dim == 0:
             raise ValueError(f"key width {key_dim} and value width {value_dim} (hidden_size * expand_k/v) must be "
@@ -150,9 +169,13 @@ class GatedLinearAttention(nn.Module):
         """x ``[B, T, hidden]`` -> ``(y [B, T, hidden], final_state fp32 [N, H, Dk, Dv] or None)``."""
         _check_hidden(x, self.hidden_size, 3, "[B, T, hidden]")
         q, k, v, g = self._project(x)
-        o, state = gated_linear_attention(q, k, v, g, scale=self.head_k_dim ** -0.5, initial_state=initial_state,
-                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                          backend=self.backend)
+        if self.cp_group is not None:
+            o, state = _lasp2(self.cp_group, cu_seqlens, q, k, v, g=g, scale=self.head_k_dim ** -0.5,
+                              initial_state=initial_state, output_final_state=output_final_state, backend=self.backend)
+        else:
+            o, state = gated_linear_attention(q, k, v, g, scale=self.head_k_dim ** -0.5, initial_state=initial_state,
+                                              output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                              backend=self.backend)
         return self._finish(o, x), state
 
     def step(self, x_t: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
