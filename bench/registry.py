@@ -108,6 +108,9 @@ class Op:
     # once), for memory-bound ops; reported as GB/s next to the time. ``byte_formula`` states it in words.
     bytes_moved: Optional[Callable[[Case, str], float]] = None
     byte_formula: str = ""
+    # Its providers communicate over torch.distributed (every rank must make the same calls): timing and
+    # verdicts are agreed between the ranks (bench/distributed.py).
+    collective: bool = False
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: python bench/run.py
 
 import torch  # noqa: E402
 
-from . import measure  # noqa: E402
+from . import distributed, measure  # noqa: E402
 from .memory import run_memory  # noqa: E402
 from .progress import Progress  # noqa: E402
 from .registry import MODES, Case, Op, Unsupported, load_ops  # noqa: E402
@@ -137,6 +137,7 @@ def run_case(op: Op, case: Case, providers: list, modes: list, device, timing, s
             if reference is None or (want_grads and reference.grads is None):
                 reference = _reference(op, case, inputs, douts, slicer, want_grads)
             check = measure.check_provider(op, provider, case, inputs, douts, reference, slicer, want_grads)
+            check = distributed.agree(op, check)
             extra = {}
             if op.extra_metrics is not None and any(check.ok(m) for m in runnable):
                 with torch.no_grad():
@@ -148,7 +149,7 @@ def run_case(op: Op, case: Case, providers: list, modes: list, device, timing, s
                     record(provider, m, WRONG, check.reason(m), **errors)
                     continue
                 fn = measure.mode_fn(op, provider, case, inputs, douts, m)
-                ms = measure.median_ms(fn, device, timing)
+                ms = distributed.timer(op)(fn, device, timing)
                 mem = measure.peak_memory_mib(fn, device)
                 del fn
                 flops = op.flops(case, m)
@@ -226,6 +227,7 @@ def run_speed(ops, sweep, device, args, timing, progress_enabled) -> list:
 # ------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    launched = distributed.launch()  # under torchrun: join the group, take this rank's GPU
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -241,16 +243,20 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _main(args, device, sweep, timing, progress_enabled)
+        return _main(args, device, sweep, timing, progress_enabled and launched.rank == 0, launched)
     finally:
         torch.set_num_threads(threads)  # main() may run inside another program (the tests)
 
 
-def _main(args, device, sweep, timing, progress_enabled) -> int:
+def _main(args, device, sweep, timing, progress_enabled, launched) -> int:
     registry = load_ops()
     for note in registry.notes:
         print(f"note: {note}", file=sys.stderr)
     ops = select_ops(registry.ops, _names(args.op))
+    if launched.world > 1:  # under torchrun only the ops that use the ranks together
+        ops = [op for op in ops if op.collective]
+    elif args.op is None:  # and those only there or when asked for by name
+        ops = [op for op in ops if not op.collective]
     env = environment(device, sweep)
     print(f"flashops {env['flashops']} | torch {env['torch']} | triton {env['triton']} | {env['device']} | "
           f"{sweep} sweep", file=sys.stderr)
@@ -262,15 +268,16 @@ def _main(args, device, sweep, timing, progress_enabled) -> int:
         results += run_memory(ops, sweep, device, _names(args.provider), _param_filters(args.set), _keep,
                               progress_enabled)
 
-    print(table(results))
-    if any(r.suite == "memory" for r in results):
-        print()
-        print(memory_table(results))
+    if launched.rank == 0:
+        print(table(results))
+        if any(r.suite == "memory" for r in results):
+            print()
+            print(memory_table(results))
 
     out_dir = Path(args.out) if args.out else RESULTS_DIR / device_slug(device)
     rows = to_rows(results, env)
     both = args.csv is None and args.json is None
-    stem = f"{sweep}-{args.tag}" if args.tag else sweep
+    stem = (f"{sweep}-{args.tag}" if args.tag else sweep) + launched.suffix
     written = []
     if both or args.csv is not None:
         written.append(Path(args.csv) if args.csv else out_dir / f"{stem}.csv")

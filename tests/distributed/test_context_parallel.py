@@ -74,9 +74,9 @@ def _compare(name, local_fn, full_fn, inputs, layout, sharded_outputs=(True,)):
                      cp.shard(full_leaf.grad, layout=layout) if sharded else full_leaf.grad)
 
 
-def _qkv(world, layout, h_kv=H, seed=1):
+def _qkv(world, layout, h_kv=H, seed=1, heads=H):
     t = _length(layout, world)
-    return _full(seed, B, t, H, D), _full(seed + 1, B, t, h_kv, D), _full(seed + 2, B, t, h_kv, D)
+    return _full(seed, B, t, heads, D), _full(seed + 1, B, t, h_kv, D), _full(seed + 2, B, t, h_kv, D)
 
 
 # -------------------------------------------------------------------------------------- exact attention
@@ -90,9 +90,9 @@ EXACT_CASES = [  # layout, causal, window, key/value heads
 ]
 
 
-def _check_exact(op, world, cases, backend=None):
+def _check_exact(op, world, cases, backend=None, heads=H):
     for layout, causal, window, h_kv in cases:
-        q, k, v = _qkv(world, layout, h_kv)
+        q, k, v = _qkv(world, layout, h_kv, heads=heads)
         options = dict(causal=causal, window_size=window, backend=backend)
         _compare(f"{op.__name__} {layout} causal={causal} window={window} Hkv={h_kv}",
                  lambda q, k, v: (op(q, k, v, layout=layout, **options),),
@@ -110,9 +110,9 @@ def check_ulysses_attention(rank, world):
 
 
 def check_ring_attention_triton(rank, world):
-    """The Triton kernels (interpreter on CPUs) with the block windows ring attention gives them."""
-    _check_exact(cp.ring_attention, world, [("zigzag", True, (-1, -1), 2), ("zigzag", True, (7, 0), 2)],
-                 backend="triton")
+    """The Triton kernels (interpreter on CPUs) with the block windows ring attention gives them: causal
+    diagonal blocks, unmasked blocks and windows that exclude a block's diagonal (negative window_left)."""
+    _check_exact(cp.ring_attention, world, [("zigzag", True, (7, 0), 1)], backend="triton", heads=2)
 
 
 # ------------------------------------------------------------------------------------ linear attention
@@ -223,10 +223,19 @@ def check_modules(rank, world):
             assert_close(f"{name}: gradient of {pname}", p.grad, params[pname].grad)
 
 
-def check_compile(rank, world):
-    """torch.compile(fullgraph=True) traces through the custom ops (communication included)."""
-    q, k, v = (cp.shard(x) for x in _qkv(world, "zigzag", h_kv=2))
-    qa, ka, va, g = (cp.shard(x) for x in _linear_inputs(world, "zigzag")[:4])
+def check_custom_ops(rank, world):
+    """opcheck (schemas, fake kernels, autograd registration) of the communicating custom ops, and
+    torch.compile(fullgraph=True) through the public functions."""
+    group = dist.group.WORLD.group_name
+    q, k, v = (cp.shard(x).requires_grad_() for x in _qkv(world, "zigzag", h_kv=2))
+    qa, ka, va, g, h0 = _linear_inputs(world, "zigzag")
+    qa, ka, va, g = (cp.shard(x) for x in (qa, ka, va, g))
+    states = _full(70, 2, B, H, D_K, D_V + 1).requires_grad_()
+    ops = torch.ops.flashops
+    torch.library.opcheck(ops.ring_attention_fwd.default, (q, k, v, group, 0.25, 3, 0, "zigzag", "torch"))
+    torch.library.opcheck(ops.cp_all_gather.default, (q, group))
+    torch.library.opcheck(ops.cp_all_to_all.default, (_full(71, world, 3, 2), group))
+    torch.library.opcheck(ops.lasp2_fold_fwd.default, (states, h0, None, group, "zigzag", True))
     functions = {
         "ring": lambda: cp.ring_attention(q, k, v, causal=True),
         "ulysses": lambda: cp.ulysses_attention(q, k, v, causal=True),
@@ -251,6 +260,7 @@ def check_failed_rank_does_not_hang_peers(rank, world):
         with pytest.raises(RuntimeError):
             cp.ring_attention(q, q, q, group=group)
         assert time.monotonic() - start < 30
+    dist.barrier()  # the failed rank stays up until its peers gave up: they time out rather than see it exit
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -258,7 +268,7 @@ COMMON = ["check_layouts", "check_errors", "check_ring_attention", "check_ulysse
           "check_lasp2_attention", "check_modules"]
 SCENARIOS = {
     1: COMMON,
-    2: COMMON + ["check_ring_attention_triton", "check_compile", "check_failed_rank_does_not_hang_peers"],
+    2: COMMON + ["check_ring_attention_triton", "check_custom_ops", "check_failed_rank_does_not_hang_peers"],
     4: COMMON,
 }
 
@@ -277,7 +287,7 @@ def test_gloo(world):
                                                           f"{torch.cuda.device_count()}")
 def test_nccl():
     world = torch.cuda.device_count()
-    _assert_passed(launcher.run(__name__, COMMON + ["check_ring_attention_triton", "check_compile"], world,
+    _assert_passed(launcher.run(__name__, COMMON + ["check_ring_attention_triton", "check_custom_ops"], world,
                                 backend="nccl"))
 
 
