@@ -103,6 +103,8 @@ def _ring_fwd_impl(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float, wi
     b, t, h, _ = q.shape
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full((b, h, t), float("-inf"), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:  # every rank has the same shapes: all of them skip the ring
+        return out.to(q.dtype), lse
     block = (k.contiguous(), v.contiguous())
     for step in range(world):
         source = (rank - step) % world
@@ -123,6 +125,8 @@ def _ring_bwd_impl(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
     pg = _comm.group_by_name(group)
     rank, world = pg.rank(), pg.size()
     t = q.shape[1]
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     block = (k.contiguous(), v.contiguous())
     travelling = None  # fp32 (dk, dv) of the block held, summed over the ranks it has visited

@@ -59,7 +59,8 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
     scale = check_scale(softmax_scale, d)
     sent = [_heads_to_sequence(x, world) for x in (q, k, v)]
     received = _comm.all_to_all(torch.cat(sent, dim=3), pg)  # [P (source rank), B, T/P, (H + 2 Hkv)/P, D]
-    sequence = received.permute(1, 0, 2, 3, 4).reshape(b, world * t_local, -1, d)  # rank-major rows
+    heads_here = (h + 2 * h_kv) // world
+    sequence = received.permute(1, 0, 2, 3, 4).reshape(b, world * t_local, heads_here, d)  # rank-major rows
     needs_order = causal or tuple(window_size) != (-1, -1)
     if needs_order:
         order = natural_order(layout, world, t_local, q.device)

@@ -194,6 +194,21 @@ def check_errors(rank, world):
             cp.ulysses_attention(three_heads, three_heads, three_heads)
 
 
+def check_empty_inputs(rank, world):
+    """An empty batch or sequence gives empty outputs and gradients on every op (Ulysses: empty sequence only;
+    its empty batch waits for flash_attention's torch backend to accept B = 0)."""
+    ops = {"ring": lambda x: cp.ring_attention(x, x, x, causal=True),
+           "ulysses": lambda x: cp.ulysses_attention(x, x, x, causal=True),
+           "lasp2": lambda x: cp.lasp2_attention(x, x, x)[0],
+           "gla": lambda x: cp.lasp2_attention(x, x, x, g=torch.zeros_like(x))[0]}
+    for shape, names in [((0, 4, H, D_K), ("ring", "lasp2", "gla")), ((B, 0, H, D_K), tuple(ops))]:
+        for name in names:
+            x = torch.zeros(shape, device=_device(), requires_grad=True)
+            out = ops[name](x)
+            out.sum().backward()
+            assert out.shape == shape and x.grad.shape == shape, (name, shape)
+
+
 # ------------------------------------------------------------------------------------------ modules
 def _module_pair(make):
     torch.manual_seed(0)
@@ -264,7 +279,7 @@ def check_failed_rank_does_not_hang_peers(rank, world):
 
 
 # --------------------------------------------------------------------------------------------- tests
-COMMON = ["check_layouts", "check_errors", "check_ring_attention", "check_ulysses_attention",
+COMMON = ["check_layouts", "check_errors", "check_empty_inputs", "check_ring_attention", "check_ulysses_attention",
           "check_lasp2_attention", "check_modules"]
 SCENARIOS = {
     1: COMMON,
