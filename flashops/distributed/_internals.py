@@ -7,7 +7,8 @@ here, so that a change of those internals is mended in this file alone:
 
 - ``flashops.ops.attention``: ``OP`` (its dispatch name), ``_attention_fwd_impl`` and ``_attention_bwd_impl``
   (the plain implementations behind the ``flashops::attention_fwd/bwd`` custom ops, called with positional
-  arguments; their ``window_left/right`` take any integers) and ``_window`` (the ``window_size`` check);
+  arguments; their ``window_left/right`` take any integers), ``_window`` and ``_scalars`` (the checks of
+  ``window_size`` and ``softmax_scale``);
 - ``flashops._dispatch`` (backend selection) and ``flashops._validation`` (input checks);
 - ``flashops.ops.linear.common.LOG_GATE_FLOOR`` (the floor the linear kernels apply to log-gates, which a
   state computed outside them must apply too).
@@ -26,13 +27,18 @@ from ..ops import attention as _attention
 from ..ops.linear.common import LOG_GATE_FLOOR
 
 __all__ = ["LOG_GATE_FLOOR", "attention_backend", "block_backward", "block_forward", "check_attention_inputs",
-           "check_tensor", "parse_window"]
+           "check_tensor", "parse_window", "softmax_scale"]
 
 
 def parse_window(causal: bool, window_size) -> tuple[Optional[int], Optional[int]]:
     """``window_size`` checked as ``flash_attention`` does: ``(left, right)``, None = unbounded; causal caps
     right at 0."""
     return _attention._window(causal, window_size)
+
+
+def softmax_scale(value, head_dim: int) -> float:
+    """``softmax_scale`` checked as ``flash_attention`` does; None gives ``1/sqrt(head_dim)``."""
+    return _attention._scalars(value, 0.0, 0.0, head_dim)[0]
 
 
 def attention_backend(q: Tensor, backend: Optional[str]) -> str:

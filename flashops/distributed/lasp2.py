@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops.linear import gated_linear_attention, lightning_attention, lightning_slopes
 from .._custom_ops import eager, register_autograd
+from ..ops.linear import gated_linear_attention, lightning_attention, lightning_slopes
 from . import _comm, _internals
 from .layout import check_layout, chunks_of, num_chunks, piece_length
 

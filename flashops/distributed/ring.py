@@ -16,7 +16,6 @@ block's work on every rank.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -193,14 +192,6 @@ _ring = register_autograd(_ring_fwd, _ring_fwd_impl, _backward, _setup_context)
 
 
 # ------------------------------------------------------------------------------------------ public API
-def check_scale(softmax_scale, head_dim: int) -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
-    return float(softmax_scale)
-
-
 def check_self_attention(q: Tensor, k: Tensor, v: Tensor, layout: str) -> None:
     """q, k, v are this rank's shards of one sequence: ``[B, T/P, H|Hkv, D]`` with the same local length."""
     _internals.check_attention_inputs(q, k, v, layout="[B, T/P, H, D] (this rank's shard)")
@@ -241,6 +232,6 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
     check_self_attention(q, k, v, layout)
     pg = _comm.resolve_group(group)
     left, right = _internals.parse_window(causal, window_size)
-    scale = check_scale(softmax_scale, q.shape[-1])
+    scale = _internals.softmax_scale(softmax_scale, q.shape[-1])
     name = _internals.attention_backend(q, backend)
     return _ring(q, k, v, _comm.group_name(pg), scale, left, right, layout, name)[0]

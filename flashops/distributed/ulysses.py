@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from ..ops.attention import flash_attention
-from . import _comm
+from . import _comm, _internals
 from .layout import natural_order
-from .ring import check_scale, check_self_attention
+from .ring import check_self_attention
 
 
 def _kv_repeats(heads: int, kv_heads: int, world: int) -> int:
@@ -56,7 +56,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
     if repeats > 1:
         k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
     h_kv = k.shape[2]
-    scale = check_scale(softmax_scale, d)
+    scale = _internals.softmax_scale(softmax_scale, d)
     sent = [_heads_to_sequence(x, world) for x in (q, k, v)]
     received = _comm.all_to_all(torch.cat(sent, dim=3), pg)  # [P (source rank), B, T/P, (H + 2 Hkv)/P, D]
     heads_here = (h + 2 * h_kv) // world
