@@ -11,6 +11,16 @@ from .ops.ssm import (cauchy_kernel, dplr_kernel, fft_conv, krylov_kernel, linea
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # flashops.distributed (context parallelism) imports torch.distributed: loaded on first use only.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa",
     "hyper_attention", "hyper_attention_plan",

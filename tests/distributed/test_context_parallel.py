@@ -11,6 +11,8 @@ launch, so that every process pays for importing torch once.
 from __future__ import annotations
 
 import datetime
+import subprocess
+import sys
 import time
 
 import pytest
@@ -304,6 +306,15 @@ def test_nccl():
     world = torch.cuda.device_count()
     _assert_passed(launcher.run(__name__, COMMON + ["check_ring_attention_triton", "check_custom_ops"], world,
                                 backend="nccl"))
+
+
+def test_import_flashops_leaves_distributed_alone():
+    """``import flashops`` neither imports flashops.distributed nor creates any process group; the attribute
+    loads it on first use."""
+    code = ("import sys, torch.distributed as dist, flashops\n"
+            "assert 'flashops.distributed' not in sys.modules and not dist.is_initialized()\n"
+            "assert flashops.distributed.ring_attention is sys.modules['flashops.distributed'].ring_attention\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_uninitialized_group_is_a_clear_error():
