@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import flashops
 from flashops import distributed as cp
 from flashops.nn import FlashSelfAttention, GatedLinearAttention, LightningAttention
-from flashops.testing import assert_close
+from flashops.testing import GRAD_FACTOR, assert_close
 
 from . import launcher
 
@@ -47,33 +47,46 @@ def _length(layout: str, world: int) -> int:
     return CHUNK * (2 * world if layout == "zigzag" else world)
 
 
-def _compare(name, local_fn, full_fn, inputs, layout, sharded_outputs=(True,)):
+def _single_process(full_fn, inputs, dtype):
+    """Outputs, output gradients and input gradients of ``full_fn`` on the whole inputs (the sequences cast to
+    dtype; states stay fp32)."""
+    leaves = [x.detach().to(dtype if sharded else x.dtype, copy=True).requires_grad_() for x, sharded in inputs]
+    outputs = full_fn(*leaves)
+    out_grads = [_full(90 + i, *o.shape).to(o.dtype) for i, o in enumerate(outputs)]
+    torch.autograd.backward(outputs, out_grads)
+    return outputs, out_grads, [leaf.grad for leaf in leaves]
+
+
+def _compare(name, local_fn, full_fn, inputs, layout, sharded_outputs=(True,), dtype=torch.float32):
     """``local_fn`` on this rank's part of ``inputs`` against ``full_fn`` on the whole, outputs and gradients.
 
-    ``inputs``: ``[(full tensor, sharded)]``: sharded ones are sequences ``[B, T, ...]`` (this rank gets its
+    ``inputs``: ``[(full fp32 tensor, sharded)]``: sharded ones are sequences ``[B, T, ...]`` (this rank gets its
     part), the others every rank holds whole (their gradient is this rank's part: summed over the ranks it must
     give the single-process one). Both functions return tuples; ``sharded_outputs`` says which outputs are
     sequences. A replicated output's gradient is split evenly over the ranks, so that the ranks' losses add up
-    to the single-process loss."""
+    to the single-process loss. With ``dtype`` below fp32 the sequences are cast to it and the tolerance rule's
+    baseline is the single-process op in ``dtype`` (the oracle: the same in fp32)."""
     world = dist.get_world_size()
-    full_leaves = [x.clone().requires_grad_() for x, _ in inputs]
-    expected = full_fn(*full_leaves)
-    out_grads = [_full(90 + i, *e.shape) for i, e in enumerate(expected)]
-    torch.autograd.backward(expected, out_grads)
+    expected, out_grads, expected_grads = _single_process(full_fn, inputs, torch.float32)
+    baseline, _, baseline_grads = (_single_process(full_fn, inputs, dtype) if dtype != torch.float32
+                                   else ([None] * len(expected), None, [None] * len(inputs)))
 
-    leaves = [(cp.shard(x, layout=layout) if sharded else x).detach().clone().requires_grad_()
-              for x, sharded in inputs]
+    def part(x, sharded):
+        return None if x is None else cp.shard(x, layout=layout) if sharded else x
+
+    leaves = [part(x, sharded).to(dtype if sharded else x.dtype).detach().requires_grad_() for x, sharded in inputs]
     got = local_fn(*leaves)
-    torch.autograd.backward(got, [cp.shard(g, layout=layout) if sharded else g / world
-                                  for g, sharded in zip(out_grads, sharded_outputs)])
-    for i, (actual, reference, sharded) in enumerate(zip(got, expected, sharded_outputs)):
-        assert_close(f"{name}: output {i}", actual, cp.shard(reference, layout=layout) if sharded else reference)
-    for i, ((_, sharded), leaf, full_leaf) in enumerate(zip(inputs, leaves, full_leaves)):
+    torch.autograd.backward(got, [(cp.shard(g, layout=layout) if sharded else g / world).to(o.dtype)
+                                  for g, sharded, o in zip(out_grads, sharded_outputs, got)])
+    for i, (actual, sharded) in enumerate(zip(got, sharded_outputs)):
+        assert_close(f"{name}: output {i}", actual, part(expected[i], sharded), part(baseline[i], sharded),
+                     dtype=dtype)
+    for i, ((_, sharded), leaf) in enumerate(zip(inputs, leaves)):
         grad = leaf.grad
         if not sharded:
             dist.all_reduce(grad)
-        assert_close(f"{name}: gradient of input {i}", grad,
-                     cp.shard(full_leaf.grad, layout=layout) if sharded else full_leaf.grad)
+        assert_close(f"{name}: gradient of input {i}", grad, part(expected_grads[i], sharded),
+                     part(baseline_grads[i], sharded), factor=GRAD_FACTOR, dtype=dtype)
 
 
 def _qkv(world, layout, h_kv=H, seed=1, heads=H):
@@ -92,18 +105,20 @@ EXACT_CASES = [  # layout, causal, window, key/value heads
 ]
 
 
-def _check_exact(op, world, cases, backend=None, heads=H):
+def _check_exact(op, world, cases, backend=None, heads=H, dtype=torch.float32):
     for layout, causal, window, h_kv in cases:
         q, k, v = _qkv(world, layout, h_kv, heads=heads)
         options = dict(causal=causal, window_size=window, backend=backend)
-        _compare(f"{op.__name__} {layout} causal={causal} window={window} Hkv={h_kv}",
+        _compare(f"{op.__name__} {layout} causal={causal} window={window} Hkv={h_kv} {dtype}",
                  lambda q, k, v: (op(q, k, v, layout=layout, **options),),
                  lambda q, k, v: (flashops.flash_attention(q, k, v, **options),),
-                 [(q, True), (k, True), (v, True)], layout)
+                 [(q, True), (k, True), (v, True)], layout, dtype=dtype)
 
 
 def check_ring_attention(rank, world):
     _check_exact(cp.ring_attention, world, EXACT_CASES)
+    # bf16: partials merge and dK/dV accumulate in fp32, so the error is that of the single-device op.
+    _check_exact(cp.ring_attention, world, EXACT_CASES[:1], dtype=torch.bfloat16)
 
 
 def check_ulysses_attention(rank, world):
@@ -129,15 +144,17 @@ def _linear_inputs(world, layout, seed=11):
 
 def check_lasp2_attention(rank, world):
     slopes = flashops.lightning_slopes(H, device=_device())
-    for layout in LAYOUTS:
+    for layout, dtype in [("zigzag", torch.float32), ("contiguous", torch.float32), ("zigzag", torch.bfloat16)]:
         q, k, v, g, h0 = _linear_inputs(world, layout)
         sequences = [(q, True), (k, True), (v, True)]
-        _compare(f"lasp2 lightning {layout} with states",
+        _compare(f"lasp2 lightning {layout} with states {dtype}",
                  lambda q, k, v, h0: cp.lasp2_attention(q, k, v, slopes=slopes, initial_state=h0,
                                                         output_final_state=True, layout=layout),
                  lambda q, k, v, h0: flashops.lightning_attention(q, k, v, slopes, initial_state=h0,
                                                                   output_final_state=True),
-                 [*sequences, (h0, False)], layout, sharded_outputs=(True, False))
+                 [*sequences, (h0, False)], layout, sharded_outputs=(True, False), dtype=dtype)
+        if dtype != torch.float32:
+            continue
         _compare(f"lasp2 gla {layout} with states",
                  lambda q, k, v, g, h0: cp.lasp2_attention(q, k, v, g=g, initial_state=h0, output_final_state=True,
                                                            layout=layout),
