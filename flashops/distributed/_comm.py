@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -165,7 +164,7 @@ def _reduce_scatter_fake(x, group):
 _reduce_scatter = eager(_reduce_scatter_op, reduce_scatter_impl)
 
 
-def _all_gather_setup(ctx, inputs, output):
+def _save_group(ctx, inputs, output):
     ctx.group = inputs[1]
 
 
@@ -174,7 +173,7 @@ def _all_gather_backward(ctx, grad):
     return _reduce_scatter(grad, ctx.group), None
 
 
-_all_gather = register_autograd(_all_gather_op, all_gather_impl, _all_gather_backward, _all_gather_setup)
+_all_gather = register_autograd(_all_gather_op, all_gather_impl, _all_gather_backward, _save_group)
 
 
 def all_gather(x: Tensor, group: "dist.ProcessGroup") -> Tensor:
@@ -202,16 +201,12 @@ def _all_to_all_fake(x, group):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _all_to_all_setup(ctx, inputs, output):
-    ctx.group = inputs[1]
-
-
 def _all_to_all_backward(ctx, grad):
     # Piece i went to rank i as its piece r: the transpose sends each gradient piece back the same way.
     return _all_to_all(grad, ctx.group), None
 
 
-_all_to_all: Callable = register_autograd(_all_to_all_op, _all_to_all_impl, _all_to_all_backward, _all_to_all_setup)
+_all_to_all = register_autograd(_all_to_all_op, _all_to_all_impl, _all_to_all_backward, _save_group)
 
 
 def all_to_all(x: Tensor, group: "dist.ProcessGroup") -> Tensor:
