@@ -112,6 +112,9 @@ class Op:
     # case, mode -> bytes that any algorithm must move between global memory and the SRAM of an H100/H200 (a
     # lower bound, e.g. exact attention's); ``python -m bench --io`` reports it next to the counted traffic
     traffic_bound: Optional[Callable[[Case, str], float]] = None
+    # Its providers communicate over torch.distributed (every rank must make the same calls): timing and
+    # verdicts are agreed between the ranks (bench/distributed.py).
+    collective: bool = False
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from flashops._triton_utils import interpreter_enabled  # noqa: E402
 
-from . import measure  # noqa: E402
+from . import distributed, measure  # noqa: E402
 from .memory import run_memory  # noqa: E402
 from .progress import Progress  # noqa: E402
 from .registry import MODES, Case, Op, Unsupported, load_ops, name_matches  # noqa: E402
@@ -165,6 +165,7 @@ def check_case(op: Op, case: Case, providers: list, modes: list, device, seed: i
             if reference is None or (want_grads and reference.grads is None):
                 reference = _reference(op, case, inputs, checked.douts, slicer, want_grads)
             check = measure.check_provider(op, provider, case, inputs, checked.douts, reference, slicer, want_grads)
+            check = distributed.agree(op, check)
             extra = {}
             if op.extra_metrics is not None and any(check.ok(m) for m in runnable):
                 with torch.no_grad():
@@ -203,12 +204,13 @@ def _time_checked(op: Op, case: Case, timed: dict, device, timing, graphs: bool,
     """Time every checked call of one case together (see ``measure.time_interleaved``) and record the results."""
     calls = {key: fn for key, (_, fn, _) in timed.items()}
     graph_notes = {}
-    if graphs:
+    if graphs and not op.collective:  # no collectives inside a captured graph
         for key, fn in list(calls.items()):
             replay, graph_notes[key] = measure.capture_graph(fn, device)
             if replay is not None:
                 calls[(*key, "graph")] = replay
-    samples, failures = measure.time_interleaved(calls, device, timing)
+    timer = distributed.time_collective if op.collective else measure.time_interleaved
+    samples, failures = timer(calls, device, timing)
     for key, (provider, fn, metrics) in timed.items():
         mode = key[1]
         if key in failures:
@@ -321,6 +323,7 @@ def main(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         return subprocess.run([sys.executable, "-m", "bench", *argv], env=env,
                               cwd=Path(__file__).resolve().parent.parent).returncode
+    launched = distributed.launch()  # under torchrun: join the group, take this rank's GPU
     device = torch.device("cpu" if args.io else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -336,7 +339,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _main(args, device, sweep, timing, progress_enabled)
+        return _main(args, device, sweep, timing, progress_enabled and launched.rank == 0, launched)
     finally:
         torch.set_num_threads(threads)  # main() may run inside another program (the tests)
 
@@ -351,11 +354,15 @@ def check_param_filters(ops: list, sweep: str, device, filters: dict) -> None:
                          f"the parameters of the selected ops' {sweep} cases are: {', '.join(sorted(keys))}")
 
 
-def _main(args, device, sweep, timing, progress_enabled) -> int:
+def _main(args, device, sweep, timing, progress_enabled, launched) -> int:
     registry = load_ops()
     for note in registry.notes:
         print(f"note: {note}", file=sys.stderr)
     ops = select_ops(registry.ops, _names(args.op))
+    if launched.world > 1:  # under torchrun only the ops that use the ranks together
+        ops = [op for op in ops if op.collective]
+    elif args.op is None:  # and those only there or when asked for by name
+        ops = [op for op in ops if not op.collective]
     check_param_filters(ops, sweep, device, _param_filters(args.set))
     env = environment(device, sweep)
     print(f"flashops {env['flashops']} | torch {env['torch']} | triton {env['triton']} | {env['device']} | "
@@ -374,10 +381,11 @@ def _main(args, device, sweep, timing, progress_enabled) -> int:
         if not args.no_memory:
             results += run_memory(ops, sweep, device, _names(args.provider), _param_filters(args.set), _keep,
                                   progress_enabled, deadline)
-        print(table(results))
-        if any(r.suite == "memory" for r in results):
-            print()
-            print(memory_table(results))
+        if launched.rank == 0:
+            print(table(results))
+            if any(r.suite == "memory" for r in results):
+                print()
+                print(memory_table(results))
     if not results:
         print("\nno case matched the filters (--op, --provider, --mode, --set): nothing measured, no file written",
               file=sys.stderr)
@@ -386,7 +394,7 @@ def _main(args, device, sweep, timing, progress_enabled) -> int:
     out_dir = Path(args.out) if args.out else RESULTS_DIR / device_slug(device)
     rows = to_rows(results, env)
     both = args.csv is None and args.json is None
-    stem = "-".join(filter(None, [sweep, "io" if args.io else "", args.tag]))
+    stem = "-".join(filter(None, [sweep, "io" if args.io else "", args.tag])) + launched.suffix
     written = []
     if both or args.csv is not None:
         written.append(Path(args.csv) if args.csv else out_dir / f"{stem}.csv")

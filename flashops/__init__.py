@@ -13,6 +13,7 @@ from .ops.ssm import (cauchy_kernel, dplr_kernel, fft_conv, krylov_kernel, linea
 
 __version__ = "0.1.0"
 
+
 __all__ = [
     "flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa",
     "hyper_attention", "hyper_attention_plan",
@@ -25,7 +26,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Subpackages with optional dependencies load on first access: flashops.integrations.transformers.register()
-    if name == "integrations":
+    # Subpackages load on first access: flashops.integrations (optional dependencies such as transformers) and
+    # flashops.distributed (it imports torch.distributed).
+    if name in ("integrations", "distributed"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -195,6 +195,10 @@ class FlashSelfAttention(SelfAttentionProjections):
     ``forward(x, cu_seqlens=..., max_seqlen=...)`` takes packed variable-length batches ``[total, C]``.
     No positional encoding is applied (rotary embeddings belong to the model). ``hidden_size=`` (fla) and
     ``num_heads_kv=`` (flash-attn's ``MHA``) are accepted for ``embed_dim`` and ``num_kv_heads``.
+
+    ``cp_group``: a process group over which the sequence is sharded (context parallelism): ``x`` is then this
+    rank's part ``[B, T/P, C]`` in the zigzag layout (:func:`flashops.distributed.shard`) and attention runs
+    as :func:`flashops.distributed.ring_attention` (no softcap, ALiBi, dropout or packed input there).
     """
 
     fp32_names = ("alibi_slopes",)
@@ -203,8 +207,11 @@ class FlashSelfAttention(SelfAttentionProjections):
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
                  head_dim: Optional[int] = None, causal: bool = False, bias: bool = True, dropout: float = 0.0,
                  softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
-                 softcap: float = 0.0, alibi: bool = False, device=None, dtype=None):
+                 softcap: float = 0.0, alibi: bool = False, cp_group=None, device=None, dtype=None):
         super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, bias, {"device": device, "dtype": dtype})
+        if cp_group is not None and (softcap or alibi or dropout):
+            raise ValueError("cp_group (ring attention) does not support softcap, alibi or dropout")
+        self.cp_group = cp_group
         self.causal, self.dropout, self.softmax_scale = causal, dropout, softmax_scale
         self.window_size, self.softcap = tuple(window_size), softcap
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads).to(device) if alibi else None,
@@ -221,7 +228,14 @@ class FlashSelfAttention(SelfAttentionProjections):
         options = dict(causal=self.causal, softmax_scale=self.softmax_scale, window_size=self.window_size,
                        softcap=self.softcap, alibi_slopes=self.alibi_slopes,
                        dropout_p=self.dropout if self.training else 0.0)
-        if packed:
+        if self.cp_group is not None:
+            from ..distributed import ring_attention  # torch.distributed is imported only when used
+
+            if packed:
+                raise ValueError("a layer with cp_group takes [B, T/P, C] shards, not packed input (cu_seqlens)")
+            out = ring_attention(q, k, v, group=self.cp_group, causal=self.causal, softmax_scale=self.softmax_scale,
+                                 window_size=self.window_size)
+        elif packed:
             out = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
         else:
             out = flash_attention(q, k, v, **options)

@@ -82,6 +82,15 @@ class _LinearAttentionLayer(KeepsFP32):
         return self._finish(o, projected)
 
 
+def _lasp2(cp_group, cu_seqlens, q, k, v, **kwargs):
+    """The layers' context-parallel path (torch.distributed is imported only when it is used)."""
+    from ..distributed import lasp2_attention
+
+    if cu_seqlens is not None:
+        raise ValueError("a layer with cp_group takes [B, T/P, C] shards, not packed input (cu_seqlens)")
+    return lasp2_attention(q, k, v, group=cp_group, **kwargs)
+
+
 class LightningAttention(_LinearAttentionLayer):
     """TransNormerLLM's token mixer (NormLinearAttention) on Lightning Attention-2.
 
@@ -97,6 +106,9 @@ class LightningAttention(_LinearAttentionLayer):
         output_gate: multiply by ``x Wu`` before the output projection.
         norm_eps: RMSNorm epsilon. bias: biases in the projections.
         backend: forwarded to the ops (``"triton"``, ``"torch"`` or None for automatic).
+        cp_group: a process group over which the sequence is sharded (context parallelism): ``forward`` then
+            takes this rank's part ``[B, T/P, C]`` (zigzag layout) and runs LASP-2
+            (:func:`flashops.distributed.lasp2_attention`).
     """
 
     fp32_names = ("slopes",)
@@ -104,8 +116,9 @@ class LightningAttention(_LinearAttentionLayer):
     @accepts_aliases(hidden_size="embed_dim")
     def __init__(self, embed_dim: int, num_heads: int, *, head_dim: Optional[int] = None, layer_idx: int = 0,
                  num_layers: int = 1, output_gate: bool = True, norm_eps: float = 1e-5, bias: bool = False,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, cp_group=None, device=None, dtype=None):
         super().__init__()
+        self.cp_group = cp_group
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
         if head_dim is None:
@@ -136,9 +149,11 @@ class LightningAttention(_LinearAttentionLayer):
 
     def _attend(self, projected, initial_state, output_final_state, cu_seqlens):
         q, k, v, _ = projected
-        return lightning_attention(q, k, v, self.slopes, scale=1.0, initial_state=initial_state,
-                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                   backend=self.backend)
+        options = dict(scale=1.0, initial_state=initial_state, output_final_state=output_final_state,
+                       backend=self.backend)
+        if self.cp_group is not None:
+            return _lasp2(self.cp_group, cu_seqlens, q, k, v, slopes=self.slopes, **options)
+        return lightning_attention(q, k, v, self.slopes, cu_seqlens=cu_seqlens, **options)
 
     def _attend_step(self, projected, state):
         q, k, v, _ = projected
@@ -172,13 +187,15 @@ class GatedLinearAttention(_LinearAttentionLayer):
         gate_low_rank_dim: rank of the gate projection. gate_logit_normalizer: divides the log-gates (16 keeps
             the gates close to 1 at initialization).
         norm_eps: RMSNorm epsilon. backend: forwarded to the ops.
+        cp_group: shard the sequence over this process group (LASP-2), as in :class:`LightningAttention`.
     """
 
     @accepts_aliases(hidden_size="embed_dim")
     def __init__(self, embed_dim: int, num_heads: int = 4, *, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-5,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, cp_group=None, device=None, dtype=None):
         super().__init__()
+        self.cp_group = cp_group
         key_dim, value_dim = int(embed_dim * expand_k), int(embed_dim * expand_v)
         if embed_dim <= 0 or num_heads <= 0 or key_dim % num_heads or value_dim % num_heads or key_dim == 0:
             raise ValueError(f"key width {key_dim} and value width {value_dim} (embed_dim * expand_k/v) must be "
@@ -211,9 +228,11 @@ class GatedLinearAttention(_LinearAttentionLayer):
 
     def _attend(self, projected, initial_state, output_final_state, cu_seqlens):
         q, k, v, g, _ = projected
-        return gated_linear_attention(q, k, v, g, scale=self.head_k_dim ** -0.5, initial_state=initial_state,
-                                      output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                      backend=self.backend)
+        options = dict(scale=self.head_k_dim ** -0.5, initial_state=initial_state,
+                       output_final_state=output_final_state, backend=self.backend)
+        if self.cp_group is not None:
+            return _lasp2(self.cp_group, cu_seqlens, q, k, v, g=g, **options)
+        return gated_linear_attention(q, k, v, g, cu_seqlens=cu_seqlens, **options)
 
     def _attend_step(self, projected, state):
         q, k, v, g, _ = projected
