@@ -1,7 +1,8 @@
 """flashops: fast attention and sequence-model kernels with autograd, references, modules and benchmarks."""
 
 from . import nn
-from .ops.attention import block_sparse_attention, flash_attention, flash_attention_varlen, sdpa
+from .ops.attention import (block_sparse_attention, flash_attention, flash_attention_varlen,
+                            flash_attention_with_kvcache, sdpa)
 from .ops.hyper import hyper_attention, hyper_attention_plan
 from .ops.linear import (gated_linear_attention, gated_linear_attention_step, lightning_attention,
                          lightning_attention_step, lightning_slopes, linear_attention)
@@ -12,7 +13,7 @@ from .ops.ssm import (cauchy_kernel, dplr_kernel, fft_conv, krylov_kernel, linea
 __version__ = "0.1.0"
 
 __all__ = [
-    "flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa",
+    "flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa", "flash_attention_with_kvcache",
     "hyper_attention", "hyper_attention_plan",
     "lightning_attention", "gated_linear_attention", "linear_attention", "lightning_attention_step",
     "gated_linear_attention_step", "lightning_slopes",
