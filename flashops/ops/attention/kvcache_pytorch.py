@@ -49,15 +49,16 @@ def _key_bounds(a: KVCacheArgs, seqlen_k, leftpad, diag, t0: int, t1: int, capac
 
 
 def _gather(cache, a: KVCacheArgs, j0: int, j1: int, valid, compute_dtype):
-    """Keys or values of positions [j0, j1) of every sequence, [B, Hkv, 1, C, D], zero where not ``valid``."""
+    """Keys or values of positions [j0, j1) of every sequence, [B, Hkv, C, D], zero where not ``valid``."""
     b = valid.shape[0]
     if a.block_table is None:
         chunk = cache[:, j0:j1]
     else:
         positions = torch.arange(j0, j1, device=cache.device).expand(b, -1)
         chunk = cache[_slots(positions, a, cache.shape[1], valid)]
-    chunk = torch.where(valid[:, :, None, None], chunk, 0).to(compute_dtype)
-    return chunk.permute(0, 2, 1, 3).unsqueeze(2)
+    if valid.device.type != "cpu" or not bool(valid.all()):  # (reading `valid` is free on the CPU only)
+        chunk = torch.where(valid[:, :, None, None], chunk, 0)
+    return chunk.to(compute_dtype).permute(0, 2, 1, 3)
 
 
 def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
@@ -89,11 +90,14 @@ def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
         m = torch.full((b, h_kv, g, t1 - t0, 1), float("-inf"), device=dev, dtype=compute)
         l = torch.zeros_like(m)
         acc = torch.zeros(b, h_kv, g, t1 - t0, d, device=dev, dtype=compute)
+        q_rows = qg[..., t0:t1, :].reshape(b, h_kv, g * (t1 - t0), d)
         for j0 in range(lo, hi, key_chunk):
             j1 = min(j0 + key_chunk, hi)
             cols = torch.arange(j0, j1, device=dev)
             valid = (cols >= leftpad[:, None]) & (cols < seqlen_k[:, None])  # [B, C]
-            s = torch.matmul(qg[..., t0:t1, :], _gather(k_cache, a, j0, j1, valid, compute).transpose(-1, -2))
+            # The G heads x tc queries of a K/V head are the rows of one matmul: [B, Hkv, G * tc, C].
+            s = torch.matmul(q_rows, _gather(k_cache, a, j0, j1, valid, compute).transpose(-1, -2))
+            s = s.view(b, h_kv, g, t1 - t0, j1 - j0)
             if a.softcap > 0:
                 s = s.mul_(a.softmax_scale / a.softcap).tanh_().mul_(a.softcap)
             else:
@@ -111,7 +115,8 @@ def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
             p = s.sub_(m_safe).exp_()
             alpha = torch.exp(m - m_safe)
             l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            acc = torch.matmul(p, _gather(v_cache, a, j0, j1, valid, compute)).add_(acc.mul_(alpha))
+            pv = torch.matmul(p.view(b, h_kv, g * (t1 - t0), j1 - j0), _gather(v_cache, a, j0, j1, valid, compute))
+            acc = pv.view_as(acc).add_(acc.mul_(alpha))
             m = m_new
         empty = l == 0
         out[..., t0:t1, :] = acc / l.masked_fill(empty, 1.0)

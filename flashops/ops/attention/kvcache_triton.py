@@ -6,8 +6,8 @@ Three kernels, launched in order on one stream:
   new token and K/V head); nothing else in the cache is touched.
 - ``attention_decode_split_kernel``, grid (batch * kv heads, splits, row blocks). The ``Tq x G`` query rows
   that share one K/V head (``G = H / Hkv``) are the rows of one tile, so each K/V byte is read once per group.
-  A program walks its split's share of the keys the tile can see with an online softmax in the log2 domain:
-  a paged cache page by page (``BLOCK_N`` divides the page size, the page id is loaded once per tile).
+  A program walks its split's share of the keys the tile can see with an online softmax in the log2 domain;
+  in a paged cache a tile lies inside one page (one page id per tile) or spans whole pages (one per key).
   Tiles every row sees completely run without masks; boundary tiles (left padding, window start, causal
   end, sequence end) use masked loads, so slots outside ``[leftpad, seqlen)`` are never read. With one
   split the program writes the output; otherwise an fp32 partial output and its log2-sum-exp.
@@ -44,25 +44,32 @@ def _tanh(x):
 @triton.jit
 def _decode_tile(acc, l_i, m_i, q, k_seq, v_seq, table_row, start_n, offs_n, offs_d, q_pos, slope2, leftpad,
                  seqlen_k, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale2, cap_scale, cap2, window_left,
-                 window_right, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                 IS_PAGED: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 window_right, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, IS_PAGED: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                 HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     """One key tile [start_n, start_n + BLOCK_N) folded into the online softmax of the tile's rows."""
-    start = tl.cast(start_n, tl.int64)
-    if IS_PAGED:
-        page = tl.load(table_row + start_n // PAGE_SIZE).to(tl.int64)
-        row = start % PAGE_SIZE
-        k_tile = k_seq + page * stride_kb + row * stride_kt
-        v_tile = v_seq + page * stride_vb + row * stride_vt
-    else:
-        k_tile = k_seq + start * stride_kt
-        v_tile = v_seq + start * stride_vt
-    kt_ptrs = k_tile + offs_n[None, :] * stride_kt + offs_d[:, None]
-    v_ptrs = v_tile + offs_n[:, None] * stride_vt + offs_d[None, :]
     cols = start_n + offs_n
+    col_ok = (cols >= leftpad) & (cols < seqlen_k)
+    start = tl.cast(start_n, tl.int64)
+    if IS_PAGED and PAGE_SIZE >= BLOCK_N:  # the tile lies in one page: one page id per tile
+        page = tl.load(table_row + start_n // PAGE_SIZE).to(tl.int64)
+        k_rows = k_seq + page * stride_kb + (start % PAGE_SIZE + offs_n) * stride_kt
+        v_rows = v_seq + page * stride_vb + (start % PAGE_SIZE + offs_n) * stride_vt
+    elif IS_PAGED:  # the tile spans BLOCK_N / PAGE_SIZE pages: a page id per key (entries past the end unread)
+        if MASKED:
+            pages = tl.load(table_row + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
+        else:
+            pages = tl.load(table_row + cols // PAGE_SIZE).to(tl.int64)
+        k_rows = k_seq + pages * stride_kb + (cols % PAGE_SIZE).to(tl.int64) * stride_kt
+        v_rows = v_seq + pages * stride_vb + (cols % PAGE_SIZE).to(tl.int64) * stride_vt
+    else:
+        k_rows = k_seq + (start + offs_n) * stride_kt
+        v_rows = v_seq + (start + offs_n) * stride_vt
+    kt_ptrs = k_rows[None, :] + offs_d[:, None]
+    v_ptrs = v_rows[:, None] + offs_d[None, :]
     d_ok = offs_d < HEAD_DIM
     if MASKED:
-        col_ok = (cols >= leftpad) & (cols < seqlen_k)
         kt = tl.load(kt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     elif EVEN_D:
@@ -105,7 +112,7 @@ def _decode_range(acc, l_i, m_i, lo, hi, q, k_seq, v_seq, table_row, offs_n, off
         acc, l_i, m_i = _decode_tile(
             acc, l_i, m_i, q, k_seq, v_seq, table_row, start_n, offs_n, offs_d, q_pos, slope2, leftpad, seqlen_k,
             stride_kb, stride_kt, stride_vb, stride_vt, qk_scale2, cap_scale, cap2, window_left, window_right,
-            HEAD_DIM, EVEN_D, PAGE_SIZE, IS_PAGED, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+            HEAD_DIM, EVEN_D, BLOCK_N, PAGE_SIZE, IS_PAGED, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
             DOT_PRECISION)
     return acc, l_i, m_i
 
@@ -299,8 +306,9 @@ def attention_decode_combine_kernel(
 # memory bandwidth: tiles are sized so that `stages` K and V tiles in flight fit in shared memory with room for
 # two programs per SM. Not yet tuned on a GPU (no device was available when they were written).
 SPLIT_CONFIGS = {64: (128, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
-# Under the interpreter: 16-key tiles, so that short tests cross tiles, pages and split boundaries.
-INTERPRETED_CONFIG = (16, 1, 1)
+# Under the interpreter: 32-key tiles, so that short tests cross tiles and split boundaries, and tiles span two
+# pages of 16 keys as well as lie inside pages of 32 or more.
+INTERPRETED_CONFIG = (32, 1, 1)
 MAX_BLOCK_M = 64  # query rows (Tq x G) per tile; more rows go to further programs (grid axis 2)
 APPEND_WARPS = 1
 COMBINE_WARPS = 4
@@ -338,10 +346,10 @@ def _split_config(head_dim: int, page_size: int | None) -> tuple[int, int, int]:
     else:
         bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
         block_n, warps, stages = SPLIT_CONFIGS[bucket]
-    if page_size is not None:
-        # The largest power of two up to block_n that divides the page size (>= 16: pages are multiples of 16),
-        # so that a tile never crosses a page.
-        block_n = min(block_n, page_size & -page_size)
+    if page_size is not None and page_size % block_n and block_n % page_size:
+        # Neither inside one page nor a whole number of pages: the largest power of two dividing the page size
+        # (>= 16, pages are multiples of 16).
+        block_n = page_size & -page_size
     return block_n, warps, stages
 
 
