@@ -141,9 +141,9 @@ def test_non_causal_new_tokens_see_each_other(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("num_splits", [0, 1, 5, 40])
+@pytest.mark.parametrize("num_splits", [0, 1, 5, 16])
 def test_split_counts_agree(backend, num_splits):
-    # 40 splits for at most 96 keys: many splits see nothing for short sequences.
+    # 16 splits for at most 96 keys: many splits see nothing, for every sequence.
     run_and_compare(backend, seqlens=(3, 60, 90), t_new=2, t_q=2, num_splits=num_splits)
 
 
