@@ -276,26 +276,32 @@ def attention_decode_combine_kernel(
     # sizes
     seqlen_q, num_heads, num_splits,
     # meta-parameters
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_PER_STEP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // (num_heads * seqlen_q)).to(tl.int64)
     h = ((pid // seqlen_q) % num_heads).to(tl.int64)
     t = (pid % seqlen_q).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < num_splits
     d_ok = offs_d < HEAD_DIM
-    lse_s = tl.load(LSE_PART + b * stride_plb + h * stride_plh + t * stride_plt + offs_s, mask=s_ok,
-                    other=float("-inf"))
+    lse_row = LSE_PART + b * stride_plb + h * stride_plh + t * stride_plt
+    parts_row = O_PART + b * stride_pb + h * stride_ph + t * stride_pt
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_s = tl.load(lse_row + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    weights = tl.exp2(lse_s - m_safe)  # 0 for splits that saw nothing (their partial output is 0)
-    total = tl.sum(weights, 0)
-    parts = tl.load(O_PART + b * stride_pb + h * stride_ph + t * stride_pt + offs_s[:, None] * stride_ps
-                    + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    total = tl.sum(tl.exp2(lse_s - m_safe), 0)
+    # The partial outputs, SPLITS_PER_STEP at a time (registers stay bounded for many splits and wide heads).
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for first in range(0, num_splits, SPLITS_PER_STEP):
+        offs = first + tl.arange(0, SPLITS_PER_STEP)
+        ok = offs < num_splits
+        weights = tl.exp2(tl.load(lse_row + offs, mask=ok, other=float("-inf")) - m_safe)  # 0: saw nothing
+        parts = tl.load(parts_row + offs[:, None] * stride_ps + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                        other=0.0)
+        acc += tl.sum(weights[:, None] * parts, 0)
     empty = total == 0.0
-    out = tl.sum(weights[:, None] * parts, 0) / tl.where(empty, 1.0, total)
+    out = acc / tl.where(empty, 1.0, total)
     tl.store(OUT + b * stride_ob + t * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
     tl.store(LSE + b * stride_lb + h * stride_lh + t,
              tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453))
@@ -312,6 +318,7 @@ INTERPRETED_CONFIG = (32, 1, 1)
 MAX_BLOCK_M = 64  # query rows (Tq x G) per tile; more rows go to further programs (grid axis 2)
 APPEND_WARPS = 1
 COMBINE_WARPS = 4
+COMBINE_SPLITS_PER_STEP = 8  # partial outputs merged per step of the combine kernel's loop
 
 # num_splits=0: about WAVES waves of programs over the SMs, at least MIN_KEYS_PER_SPLIT keys of capacity per
 # split, at most MAX_SPLITS splits. The interpreter pretends to have INTERPRETER_SMS.
@@ -439,6 +446,7 @@ def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
             stride_ob=out.stride(0), stride_ot=out.stride(1), stride_oh=out.stride(2),
             stride_lb=lse.stride(0), stride_lh=lse.stride(1),
             seqlen_q=t_q, num_heads=h, num_splits=splits,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=COMBINE_WARPS,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            SPLITS_PER_STEP=COMBINE_SPLITS_PER_STEP, num_warps=COMBINE_WARPS,
         )
     return out, lse
