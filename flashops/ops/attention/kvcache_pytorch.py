@@ -2,8 +2,8 @@
 
 The new keys/values are written with one indexed store per cache. Attention then walks the cache in key
 chunks with an online softmax, all sequences at once (paged caches are gathered chunk by chunk through the
-block table), and the queries in chunks, so the largest temporary is one ``[B, H, Cq, Ck]`` score tile:
-memory is linear in the cache length, whatever Tq is. Slots outside a sequence's ``[leftpad, seqlen)`` are
+block table), and the queries in chunks, so the largest temporary is one ``[B, H, Cq, Ck]`` score tile of at
+most TILE_ELEMENTS: memory is linear in the cache length, whatever Tq is. Slots outside a sequence's ``[leftpad, seqlen)`` are
 replaced by zeros before any arithmetic (select, not multiply), so garbage or NaN there never reaches an output.
 
 On the CPU the loops stop at the longest sequence (reading the lengths is free there); on other devices they
@@ -16,25 +16,21 @@ import torch
 
 from .kvcache_args import KVCacheArgs, cache_capacity
 
-# One [B, H, Cq, Ck] score tile stays within this many elements; the key chunk is at most MAX_KEY_CHUNK.
+# One [B, H, Cq, Ck] score tile stays within this many elements. Decode steps (few queries) take the keys in
+# chunks as long as that allows (one chunk for most caches: fewer, larger matmuls); long query blocks take
+# MIN_KEY_CHUNK keys at a time and as many queries as fit.
 TILE_ELEMENTS = 1 << 21
-MAX_KEY_CHUNK = 512
-
-
-def _slots(positions: torch.Tensor, a: KVCacheArgs, page_size: int, valid: torch.Tensor):
-    """Index tensors (first, row) that address ``positions`` [B, N] (int64) in the cache. Paged caches read
-    the block table only where ``valid``: entries past a sequence's pages may hold anything."""
-    if a.block_table is None:
-        batch = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
-        return batch, positions
-    pages = a.block_table.long().gather(1, positions // page_size)
-    return torch.where(valid, pages, 0), positions % page_size
+MIN_KEY_CHUNK = 512
 
 
 def append(k_cache, v_cache, k, v, a: KVCacheArgs) -> None:
     """Write k, v ``[B, Tnew, Hkv, D]`` at positions ``cache_seqlens[b] + t`` (nothing else is touched)."""
-    positions = a.cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)
-    first, rows = _slots(positions, a, k_cache.shape[1], torch.ones_like(positions, dtype=torch.bool))
+    positions = a.cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)  # [B, Tnew]
+    if a.block_table is None:
+        first, rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(positions), positions
+    else:
+        page_size = k_cache.shape[1]
+        first, rows = a.block_table.long().gather(1, positions // page_size), positions % page_size
     k_cache[first, rows] = k.to(k_cache.dtype)
     v_cache[first, rows] = v.to(v_cache.dtype)
 
@@ -48,14 +44,19 @@ def _key_bounds(a: KVCacheArgs, seqlen_k, leftpad, diag, t0: int, t1: int, capac
     return max(0, int(lo.min())), min(capacity, int(hi.max()))
 
 
-def _gather(cache, a: KVCacheArgs, j0: int, j1: int, valid, compute_dtype):
-    """Keys or values of positions [j0, j1) of every sequence, [B, Hkv, C, D], zero where not ``valid``."""
-    b = valid.shape[0]
+def _gather(cache, a: KVCacheArgs, j0: int, j1: int, valid, seqlen_k, leftpad, compute_dtype):
+    """Keys or values of positions [j0, j1) of every sequence, [B, Hkv, C, D], zero where not ``valid``.
+    Paged caches are gathered page by page; block-table entries of pages a sequence does not use (they may
+    hold anything) are replaced by page 0 before indexing."""
     if a.block_table is None:
         chunk = cache[:, j0:j1]
     else:
-        positions = torch.arange(j0, j1, device=cache.device).expand(b, -1)
-        chunk = cache[_slots(positions, a, cache.shape[1], valid)]
+        page_size = cache.shape[1]
+        p0, p1 = j0 // page_size, -(-j1 // page_size)
+        pages = torch.arange(p0, p1, device=cache.device)
+        used = (pages * page_size < seqlen_k[:, None]) & ((pages + 1) * page_size > leftpad[:, None])
+        ids = torch.where(used, a.block_table[:, p0:p1].long(), 0)
+        chunk = cache[ids].flatten(1, 2)[:, j0 - p0 * page_size:j1 - p0 * page_size]
     if valid.device.type != "cpu" or not bool(valid.all()):  # (reading `valid` is free on the CPU only)
         chunk = torch.where(valid[:, :, None, None], chunk, 0)
     return chunk.to(compute_dtype).permute(0, 2, 1, 3)
@@ -76,7 +77,7 @@ def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
     leftpad = a.cache_leftpad.long() if a.cache_leftpad is not None else torch.zeros_like(seqlen_k)
     diag = seqlen_k - t_q  # bottom-right: query t sits at position diag + t
     capacity = cache_capacity(k_cache, a.block_table)
-    key_chunk = max(16, min(MAX_KEY_CHUNK, capacity))
+    key_chunk = max(1, min(capacity, max(MIN_KEY_CHUNK, TILE_ELEMENTS // max(1, b * h * t_q))))
     query_chunk = max(1, min(t_q, TILE_ELEMENTS // max(1, b * h * key_chunk)))
     slopes = None if a.alibi_slopes is None else a.alibi_slopes.to(compute).reshape(-1, h_kv, g, 1, 1)
 
@@ -96,7 +97,7 @@ def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
             cols = torch.arange(j0, j1, device=dev)
             valid = (cols >= leftpad[:, None]) & (cols < seqlen_k[:, None])  # [B, C]
             # The G heads x tc queries of a K/V head are the rows of one matmul: [B, Hkv, G * tc, C].
-            s = torch.matmul(q_rows, _gather(k_cache, a, j0, j1, valid, compute).transpose(-1, -2))
+            s = torch.matmul(q_rows, _gather(k_cache, a, j0, j1, valid, seqlen_k, leftpad, compute).transpose(-1, -2))
             s = s.view(b, h_kv, g, t1 - t0, j1 - j0)
             if a.softcap > 0:
                 s = s.mul_(a.softmax_scale / a.softcap).tanh_().mul_(a.softcap)
@@ -115,7 +116,7 @@ def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
             p = s.sub_(m_safe).exp_()
             alpha = torch.exp(m - m_safe)
             l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            pv = torch.matmul(p.view(b, h_kv, g * (t1 - t0), j1 - j0), _gather(v_cache, a, j0, j1, valid, compute))
+            pv = torch.matmul(p.view(b, h_kv, g * (t1 - t0), j1 - j0), _gather(v_cache, a, j0, j1, valid, seqlen_k, leftpad, compute))
             acc = pv.view_as(acc).add_(acc.mul_(alpha))
             m = m_new
         empty = l == 0
