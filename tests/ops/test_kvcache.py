@@ -11,7 +11,7 @@ import torch
 
 import flashops
 from flashops import _dispatch
-from flashops.ops.attention import kvcache_triton
+from flashops.ops.attention import kvcache_pytorch, kvcache_triton
 from flashops.ops.attention.kvcache_reference import attention_with_kvcache as reference
 from flashops.testing import assert_close
 
@@ -157,6 +157,16 @@ def test_half_precision_two_reference_rule(backend):
 def test_bfloat16_on_gpu(backend):
     run_and_compare(backend, dtype=torch.bfloat16, d=128, seqlens=(5, 1000, 4000), capacity=4096, t_new=1,
                     page_size=64)
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_torch_path_in_many_chunks(page_size, monkeypatch):
+    # Chunks of 20 keys (not page aligned) and of few queries: the online softmax across chunks, the page
+    # gather at chunk offsets and the query chunking (the memory bound of long query blocks).
+    monkeypatch.setattr(kvcache_pytorch, "TILE_ELEMENTS", 3 * 8 * 2 * 20)
+    monkeypatch.setattr(kvcache_pytorch, "MIN_KEY_CHUNK", 20)
+    run_and_compare("torch", t_q=5, t_new=3, seqlens=(0, 37, 77), leftpad=[0, 5, 2], capacity=80,
+                    page_size=page_size, window_size=(30, 0), alibi_slopes=torch.rand(8, device=DEVICE))
 
 
 def test_float64_on_the_torch_path():
