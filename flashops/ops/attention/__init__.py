@@ -410,4 +410,5 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
     return (out, lse) if return_lse else out
 
 
-__all__ = ["flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa", "flash_attention_with_kvcache"]
+__all__ = ["flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa",
+           "flash_attention_with_kvcache"]

@@ -3,8 +3,9 @@
 The new keys/values are written with one indexed store per cache. Attention then walks the cache in key
 chunks with an online softmax, all sequences at once (paged caches are gathered chunk by chunk through the
 block table), and the queries in chunks, so the largest temporary is one ``[B, H, Cq, Ck]`` score tile of at
-most TILE_ELEMENTS: memory is linear in the cache length, whatever Tq is. Slots outside a sequence's ``[leftpad, seqlen)`` are
-replaced by zeros before any arithmetic (select, not multiply), so garbage or NaN there never reaches an output.
+most TILE_ELEMENTS: memory is linear in the cache length, whatever Tq is. Slots outside a sequence's
+``[leftpad, seqlen)`` are replaced by zeros before any arithmetic (select, not multiply), so garbage or NaN
+there never reaches an output.
 
 On the CPU the loops stop at the longest sequence (reading the lengths is free there); on other devices they
 cover the whole capacity, so that no call synchronizes with the host.
@@ -97,7 +98,8 @@ def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
             cols = torch.arange(j0, j1, device=dev)
             valid = (cols >= leftpad[:, None]) & (cols < seqlen_k[:, None])  # [B, C]
             # The G heads x tc queries of a K/V head are the rows of one matmul: [B, Hkv, G * tc, C].
-            s = torch.matmul(q_rows, _gather(k_cache, a, j0, j1, valid, seqlen_k, leftpad, compute).transpose(-1, -2))
+            keys = _gather(k_cache, a, j0, j1, valid, seqlen_k, leftpad, compute)
+            s = torch.matmul(q_rows, keys.transpose(-1, -2))
             s = s.view(b, h_kv, g, t1 - t0, j1 - j0)
             if a.softcap > 0:
                 s = s.mul_(a.softmax_scale / a.softcap).tanh_().mul_(a.softcap)
@@ -116,7 +118,8 @@ def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
             p = s.sub_(m_safe).exp_()
             alpha = torch.exp(m - m_safe)
             l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            pv = torch.matmul(p.view(b, h_kv, g * (t1 - t0), j1 - j0), _gather(v_cache, a, j0, j1, valid, seqlen_k, leftpad, compute))
+            values = _gather(v_cache, a, j0, j1, valid, seqlen_k, leftpad, compute)
+            pv = torch.matmul(p.view(b, h_kv, g * (t1 - t0), j1 - j0), values)
             acc = pv.view_as(acc).add_(acc.mul_(alpha))
             m = m_new
         empty = l == 0
