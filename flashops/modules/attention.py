@@ -244,8 +244,8 @@ class FlashSelfAttention(SelfAttentionProjections):
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads).to(device) if alibi else None,
                              persistent=False)
 
-    def forward(self, x: Tensor, *, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                cache: Optional[KVCache] = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None, *, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> Tensor:
         """``x`` ``[B, T, C]``, or packed ``[total, C]`` with ``cu_seqlens`` (int32, ``[N + 1]``). With a
         ``cache`` (from :meth:`init_cache`; inference only) the T new tokens are appended to it and attend to
         everything it holds (causal layers: bottom-right causal among themselves)."""

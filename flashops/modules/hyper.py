@@ -31,8 +31,8 @@ class HyperAttention(SelfAttentionProjections):
         self.lsh_num_projs, self.block_size, self.sample_size = lsh_num_projs, block_size, sample_size
         self.min_seq_len = min_seq_len
 
-    def forward(self, x: Tensor, *, generator: Optional[torch.Generator] = None,
-                cache: Optional[KVCache] = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None, *,
+                generator: Optional[torch.Generator] = None) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``. With a ``cache`` (from ``init_cache``; inference only) the new
         tokens are appended and attend exactly to everything cached: a decode step reads every cached key
         anyway, so the approximation has nothing to save there (prefill through the cache is exact too)."""

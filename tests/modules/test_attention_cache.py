@@ -22,7 +22,7 @@ def torch_decode(monkeypatch):
 def decode(layer, x, cache, prefill: int):
     """Outputs of ``layer`` for x [B, T, C]: the first ``prefill`` tokens in one call, the rest one step at a time."""
     with torch.no_grad():
-        outs = [layer(x[:, :prefill], cache=cache)]
+        outs = [layer(x[:, :prefill], cache)]  # the cache is forward's second positional argument
         outs += [layer.step(x[:, t], cache)[:, None] for t in range(prefill, x.shape[1])]
     return torch.cat(outs, dim=1)
 
