@@ -42,9 +42,8 @@ def decode_calls(monkeypatch):
 
 
 def _register_with_mask(monkeypatch):
-    """Register "fops"; without a mask function registered for it, transformers hands it no mask at all (no
-    padding, the whole static buffer). Until register() installs one (issue 11), give it SDPA's bool masks for
-    the duration of the test."""
+    """Register "fops" with a mask function: without one transformers hands it no mask at all (no padding, the
+    whole static buffer). If register() has not installed SDPA's bool masks, do it for the test's duration."""
     from transformers import AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 

@@ -234,8 +234,13 @@ def test_int_cache_seqlens_and_transposed_cache_views():
     cache = torch.randn(2, 2, 40, 16, device=DEVICE)
     q = torch.randn(2, 1, 4, 16, device=DEVICE)
     out = flashops.flash_attention_with_kvcache(q, cache.transpose(1, 2), cache.transpose(1, 2), cache_seqlens=33)
-    want = flashops.flash_attention(q, cache.transpose(1, 2)[:, :33], cache.transpose(1, 2)[:, :33])
-    assert_close("out", out, want)
+    want = flashops.flash_attention(q, cache.transpose(1, 2)[:, :33], cache.transpose(1, 2)[:, :33], softmax_scale=0.3)
+    assert_close("out", out, flashops.flash_attention(q, cache.transpose(1, 2)[:, :33],
+                                                      cache.transpose(1, 2)[:, :33]))
+    # int64 lengths (what torch.tensor makes) and SDPA's scale= spelling.
+    lengths = torch.tensor([33, 33], device=DEVICE)
+    assert_close("int64, scale=", flashops.flash_attention_with_kvcache(
+        q, cache.transpose(1, 2), cache.transpose(1, 2), cache_seqlens=lengths, scale=0.3), want)
 
 
 # --------------------------------------------------------------------------------------------- num_splits
@@ -266,12 +271,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="page size .* multiple of 16, got 24"):
         call(q, pages[:, :12].repeat(1, 2, 1, 1), pages[:, :12].repeat(1, 2, 1, 1), cache_seqlens=3,
              block_table=table)
-    with pytest.raises(TypeError, match="block_table must have dtype int32, got torch.int64"):
-        call(q, pages, pages, cache_seqlens=3, block_table=table.long())
+    with pytest.raises(TypeError, match=r"block_table must have dtype int32 \(or int64\), got torch.int16"):
+        call(q, pages, pages, cache_seqlens=3, block_table=table.short())
     with pytest.raises(ValueError, match=r"block_table must have shape \(2, any\)"):
         call(q, pages, pages, cache_seqlens=3, block_table=table[:1])
     with pytest.raises(TypeError, match="cache_seqlens must have dtype int32"):
-        call(q, cache, cache, cache_seqlens=torch.tensor([1, 2]))
+        call(q, cache, cache, cache_seqlens=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="softmax_scale= or scale="):
+        call(q, cache, cache, cache_seqlens=3, softmax_scale=0.5, scale=0.5)
     with pytest.raises(ValueError, match=r"cache_seqlens must have shape \(2\)"):
         call(q, cache, cache, cache_seqlens=torch.tensor([1], dtype=torch.int32))
     with pytest.raises(ValueError, match="cache_leftpad must lie in"):

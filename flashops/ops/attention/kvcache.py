@@ -88,14 +88,14 @@ def _inspectable(t: Tensor) -> bool:
 def _check_index_tensor(name: str, t, shape: tuple, device) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.int32:
-        raise TypeError(f"{name} must have dtype int32, got {t.dtype}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype int32 (or int64), got {t.dtype}")
     if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
         want = ", ".join("any" if n is None else str(n) for n in shape)
         raise ValueError(f"{name} must have shape ({want}), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on device {t.device} but q is on {device}")
-    return t.contiguous()
+    return t.to(torch.int32).contiguous()  # the kernels index with int32 (a copy only for int64 input)
 
 
 def _check_caches(q, k_cache, v_cache, k, v, block_table):
@@ -168,9 +168,9 @@ def _check_values(seqlens: Tensor, leftpad: Optional[Tensor], block_table: Optio
 def flash_attention_with_kvcache(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None, v: Optional[Tensor] = None, *,
     cache_seqlens: Union[Tensor, int], cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
-    causal: bool = True, softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
-    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, num_splits: int = 0, return_lse: bool = False,
-    backend: Optional[str] = None,
+    causal: bool = True, softmax_scale: Optional[float] = None, scale: Optional[float] = None,
+    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    num_splits: int = 0, return_lse: bool = False, backend: Optional[str] = None,
 ):
     """Attention of a few new queries against a KV cache (decoding), appending the new keys/values in place.
 
@@ -184,7 +184,8 @@ def flash_attention_with_kvcache(
             ``cache_seqlens[b] .. cache_seqlens[b] + Tnew - 1`` before attending. Nothing else in the caches
             changes. The caller advances ``cache_seqlens`` afterwards.
         cache_seqlens: int32 ``[B]`` (or one int for all): tokens already in each sequence's cache. The
-            queries attend to keys ``[cache_leftpad[b], cache_seqlens[b] + Tnew)``.
+            queries attend to keys ``[cache_leftpad[b], cache_seqlens[b] + Tnew)``. Index tensors may also be
+            int64 (converted to int32, a copy per call).
         cache_leftpad: optional int32 ``[B]``: first valid slot of each sequence (left-padded batches); slots
             before it are never read.
         block_table: int32 ``[B, max_pages]``: position p of sequence b lives in page
@@ -194,7 +195,8 @@ def flash_attention_with_kvcache(
         causal: the new queries see the cache and, bottom-right aligned, each other: query t of sequence b
             sees keys ``j <= cache_seqlens[b] + Tnew - Tq + t``.
         softmax_scale, window_size, softcap, alibi_slopes: as in :func:`flashops.flash_attention` (windows and
-            ALiBi distances are measured from the same bottom-right diagonal).
+            ALiBi distances are measured from the same bottom-right diagonal). ``scale=`` (SDPA's name) is the
+            same as ``softmax_scale=``: either, not both.
         num_splits: split each sequence's keys over this many programs (Triton backend), merged by their
             log-sum-exps; 0 chooses from the batch, heads, cache capacity and SM count (never from the values
             of ``cache_seqlens``, so a CUDA graph stays valid); 1 disables splitting.
@@ -234,8 +236,10 @@ def flash_attention_with_kvcache(
         raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
     _check_values(cache_seqlens, cache_leftpad, block_table, t_new, cache_capacity(k_cache, block_table),
                   k_cache.shape[0], k_cache.shape[1])
+    if softmax_scale is not None and scale is not None:
+        raise ValueError("pass softmax_scale= or scale= (the same argument), not both")
     left, right = _window(causal, window_size)
-    scale, softcap, _ = _scalars(softmax_scale, softcap, 0.0, d)
+    scale, softcap, _ = _scalars(softmax_scale if scale is None else scale, softcap, 0.0, d)
     slopes = _check_slopes(alibi_slopes, b, h, q.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, slopes)):
         raise RuntimeError("flash_attention_with_kvcache is inference-only (no backward): call it under "
