@@ -3,7 +3,8 @@
 import importlib
 
 from . import nn
-from .ops.attention import block_sparse_attention, flash_attention, flash_attention_varlen, sdpa
+from .ops.attention import (block_sparse_attention, flash_attention, flash_attention_varlen,
+                            flash_attention_with_kvcache, sdpa)
 from .ops.hyper import hyper_attention, hyper_attention_plan
 from .ops.linear import (gated_linear_attention, gated_linear_attention_step, lightning_attention,
                          lightning_attention_step, lightning_slopes, linear_attention)
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 
 
 __all__ = [
-    "flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa",
+    "flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa", "flash_attention_with_kvcache",
     "hyper_attention", "hyper_attention_plan",
     "lightning_attention", "gated_linear_attention", "linear_attention", "lightning_attention_step",
     "gated_linear_attention_step", "lightning_slopes",

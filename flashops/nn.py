@@ -1,7 +1,7 @@
 """``flashops.nn``: the torch.nn modules of every op family, their decoding caches, and ``swap_attention``."""
 
 from .modules.attention import FlashSelfAttention, MultiheadAttention
-from .modules.cache import Cache, RecurrentCache
+from .modules.cache import Cache, KVCache, RecurrentCache
 from .modules.hyper import HyperAttention
 from .modules.linear import GatedLinearAttention, LightningAttention
 from .modules.lla import LLACache, LocalLinearAttention
@@ -10,4 +10,4 @@ from .modules.swap import swap_attention
 
 __all__ = ["MultiheadAttention", "FlashSelfAttention", "HyperAttention", "LightningAttention",
            "GatedLinearAttention", "LocalLinearAttention", "LSSL", "S4D",
-           "Cache", "RecurrentCache", "LLACache", "SSMCache", "swap_attention"]
+           "Cache", "KVCache", "RecurrentCache", "LLACache", "SSMCache", "swap_attention"]

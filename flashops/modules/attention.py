@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..ops.attention import flash_attention, flash_attention_varlen, sdpa
 from .base import KeepsFP32, accepts_aliases, describe
+from .cache import KVCache, check_cache
 
 
 def _additive(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
@@ -32,14 +33,27 @@ class MultiheadAttention(nn.MultiheadAttention):
     ``need_weights=True`` (PyTorch's default) the output still comes from the flash kernel and the
     returned weights are rebuilt from its log-sum-exp (differentiable), except in training with dropout,
     where it follows PyTorch's materialized path so that the reported weights are the dropped ones.
+
+    Decoding (self-attention, inference only): ``cache = mha.init_cache(B, max_seqlen)``, then
+    ``out, _ = mha(x, x, x, cache=cache)`` for a prompt or new tokens (causal over everything cached; the
+    weights are not computed and come back as None) and ``mha.step(x_t, cache)`` for one token ``[B, E]``.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+                is_causal: bool = False, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
         batched = query.dim() == 3
         if query.dim() not in (2, 3):
             raise ValueError(f"query must be 2-D (L, E) or 3-D, got shape {tuple(query.shape)}")
+        if cache is not None:
+            if key is not query or value is not query or key_padding_mask is not None or attn_mask is not None:
+                raise ValueError("with a cache, MultiheadAttention decodes self-attention: pass the same tensor as "
+                                 "query, key and value, and no attn_mask or key_padding_mask (attention is causal "
+                                 "over the cache; cache.leftpad serves left-padded batches)")
+            x = query.unsqueeze(0) if not batched else (query if self.batch_first else query.transpose(0, 1))
+            out = self._attend_cached(x, cache)
+            out = out[0] if not batched else (out if self.batch_first else out.transpose(0, 1))
+            return out, None
         if key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(f"query, key and value must have the same rank, got {query.dim()}, {key.dim()}, "
                              f"{value.dim()}")
@@ -116,6 +130,32 @@ class MultiheadAttention(nn.MultiheadAttention):
             weights = None if weights is None else weights.squeeze(0)
         return out, weights
 
+    def init_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None,
+                   page_size: Optional[int] = None) -> KVCache:
+        """A :class:`KVCache` for decoding self-attention (see ``flashops/modules/cache.py``)."""
+        if not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn:
+            raise ValueError("decoding with a cache needs plain self-attention: kdim == vdim == embed_dim, no "
+                             "add_bias_kv, no add_zero_attn")
+        weight = self.in_proj_weight
+        return KVCache.allocate(batch_size, max_seqlen, self.num_heads, self.head_dim, page_size=page_size,
+                                device=device or weight.device, dtype=dtype or weight.dtype)
+
+    def step(self, x: Tensor, cache: KVCache) -> Tensor:
+        """One token per sequence: ``x`` ``[B, E]`` -> the output ``[B, E]`` (the cache appended)."""
+        return self._attend_cached(x.unsqueeze(1), cache).squeeze(1)
+
+    def _attend_cached(self, x: Tensor, cache: KVCache) -> Tensor:
+        """``x`` ``[B, T, E]``: causal self-attention of the T new tokens over the cache, appended in place.
+        The returned weights of ``forward`` are None: the cache's length lives on the device."""
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"query has embedding dim {x.shape[-1]}, expected embed_dim={self.embed_dim}")
+        check_cache(cache, KVCache, self, x.shape[0])
+        b, t, _ = x.shape
+        q, k, v = (y.view(b, t, self.num_heads, self.head_dim)
+                   for y in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        out = cache.attend(q, k, v, causal=True)
+        return F.linear(out.reshape(b, t, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
+
     def _project(self, query, key, value):
         e = self.embed_dim
         if self._qkv_same_embed_dim:
@@ -186,6 +226,18 @@ class SelfAttentionProjections(KeepsFP32):
         return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                     head_dim=self.head_dim)
 
+    def init_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None,
+                   page_size: Optional[int] = None) -> KVCache:
+        """A :class:`KVCache` of ``max_seqlen`` tokens per sequence for ``forward(x, cache=...)`` and ``step``
+        (paged when ``page_size`` is given); device and dtype default to the parameters'."""
+        weight = self.qkv_proj.weight
+        return KVCache.allocate(batch_size, max_seqlen, self.num_kv_heads, self.head_dim, page_size=page_size,
+                                device=device or weight.device, dtype=dtype or weight.dtype)
+
+    def step(self, x: Tensor, cache: KVCache) -> Tensor:
+        """One token per sequence: ``x`` ``[B, C]`` -> ``[B, C]``, same as ``self(x[:, None], cache=cache)[:, 0]``."""
+        return self(x.unsqueeze(1), cache=cache).squeeze(1)
+
 
 class FlashSelfAttention(SelfAttentionProjections):
     """Multi-head self-attention for ``[B, T, C]`` inputs on the flashops kernel.
@@ -195,6 +247,8 @@ class FlashSelfAttention(SelfAttentionProjections):
     ``forward(x, cu_seqlens=..., max_seqlen=...)`` takes packed variable-length batches ``[total, C]``.
     No positional encoding is applied (rotary embeddings belong to the model). ``hidden_size=`` (fla) and
     ``num_heads_kv=`` (flash-attn's ``MHA``) are accepted for ``embed_dim`` and ``num_kv_heads``.
+    Decoding: ``cache = layer.init_cache(B, max_seqlen)``, then ``layer(x, cache=cache)`` and ``layer.step``
+    (``flashops/modules/cache.py``).
 
     ``cp_group``: a process group over which the sequence is sharded (context parallelism): ``x`` is then this
     rank's part ``[B, T/P, C]`` in the zigzag layout (:func:`flashops.distributed.shard`) and attention runs
@@ -217,17 +271,24 @@ class FlashSelfAttention(SelfAttentionProjections):
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads).to(device) if alibi else None,
                              persistent=False)
 
-    def forward(self, x: Tensor, *, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
-        """``x`` ``[B, T, C]``, or packed ``[total, C]`` with ``cu_seqlens`` (int32, ``[N + 1]``)."""
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None, *, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> Tensor:
+        """``x`` ``[B, T, C]``, or packed ``[total, C]`` with ``cu_seqlens`` (int32, ``[N + 1]``). With a
+        ``cache`` (from :meth:`init_cache`; inference only) the T new tokens are appended to it and attend to
+        everything it holds (causal layers: bottom-right causal among themselves)."""
         packed = cu_seqlens is not None
-        if packed and x.dim() != 2:
-            raise ValueError(f"with cu_seqlens, x must be packed [total, C], got shape {tuple(x.shape)}")
+        if packed and (x.dim() != 2 or cache is not None):
+            raise ValueError(f"with cu_seqlens, x must be packed [total, C] and no cache is used, got shape "
+                             f"{tuple(x.shape)}")
         if not packed and x.dim() != 3:
             raise ValueError(f"x must be [B, T, C], got shape {tuple(x.shape)}")
         q, k, v = self.project(x)
         options = dict(causal=self.causal, softmax_scale=self.softmax_scale, window_size=self.window_size,
-                       softcap=self.softcap, alibi_slopes=self.alibi_slopes,
-                       dropout_p=self.dropout if self.training else 0.0)
+                       softcap=self.softcap, alibi_slopes=self.alibi_slopes)
+        if cache is not None:
+            check_cache(cache, KVCache, self, x.shape[0])
+            return self.merge(cache.attend(q, k, v, **options))
+        options["dropout_p"] = self.dropout if self.training else 0.0
         if self.cp_group is not None:
             from ..distributed import ring_attention  # torch.distributed is imported only when used
 

@@ -10,6 +10,7 @@ from torch import Tensor
 from ..ops.hyper import hyper_attention
 from .attention import SelfAttentionProjections
 from .base import accepts_aliases, describe
+from .cache import KVCache, check_cache
 
 
 class HyperAttention(SelfAttentionProjections):
@@ -33,11 +34,17 @@ class HyperAttention(SelfAttentionProjections):
         self.lsh_num_projs, self.block_size, self.sample_size = lsh_num_projs, block_size, sample_size
         self.min_seq_len = min_seq_len
 
-    def forward(self, x: Tensor, *, generator: Optional[torch.Generator] = None) -> Tensor:
-        """``x`` ``[B, T, C]`` -> ``[B, T, C]``."""
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None, *,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+        """``x`` ``[B, T, C]`` -> ``[B, T, C]``. With a ``cache`` (from ``init_cache``; inference only) the new
+        tokens are appended and attend exactly to everything cached: a decode step reads every cached key
+        anyway, so the approximation has nothing to save there (prefill through the cache is exact too)."""
         if x.dim() != 3:
             raise ValueError(f"x must be [B, T, C], got shape {tuple(x.shape)}")
         q, k, v = self.project(x)
+        if cache is not None:
+            check_cache(cache, KVCache, self, x.shape[0])
+            return self.merge(cache.attend(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale))
         out = hyper_attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale,
                               lsh_num_projs=self.lsh_num_projs, block_size=self.block_size,
                               sample_size=self.sample_size, min_seq_len=self.min_seq_len, generator=generator)

@@ -109,8 +109,8 @@ def test_one_decoding_loop_for_every_module(name):
     """The same generation code runs every layer: prefill a prompt in two pieces, then step token by token;
     the outputs are those of one forward pass over the whole sequence."""
     layer = _make(name).eval()
-    if not hasattr(layer, "init_cache"):
-        pytest.skip(f"{name} has no decoding cache yet (the softmax-attention KV cache is not in this branch)")
+    if name == "HyperAttention":  # exact below min_seq_len, as its decoding is: the two must agree here
+        layer.min_seq_len = 16
     x = torch.randn(2, 11, C, device=DEVICE)
     with torch.no_grad():
         want = _forward(layer, x)

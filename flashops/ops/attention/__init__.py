@@ -20,6 +20,7 @@ from ..._triton_utils import triton_reasons
 from ..._validation import check_attention_inputs, check_cu_seqlens, check_tensor, pick_scale
 from .args import AttentionArgs
 from .dropout import draw_seed
+from .kvcache import flash_attention_with_kvcache
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -414,4 +415,5 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
     return (out, lse) if return_lse else out
 
 
-__all__ = ["flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa"]
+__all__ = ["flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa",
+           "flash_attention_with_kvcache"]
