@@ -9,7 +9,7 @@ import torch
 
 import flashops
 
-from . import _dispatch, _ext
+from . import _cuda, _dispatch, _ext
 from ._triton_utils import interpreter_enabled, triton_import_error
 
 
@@ -36,6 +36,7 @@ def report() -> str:
         f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton   {_triton_version()}",
         f"C++ ext  {_ext.status()}",
+        f"CUDA ext {_cuda.status()}",
     ]
     for dev in devices():
         if dev.type == "cuda":
@@ -46,7 +47,8 @@ def report() -> str:
             lines.append(f"device   cpu: {platform.processor() or platform.machine()}, "
                          f"{torch.get_num_threads()} threads")
     lines.append("")
-    lines.append("backends per op (first accepting backend runs; reasons for the others):")
+    lines.append("backends per op (first accepting backend runs; reasons for the others; 'forced only': runs "
+                 "when asked for by backend= or FLASHOPS_BACKEND):")
     for op in _dispatch.ops():
         lines.append(f"  {op}")
         for dev in devices():
@@ -55,8 +57,9 @@ def report() -> str:
                 if request is None:
                     continue
                 verdicts = _dispatch.explain(op, request)
-                chosen = next((b.name for b, reasons in verdicts if not reasons), "none")
+                chosen = next((b.name for b, reasons in verdicts if not reasons and not b.forced_only), "none")
                 declined = [f"{b.name}: {'; '.join(r)}" for b, r in verdicts if r]
+                declined += [f"{b.name}: forced only, accepts" for b, r in verdicts if b.forced_only and not r]
                 detail = f"  [{' | '.join(declined)}]" if declined else ""
                 lines.append(f"    {str(dev):7s} {str(dtype).replace('torch.', ''):9s} -> {chosen}{detail}")
     return "\n".join(lines)

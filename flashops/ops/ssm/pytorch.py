@@ -227,6 +227,56 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial
             mu.to(initial_state.dtype) if initial_state is not None else None)
 
 
+# ------------------------------------------------------------------------------- selective state update
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus: bool):
+    """(y, new state) of one selective-scan step in fp32 (fp64 for an fp64 state)."""
+    cdt = torch.float64 if state.dtype == torch.float64 else torch.float32
+    dim = x.shape[1]
+    step = dt.to(cdt)
+    if dt_bias is not None:
+        step = step + dt_bias.to(cdt)
+    if softplus:
+        step = F.softplus(step)
+
+    def per_channel(t):  # [B, N] or [B, G, N] -> [B, D, N] (or broadcastable)
+        t = t.to(cdt)
+        return t[:, None] if t.dim() == 2 else t.repeat_interleave(dim // t.shape[1], dim=1)
+
+    new_state = torch.exp(step[..., None] * A.to(cdt)) * state.to(cdt) \
+        + (step * x.to(cdt))[..., None] * per_channel(B)
+    y = (new_state * per_channel(C)).sum(-1)
+    if D is not None:
+        y = y + D.to(cdt) * x.to(cdt)
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y, new_state
+
+
+def selective_state_update_fwd(state, x, dt, A, B, C, D, z, dt_bias, softplus: bool):
+    """Returns (y [B, D] in x's dtype, new state [B, D, N] in the state's dtype)."""
+    y, new_state = _state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus)
+    return y.to(x.dtype), new_state.to(state.dtype)
+
+
+def selective_state_update_bwd(dy, d_new_state, state, x, dt, A, B, C, D, z, dt_bias, softplus: bool):
+    """Gradients (d_state, dx, ddt, dA, dB, dC, dD, dz, d_dt_bias), None where an input is None: autograd
+    through the forward formula (one step is small)."""
+    inputs = [t.detach().requires_grad_() if t is not None else None for t in (state, x, dt, A, B, C, D, z, dt_bias)]
+    with torch.enable_grad():
+        y, new_state = _state_update(*inputs, softplus)
+        outputs, grads = [y], [dy.to(y.dtype)]
+        if d_new_state is not None:
+            outputs.append(new_state)
+            grads.append(d_new_state.to(new_state.dtype))
+        present = [t for t in inputs if t is not None]
+        found = iter(torch.autograd.grad(outputs, present, grads, allow_unused=True))
+    result = []
+    for t in inputs:
+        g = next(found) if t is not None else None
+        result.append(None if t is None else (torch.zeros_like(t) if g is None else g.to(t.dtype)))
+    return tuple(result)
+
+
 # -------------------------------------------------------------------------------------- Vandermonde
 def _l_chunk(rows: int, length: int) -> int:
     return max(1, min(length, BLOCK_ELEMENTS // max(1, rows)))

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..._triton_utils import configs
-from .common import state_spacing
+from .common import initial_state_grad, state_spacing
 
 
 # ------------------------------------------------------------------------------------------ combines
@@ -196,15 +196,7 @@ def linear_scan_bwd(dh, a, h, initial_state, reverse: bool):
     # Reverse of the forward direction; the adjoint of step t is carried through the gate of step t + 1.
     _run_linear(a, dh, None, db, reverse=not reverse, gate_shift=-1 if reverse else 1, conj_gate=True,
                 prev=h, prev_init=initial_state, dgate=da)
-    dh0 = None
-    if initial_state is not None:
-        first = -1 if reverse else 0
-        if a.dim() == 4:
-            a0 = torch.view_as_complex(a[:, :, first].float().contiguous()).conj_physical()
-            g0 = torch.view_as_complex(db[:, :, first].float().contiguous())
-            dh0 = torch.view_as_real(a0 * g0).to(initial_state.dtype)
-        else:
-            dh0 = (a[:, :, first].float() * db[:, :, first].float()).to(initial_state.dtype)
+    dh0 = None if initial_state is None else initial_state_grad(a, db, initial_state, reverse)
     return da, db, dh0
 
 
