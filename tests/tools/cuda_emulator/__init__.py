@@ -106,3 +106,14 @@ class Emulator:
                           ctypes.c_void_p(packed.address), error, ctypes.c_int(len(error)))
         if status != 0:
             raise EmulationError(f"{kernel.expression} grid={grid} block={block}: {error.value.decode()}")
+
+
+_SHARED: "Emulator | None" = None
+
+
+def shared() -> Emulator:
+    """One emulator per process (it keeps the built libraries loaded)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = Emulator()
+    return _SHARED

@@ -15,6 +15,7 @@
 #pragma once
 #define FLASHOPS_CUDA_EMULATION 1
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -110,8 +111,12 @@ struct Barrier {
   long generation = 0;
 };
 
+// A fiber starts on its own stack through makecontext/swapcontext; later switches use _setjmp/_longjmp, which
+// skip the signal-mask system call that every swapcontext makes (the emulator switches millions of times).
 struct Fiber {
   ucontext_t context;
+  jmp_buf jump;
+  bool started = false;
   std::vector<char> stack;
   dim3 index;
   int linear = 0;
@@ -136,6 +141,7 @@ struct Scheduler {
   Barrier block_barrier;
   std::vector<unsigned char> dynamic_shared;
   ucontext_t main_context;
+  jmp_buf main_jump;
   Fiber* current = nullptr;
   std::function<void()> body;
   std::string error;
@@ -146,17 +152,29 @@ inline Scheduler*& scheduler() {
   return s;
 }
 
+[[noreturn]] inline void finish() {
+  Scheduler* s = scheduler();
+  s->current->done = true;
+  _longjmp(s->main_jump, 1);
+}
+
 inline void fail(const std::string& message) {
   Scheduler* s = scheduler();
   if (s->error.empty()) s->error = message;
-  // abandon this fiber: mark it done and return to the scheduler for good
-  s->current->done = true;
-  swapcontext(&s->current->context, &s->main_context);
+  finish();  // abandon this fiber
 }
 
 inline void yield() {
   Scheduler* s = scheduler();
-  swapcontext(&s->current->context, &s->main_context);
+  if (!_setjmp(s->current->jump)) _longjmp(s->main_jump, 1);
+}
+
+inline void resume(Scheduler& s, Fiber& f) {
+  s.current = &f;
+  if (_setjmp(s.main_jump)) return;  // the fiber yielded or finished
+  if (f.started) _longjmp(f.jump, 1);
+  f.started = true;
+  swapcontext(&s.main_context, &f.context);
 }
 
 inline void arrive(Barrier& barrier) {
@@ -173,9 +191,8 @@ inline void arrive(Barrier& barrier) {
 }
 
 inline void entry() {
-  Scheduler* s = scheduler();
-  s->body();
-  s->current->done = true;  // returning resumes main_context through uc_link
+  scheduler()->body();
+  finish();
 }
 
 inline void run_block(Scheduler& s) {
@@ -189,6 +206,7 @@ inline void run_block(Scheduler& s) {
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = s.fibers[t];
     f.done = false;
+    f.started = false;
     f.waiting = nullptr;
     f.linear = static_cast<int>(t);
     f.index = dim3{t % s.block.x, (t / s.block.x) % s.block.y, t / (s.block.x * s.block.y)};
@@ -210,8 +228,7 @@ inline void run_block(Scheduler& s) {
       alive = true;
       if (f.waiting != nullptr && f.waiting->generation == f.waiting_generation) continue;
       f.waiting = nullptr;
-      s.current = &f;
-      swapcontext(&s.main_context, &f.context);
+      resume(s, f);
       progressed = true;
     }
     if (!s.error.empty()) throw std::runtime_error(s.error);
