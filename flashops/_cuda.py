@@ -142,6 +142,17 @@ def _first_line(error) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def version_reasons(nvrtc_version: tuple, driver_version: int) -> list:
+    """Why cubins from this NVRTC cannot run on this driver (``cuDriverGetVersion``: 1000 major + 10 minor):
+    NVRTC's major version must not exceed the CUDA version the driver supports."""
+    driver_major, driver_minor = driver_version // 1000, (driver_version % 1000) // 10
+    if nvrtc_version[0] > driver_major:
+        return [f"NVRTC {nvrtc_version[0]}.{nvrtc_version[1]} builds code for CUDA {nvrtc_version[0]}, but the driver "
+                f"runs CUDA {driver_major}.{driver_minor} at most: install nvidia-cuda-nvrtc (and cuda-bindings) "
+                f"{driver_major}.x or a newer driver"]
+    return []
+
+
 def _driver_reasons(nvrtc_version: tuple) -> list:
     if torch.version.cuda is None:
         return [f"this torch build has no CUDA (torch {torch.__version__})"]
@@ -155,12 +166,7 @@ def _driver_reasons(nvrtc_version: tuple) -> list:
         _check(result, "cuDriverGetVersion")
     except Exception as error:  # noqa: BLE001  (no libcuda, or a driver that cannot start)
         return [f"the CUDA driver cannot be used ({_first_line(error)})"]
-    driver_major, driver_minor = version // 1000, (version % 1000) // 10
-    if nvrtc_version[0] > driver_major:
-        return [f"NVRTC {nvrtc_version[0]}.{nvrtc_version[1]} builds code for CUDA {nvrtc_version[0]}, but the driver "
-                f"runs CUDA {driver_major}.{driver_minor} at most: install nvidia-cuda-nvrtc (and cuda-bindings) "
-                f"{driver_major}.x or a newer driver"]
-    return []
+    return version_reasons(nvrtc_version, version)
 
 
 @torch.compiler.assume_constant_result
@@ -372,7 +378,7 @@ def pack_arguments(kernel_name: str, params: list, arguments: dict) -> PackedArg
 def launch_dimensions(grid, block) -> tuple:
     """(grid, block) as 3-tuples of positive ints within CUDA's limits."""
     def three(name, value, limits):
-        dims = (value,) if isinstance(value, int) else tuple(value)
+        dims = tuple(value) if isinstance(value, (tuple, list)) else (value,)
         if not 1 <= len(dims) <= 3 or not all(isinstance(v, int) and v >= 1 for v in dims):
             raise ValueError(f"{name} must be 1 to 3 positive ints, got {value!r}")
         dims = dims + (1,) * (3 - len(dims))
