@@ -1,5 +1,6 @@
-"""The case files of the linear, lla, hyper, ssm and recurrent-step families: their CPU quick sweeps run and pass their checks,
-their references and check slices are exact sub-problems, and wrong results inside a slice are caught."""
+"""The case files of the linear, lla, hyper, ssm and recurrent-step families: their CPU quick sweeps run and pass
+their checks, their references and check slices are exact sub-problems, and wrong results inside a slice are
+caught."""
 
 import csv
 import math
