@@ -24,17 +24,18 @@ this NVRTC produces, :func:`unavailable_reasons` says which (``python -m flashop
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,62 +318,85 @@ def signature(kernels: dict, expression: str) -> list:
 @dataclass
 class PackedArguments:
     """Kernel arguments as ``cuLaunchKernel`` takes them: ``pointers`` holds one address per parameter, each
-    pointing into ``storage`` (8 bytes per parameter, the value at its C size, little-endian)."""
+    pointing into ``storage`` (an 8-byte slot per parameter, the value at its C size, little-endian)."""
 
-    storage: np.ndarray
-    pointers: np.ndarray
+    storage: ctypes.Array
+    pointers: ctypes.Array
     device: torch.device
 
     @property
     def address(self) -> int:
-        return self.pointers.ctypes.data
+        return ctypes.addressof(self.pointers)
 
 
-def pack_arguments(kernel_name: str, params: list, arguments: dict) -> PackedArguments:
+_SLOT_FORMATS = {"ptr": "Q", "i64": "q", "i32": "i4x", "f32": "f4x"}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a parameter list packs: the struct format of its slots and the ctypes array type that holds them
+    (made once per kernel: creating a ctypes array type costs more than a launch)."""
+
+    slot_format: str
+    array: type
+
+    @classmethod
+    def of(cls, params: list) -> "_Layout":
+        return cls("<" + "".join(_SLOT_FORMATS[p.kind] for p in params), ctypes.c_uint64 * max(1, len(params)))
+
+
+def pack_arguments(kernel_name: str, params: list, arguments: dict, layout: Optional[_Layout] = None) -> PackedArguments:
     """Check ``arguments`` against ``params`` (every parameter given once, by name; tensor dtypes match the
     instance's element types; all tensors on one device; ints in range) and pack them."""
-    names = [p.name for p in params]
-    missing = [n for n in names if n not in arguments]
-    unknown = sorted(set(arguments) - set(names))
-    if missing or unknown:
-        raise TypeError(f"{kernel_name}: missing arguments {missing}, unknown arguments {unknown}")
-    storage = np.zeros(max(1, len(params)), dtype=np.uint64)
-    as_i32, as_i64, as_f32 = storage.view(np.int32), storage.view(np.int64), storage.view(np.float32)
+    if len(arguments) != len(params):
+        _name_mismatch(kernel_name, params, arguments)
+    values = []
     device = None
-    for i, p in enumerate(params):
-        value = arguments[p.name]
-        if p.kind == "ptr":
+    for p in params:
+        try:
+            value = arguments[p.name]
+        except KeyError:
+            _name_mismatch(kernel_name, params, arguments)
+        kind = p.kind
+        if kind == "ptr":
             if value is None:
-                continue  # a null pointer: the kernel treats the input as absent
+                values.append(0)  # a null pointer: the kernel treats the input as absent
+                continue
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{kernel_name}: {p.name} must be a tensor or None, got {type(value).__name__}")
-            if p.dtype is not None and value.dtype != p.dtype:
+            if p.dtype is not None and value.dtype is not p.dtype:
                 raise TypeError(f"{kernel_name}: {p.name} must have dtype {p.dtype}, got {value.dtype}")
             if device is None:
                 device = value.device
             elif value.device != device:
                 raise ValueError(f"{kernel_name}: {p.name} is on {value.device} but other arguments are on {device}")
-            storage[i] = value.data_ptr()
-        elif p.kind == "f32":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            values.append(value.data_ptr())
+        elif kind == "f32":
+            if value.__class__ is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise TypeError(f"{kernel_name}: {p.name} must be a float, got {type(value).__name__}")
-            as_f32[2 * i] = value
+            values.append(value)
         else:
-            if isinstance(value, bool):
-                value = int(value)
             if not isinstance(value, int):
                 raise TypeError(f"{kernel_name}: {p.name} must be an int, got {type(value).__name__}")
-            low, high = _INT32 if p.kind == "i32" else _INT64
+            low, high = _INT32 if kind == "i32" else _INT64
             if not low <= value <= high:
-                raise ValueError(f"{kernel_name}: {p.name}={value} does not fit the kernel's {p.kind}")
-            if p.kind == "i32":
-                as_i32[2 * i] = value
-            else:
-                as_i64[i] = value
+                raise ValueError(f"{kernel_name}: {p.name}={value} does not fit the kernel's {kind}")
+            values.append(value)
     if device is None:
         raise ValueError(f"{kernel_name}: no tensor among the arguments")
-    pointers = storage.ctypes.data + 8 * np.arange(len(storage), dtype=np.uint64)
+    layout = layout or _Layout.of(params)
+    storage = layout.array()
+    struct.pack_into(layout.slot_format, storage, 0, *values)
+    base = ctypes.addressof(storage)
+    pointers = layout.array(*range(base, base + 8 * len(storage), 8))
     return PackedArguments(storage, pointers, device)
+
+
+def _name_mismatch(kernel_name: str, params: list, arguments: dict):
+    names = [p.name for p in params]
+    missing = [n for n in names if n not in arguments]
+    unknown = sorted(set(arguments) - set(names))
+    raise TypeError(f"{kernel_name}: missing arguments {missing}, unknown arguments {unknown}")
 
 
 def launch_dimensions(grid, block) -> tuple:
@@ -615,6 +639,7 @@ class Kernel:
         self.expression = expression
         self.params = params
         self.name = _template_arguments(expression)[0]
+        self._layout = _Layout.of(params)
         self._functions: dict = {}  # device index -> [CUfunction, dynamic shared memory enabled]
 
     def __call__(self, grid, block, shared: int = 0, **arguments) -> None:
@@ -622,7 +647,7 @@ class Kernel:
         grid3, block3 = launch_dimensions(grid, block)
         if not isinstance(shared, int) or shared < 0:
             raise ValueError(f"{self.name}: shared must be a byte count >= 0, got {shared!r}")
-        packed = pack_arguments(self.name, self.params, arguments)
+        packed = pack_arguments(self.name, self.params, arguments, self._layout)
         _launch(self, grid3, block3, shared, packed)
 
     def __repr__(self) -> str:
@@ -665,8 +690,8 @@ def _function(kernel: Kernel, index: int) -> list:
         compiled = program.compile(arch)
         module = program._modules.get((arch, index))
         if module is None:
-            image = np.frombuffer(compiled.cubin, dtype=np.uint8)
-            result, module = driver.cuModuleLoadData(image.ctypes.data)
+            image = ctypes.create_string_buffer(compiled.cubin, len(compiled.cubin))
+            result, module = driver.cuModuleLoadData(ctypes.addressof(image))
             _check(result, f"cuModuleLoadData({program.path}, {arch})")
             program._modules[(arch, index)] = module
         result, function = driver.cuModuleGetFunction(module, compiled.lowered[kernel.expression].encode())
