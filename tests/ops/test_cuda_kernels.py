@@ -21,7 +21,7 @@ from flashops.ops.ssm import reference as ref
 from flashops.testing import GRAD_FACTOR, assert_close
 
 from .ssm_helpers import pairs, require
-from .test_ssm_kernels import _cauchy_inputs
+from .test_ssm_kernels import _cauchy_inputs, check_vandermonde
 from .test_ssm_scans import _check_linear, _check_selective, _gates, _selective_inputs
 
 ON_GPU = torch.cuda.is_available()
@@ -143,16 +143,7 @@ def test_vandermonde_state_and_length_tiles(backend, n_copies, device):
     log_z = torch.complex(-torch.rand(H, N, dtype=F64, generator=g) * 0.01,
                           torch.rand(H, N, dtype=F64, generator=g) * 0.5).to(device)
     w = torch.randn(n_copies, H, N, dtype=torch.complex128, generator=g).to(device)
-    x32, w32 = log_z.to(torch.complex64).requires_grad_(), w.to(torch.complex64).requires_grad_()
-    k = flashops.vandermonde_kernel(x32, w32, L, backend=backend)
-    x64, w64 = x32.detach().to(torch.complex128).requires_grad_(), w32.detach().to(torch.complex128).requires_grad_()
-    k_ref = ref.vandermonde(x64, w64, L)
-    assert_close("K", k, k_ref)
-    grad = torch.randn(k_ref.shape, dtype=F64, generator=g).to(device)
-    k.backward(grad.float())
-    k_ref.backward(grad)
-    assert_close("dlog_z", pairs(x32.grad), pairs(x64.grad))
-    assert_close("dw", pairs(w32.grad), pairs(w64.grad))
+    check_vandermonde(backend, log_z, w, L, g)
 
 
 @pytest.mark.parametrize("backend", CUDA)

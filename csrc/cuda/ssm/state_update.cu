@@ -39,6 +39,20 @@ __device__ __forceinline__ Channel channel_of_thread(int rows, int dim, int n_gr
   return c;
 }
 
+// sum_n C[n] s'_n over this lane's states (the group sums it), writing s'_n to new_state when that is not null.
+template <typename weight_t>
+__device__ __forceinline__ float readout(const Channel& c, int n_state, int lanes, float step, float x_in,
+                                         const float* A, const float* s_row, const weight_t* B_row,
+                                         const weight_t* C_row, float* new_state) {
+  float partial = 0.f;
+  for (int n = c.lane; n < n_state && c.active; n += lanes) {
+    const float updated = exp2f(step * A[c.d * n_state + n] * kLog2e) * s_row[n] + step * x_in * to_float(B_row[n]);
+    if (new_state != nullptr) new_state[c.row * n_state + n] = updated;
+    partial += to_float(C_row[n]) * updated;
+  }
+  return partial;
+}
+
 template <typename input_t, typename weight_t>
 __global__ void __launch_bounds__(kUpdateThreads) selective_state_update_fwd_kernel(
     // state [B, D, N] fp32 (unit state stride); x, dt, z [B, D]; A [D, N], D, dt_bias [D] fp32 contiguous;
@@ -64,13 +78,8 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_state_update_fwd_ker
   const float* s_row = state + c.b * stride_state_b + c.d * stride_state_d;
   const weight_t* B_row = B + c.b * stride_B_b + c.g * stride_B_g;
   const weight_t* C_row = C + c.b * stride_C_b + c.g * stride_C_g;
-  float partial = 0.f;
-  for (int n = c.lane; n < n_state && c.active; n += lanes) {
-    const float updated = exp2f(step * A[c.d * n_state + n] * kLog2e) * s_row[n] + step * x_in * to_float(B_row[n]);
-    new_state[c.row * n_state + n] = updated;
-    partial += to_float(C_row[n]) * updated;
-  }
-  const float total = group_sum(partial, lanes);
+  const float total =
+      group_sum(readout(c, n_state, lanes, step, x_in, A, s_row, B_row, C_row, new_state), lanes);
   if (c.active && c.lane == 0) {
     float out = total + (D != nullptr ? D[c.d] : 0.f) * x_in;
     if (z != nullptr) {
@@ -113,12 +122,9 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_state_update_bwd_ker
   const weight_t* B_row = B + c.b * stride_B_b + c.g * stride_B_g;
   const weight_t* C_row = C + c.b * stride_C_b + c.g * stride_C_g;
   // y before the gate, for dz
-  float partial = 0.f;
-  for (int n = c.lane; n < n_state && c.active; n += lanes) {
-    const float updated = exp2f(step * A[c.d * n_state + n] * kLog2e) * s_row[n] + step * x_in * to_float(B_row[n]);
-    partial += to_float(C_row[n]) * updated;
-  }
-  const float y0 = group_sum(partial, lanes) + skip * x_in;
+  const float y0 = group_sum(readout(c, n_state, lanes, step, x_in, A, s_row, B_row, C_row,
+                                     static_cast<float*>(nullptr)),
+                             lanes) + skip * x_in;
   const float s = sigmoid(z_in);
   const float dy0 = z != nullptr ? g_out * z_in * s : g_out;  // dL/dy before the gate
   float d_step = 0.f, dx_partial = 0.f;

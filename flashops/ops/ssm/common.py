@@ -24,6 +24,29 @@ def state_spacing(n_state: int, backend: str = "") -> int:
     return 32 if block_n <= 32 else (16 if block_n <= 64 else 8)
 
 
+def linear_scan_forward(run, a, b, initial_state, reverse: bool):
+    """linear_scan's forward on a backend whose kernel ``run(gate, x, init, out, *, reverse, gate_shift, conj_gate,
+    prev=None, prev_init=None, dgate=None)`` computes out_t = gate_{t+shift} out_{t -/+ 1} + x_t (and, with dgate,
+    the gate gradient out_t conj(prev_{t-shift})). a, b: [B, D, L] real or [B, D, L, 2] pairs."""
+    out = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+    if b.numel() == 0:
+        return out
+    run(a, b, initial_state, out, reverse=reverse, gate_shift=0, conj_gate=False)
+    return out
+
+
+def linear_scan_backward(run, dh, a, h, initial_state, reverse: bool):
+    """(da, db, d initial_state or None) with the same kernel: the adjoint g_t = dh_t + conj(a_{t+1}) g_{t+1} is the
+    scan run the other way with the gate one step ahead and conjugated; db = g, da_t = g_t conj(h_{t-1})."""
+    db = torch.empty(dh.shape, dtype=dh.dtype, device=dh.device)
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    if dh.numel() == 0:
+        return da.zero_(), db, (None if initial_state is None else torch.zeros_like(initial_state))
+    run(a, dh, None, db, reverse=not reverse, gate_shift=-1 if reverse else 1, conj_gate=True, prev=h,
+        prev_init=initial_state, dgate=da)
+    return da, db, (None if initial_state is None else initial_state_grad(a, db, initial_state, reverse))
+
+
 def initial_state_grad(a: torch.Tensor, g: torch.Tensor, initial_state: torch.Tensor, reverse: bool) -> torch.Tensor:
     """linear_scan's d initial_state = conj(a) g at the scan's first step (a, g: [B, D, L] or [B, D, L, 2] pairs)."""
     first = -1 if reverse else 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ... import _cuda
-from .common import CUDA_SCAN_CHUNK, initial_state_grad
+from .common import CUDA_SCAN_CHUNK, linear_scan_backward, linear_scan_forward
 
 _TYPES = tuple(_cuda.C_TYPES.items())
 
@@ -75,23 +75,12 @@ def _run_linear(gate, x, init, out, *, reverse, gate_shift, conj_gate, prev=None
 
 def linear_scan_fwd(a, b, initial_state, reverse: bool):
     """a, b: [B, D, L] real or [B, D, L, 2] complex pairs; initial_state [B, D] / [B, D, 2] or None."""
-    out = torch.empty(b.shape, dtype=b.dtype, device=b.device)
-    if b.numel() == 0:
-        return out
-    _run_linear(a, b, initial_state, out, reverse=reverse, gate_shift=0, conj_gate=False)
-    return out
+    return linear_scan_forward(_run_linear, a, b, initial_state, reverse)
 
 
 def linear_scan_bwd(dh, a, h, initial_state, reverse: bool):
-    """Gradients (da, db, d initial_state or None) of linear_scan_fwd: the adjoint scan runs the other way with
-    the gate one step ahead, conjugated, and writes da on the way."""
-    db = torch.empty(dh.shape, dtype=dh.dtype, device=dh.device)
-    da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-    if dh.numel() == 0:
-        return da.zero_(), db, (None if initial_state is None else torch.zeros_like(initial_state))
-    _run_linear(a, dh, None, db, reverse=not reverse, gate_shift=-1 if reverse else 1, conj_gate=True,
-                prev=h, prev_init=initial_state, dgate=da)
-    return da, db, (None if initial_state is None else initial_state_grad(a, db, initial_state, reverse))
+    """Gradients (da, db, d initial_state or None) of linear_scan_fwd."""
+    return linear_scan_backward(_run_linear, dh, a, h, initial_state, reverse)
 
 
 # ---------------------------------------------------------------------------------------- selective scan
