@@ -345,7 +345,8 @@ class _Layout:
         return cls("<" + "".join(_SLOT_FORMATS[p.kind] for p in params), ctypes.c_uint64 * max(1, len(params)))
 
 
-def pack_arguments(kernel_name: str, params: list, arguments: dict, layout: Optional[_Layout] = None) -> PackedArguments:
+def pack_arguments(kernel_name: str, params: list, arguments: dict,
+                   layout: Optional[_Layout] = None) -> PackedArguments:
     """Check ``arguments`` against ``params`` (every parameter given once, by name; tensor dtypes match the
     instance's element types; all tensors on one device; ints in range) and pack them."""
     if len(arguments) != len(params):

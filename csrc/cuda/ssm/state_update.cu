@@ -133,7 +133,8 @@ __global__ void __launch_bounds__(kUpdateThreads) selective_state_update_bwd_ker
     const float gate = exp2f(step * a * kLog2e);
     const float b_in = to_float(B_row[n]);
     const float updated = gate * s_row[n] + step * x_in * b_in;
-    const float d_updated = dy0 * to_float(C_row[n]) + (d_new_state != nullptr ? d_new_state[c.row * n_state + n] : 0.f);
+    const float d_later = d_new_state != nullptr ? d_new_state[c.row * n_state + n] : 0.f;
+    const float d_updated = dy0 * to_float(C_row[n]) + d_later;
     const int64 at = c.row * n_state + n;
     d_state[at] = gate * d_updated;
     dC_part[at] = dy0 * updated;

@@ -49,8 +49,10 @@ def _pair_contiguous(t):
     return t if t is None or t.dim() == 2 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _strides2(t):
-    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+def row_strides(name: str, t) -> dict:
+    """The kernels' ``stride_<name>_b`` and ``stride_<name>_d`` of a [B, D, ...] tensor (0 for an absent one)."""
+    b, d = (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+    return {f"stride_{name}_b": b, f"stride_{name}_d": d}
 
 
 def _run_linear(gate, x, init, out, *, reverse, gate_shift, conj_gate, prev=None, prev_init=None, dgate=None):
@@ -63,12 +65,8 @@ def _run_linear(gate, x, init, out, *, reverse, gate_shift, conj_gate, prev=None
     kernel(
         grid=batch * dim, block=threads,
         gate=gate, x=x, init=init, out=out, prev=prev, prev_init=prev_init, dgate=dgate,
-        stride_gate_b=gate.stride(0), stride_gate_d=gate.stride(1), stride_x_b=x.stride(0), stride_x_d=x.stride(1),
-        **dict(zip(("stride_init_b", "stride_init_d"), _strides2(init))),
-        stride_out_b=out.stride(0), stride_out_d=out.stride(1),
-        **dict(zip(("stride_prev_b", "stride_prev_d"), _strides2(prev))),
-        **dict(zip(("stride_prev_init_b", "stride_prev_init_d"), _strides2(prev_init))),
-        **dict(zip(("stride_dgate_b", "stride_dgate_d"), _strides2(dgate))),
+        **row_strides("gate", gate), **row_strides("x", x), **row_strides("init", init), **row_strides("out", out),
+        **row_strides("prev", prev), **row_strides("prev_init", prev_init), **row_strides("dgate", dgate),
         dim=dim, length=length, reverse=reverse, gate_shift=gate_shift, conj_gate=conj_gate,
     )
 
@@ -89,7 +87,7 @@ _FWD_SHAPE = (128, 16)
 _BWD_SHAPE = (256, 8)
 assert _FWD_SHAPE[0] * _FWD_SHAPE[1] == _BWD_SHAPE[0] * _BWD_SHAPE[1] == CUDA_SCAN_CHUNK
 # (input, weight) element types: B and C in u's dtype or fp32
-_SELECTIVE_TYPES = tuple(dict.fromkeys((c_type, weight) for c_type in _cuda.C_TYPES.values()
+SELECTIVE_TYPES = tuple(dict.fromkeys((c_type, weight) for c_type in _cuda.C_TYPES.values()
                                        for weight in (c_type, "float")))
 
 
@@ -99,7 +97,7 @@ def _selective_expression(kind: str, c_type: str, weight: str) -> str:
 
 
 SELECTIVE_SCAN = _cuda.Program("ssm/selective_scan.cu", [
-    _selective_expression(kind, c_type, weight) for kind in ("fwd", "bwd") for c_type, weight in _SELECTIVE_TYPES])
+    _selective_expression(kind, c_type, weight) for kind in ("fwd", "bwd") for c_type, weight in SELECTIVE_TYPES])
 
 
 def _selective_operands(u, B, C, A, D, delta_bias):
@@ -114,10 +112,6 @@ def _selective_operands(u, B, C, A, D, delta_bias):
 
 def _group_strides(name: str, t) -> dict:
     return {f"stride_{name}_b": t.stride(0), f"stride_{name}_g": t.stride(1), f"stride_{name}_n": t.stride(2)}
-
-
-def _row_strides(name: str, t) -> dict:
-    return {f"stride_{name}_b": t.stride(0) if t is not None else 0, f"stride_{name}_d": t.stride(1) if t is not None else 0}
 
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus: bool):
@@ -138,7 +132,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softp
     kernel(grid=batch * dim, block=_FWD_SHAPE[0], shared=2 * n_state * 4,
            u=u, delta=delta, A=A32, B=Bg, C=Cg, D=D32, z=z, delta_bias=bias32, initial_state=h0,
            out=out, last_state=last, saved=saved,
-           **_row_strides("u", u), **_row_strides("delta", delta), **_row_strides("z", z),
+           **row_strides("u", u), **row_strides("delta", delta), **row_strides("z", z),
            **_group_strides("B", Bg), **_group_strides("C", Cg),
            dim=dim, n_groups=Bg.shape[1], n_state=n_state, length=length, softplus_dt=softplus)
     return out, last, saved
@@ -174,8 +168,8 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial
                dout=dout, dlast=dlast32, u=u, delta=delta, A=A32, B=Bg, C=Cg, D=D32, z=z,
                delta_bias=bias32, saved=saved.contiguous(), du=du, ddelta=ddelta, dz=dz, dB=dB, dC=dC,
                dA_part=dA_part, dD_part=dD_part, dbias_part=dbias_part, dinitial=dinitial,
-               **_row_strides("dout", dout), **_row_strides("u", u), **_row_strides("delta", delta),
-               **_row_strides("z", z), **_group_strides("B", Bg), **_group_strides("C", Cg),
+               **row_strides("dout", dout), **row_strides("u", u), **row_strides("delta", delta),
+               **row_strides("z", z), **_group_strides("B", Bg), **_group_strides("C", Cg),
                dim=dim, n_groups=n_groups, n_state=n_state, length=length, softplus_dt=softplus)
     if B.dim() == 3:
         dB, dC = dB.squeeze(1), dC.squeeze(1)

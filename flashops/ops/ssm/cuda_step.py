@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ... import _cuda
-from .cuda_scan import _row_strides, _SELECTIVE_TYPES
+from .cuda_scan import SELECTIVE_TYPES, row_strides
 
 _THREADS = 128
 
@@ -16,7 +16,7 @@ def _expression(kind: str, c_type: str, weight: str) -> str:
 
 
 STATE_UPDATE = _cuda.Program("ssm/state_update.cu", [
-    _expression(kind, c_type, weight) for kind in ("fwd", "bwd") for c_type, weight in _SELECTIVE_TYPES])
+    _expression(kind, c_type, weight) for kind in ("fwd", "bwd") for c_type, weight in SELECTIVE_TYPES])
 
 
 def _operands(state, x, dt, A, B, C, D, z, dt_bias):
@@ -46,8 +46,8 @@ def _launch(kind, state, x, dt, z, Bg, Cg, c_type, weight, softplus, **arguments
     rows = batch * dim
     STATE_UPDATE.kernel(_expression(kind, c_type, weight))(
         grid=-(-rows * lanes // _THREADS), block=_THREADS, state=state, x=x, dt=dt, z=z, B=Bg, C=Cg,
-        stride_state_b=state.stride(0), stride_state_d=state.stride(1), **_row_strides("x", x),
-        **_row_strides("dt", dt), **_row_strides("z", z),
+        stride_state_b=state.stride(0), stride_state_d=state.stride(1), **row_strides("x", x),
+        **row_strides("dt", dt), **row_strides("z", z),
         stride_B_b=Bg.stride(0), stride_B_g=Bg.stride(1), stride_C_b=Cg.stride(0), stride_C_g=Cg.stride(1),
         rows=rows, dim=dim, n_groups=Bg.shape[1], n_state=n_state, lanes=lanes, softplus_dt=softplus, **arguments)
 
