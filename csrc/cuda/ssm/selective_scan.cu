@@ -239,12 +239,13 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(
       if (threadIdx.x == 0) dA_sum[n] += dA_chunk;
       // consecutive threads add consecutive steps (the next writes to regroup_* follow this state's barriers)
       const int64 chunk_start = static_cast<int64>(chunk) * kChunk;
+      const int64 state_row = static_cast<int64>(n) * length + chunk_start;
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
         const int local = j * kThreads + threadIdx.x;
         if (chunk_start + local < length) {
-          atomicAdd(dB_rows + n * length + chunk_start + local, regroup_B[local]);
-          atomicAdd(dC_rows + n * length + chunk_start + local, regroup_C[local]);
+          atomicAdd(dB_rows + state_row + local, regroup_B[local]);
+          atomicAdd(dC_rows + state_row + local, regroup_C[local]);
         }
       }
     }
