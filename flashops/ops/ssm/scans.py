@@ -62,7 +62,7 @@ _dispatch.register(SELECTIVE_STATE_UPDATE, _dispatch.Backend(
     "one read and one write of the state, a group of lanes per channel; fwd + bwd", forced_only=True))
 _dispatch.register(SELECTIVE_STATE_UPDATE, _dispatch.Backend(
     "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__package__}.pytorch",
-    "PyTorch (fp32 state; fp64 for fp64 inputs), backward by autograd of the same formula"))
+    "PyTorch (fp32 state; fp64 for fp64 inputs), the backward written out"))
 _dispatch.register_probe(SELECTIVE_STATE_UPDATE, lambda device, dtype: _dispatch.Request(device, dtype, {}))
 
 for _op, _triton_module, _what in (
