@@ -215,8 +215,8 @@ def status() -> str:
     nvrtc = f"NVRTC {tools.nvrtc_version[0]}.{tools.nvrtc_version[1]}"
     reasons = unavailable_reasons()
     if reasons:
-        return f"compile only ({nvrtc}; cannot launch: {reasons[0]}); cache {cache_directory()}"
-    return f"ready ({nvrtc}, headers {tools.include_directory}); cache {cache_directory()}"
+        return f"{nvrtc}, compiles but cannot launch: {reasons[0]}"
+    return f"ready ({nvrtc}), cache {cache_directory()}"
 
 
 def _forget() -> None:
