@@ -21,15 +21,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q "triton>=3.4"
 	$(BIN)/python -m pip install -q setuptools wheel numpy scipy einops pytest pytest-xdist matplotlib transformers ninja
+	$(BIN)/python -m pip install -q "cuda-bindings>=12.8" "cuda-pathfinder>=1.1" nvidia-cuda-nvrtc nvidia-cuda-runtime
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # Without a GPU, Triton runs under its interpreter, which accepts code the compiler rejects: the tests
-# record every kernel launch and the same kernels are then compiled for sm_90 (no GPU needed).
+# record every kernel launch and the same kernels are then compiled for sm_90 (no GPU needed). The CUDA
+# kernels (csrc/cuda) run in the tests through a host emulator and are compiled by NVRTC for sm_80 and sm_90a.
 test: setup
 	rm -rf .launches
 	FLASHOPS_RECORD_LAUNCHES=.launches $(BIN)/python -m pytest $(PYTEST_ARGS)
 	if [ -d .launches ]; then $(BIN)/python -m tests.tools.compile_for_gpu .launches --arch 90; fi
+	$(BIN)/python -m tests.tools.compile_cuda --arch sm_80 --arch sm_90a
 
 bench: setup
 	$(BIN)/python -m bench

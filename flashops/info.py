@@ -16,7 +16,7 @@ import torch
 
 import flashops
 
-from . import _dispatch, _ext
+from . import _cuda, _dispatch, _ext
 from ._triton_utils import interpreter_enabled, triton_import_error
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,7 +71,7 @@ def _chosen(op: str, device, dtype) -> str:
     for backend, reasons in _dispatch.explain(op, request):
         if reasons == [_ext.NOT_LOADED]:
             pending = pending or backend.name
-        elif not reasons:
+        elif not reasons and not backend.forced_only:
             return backend.name if pending is None else f"{backend.name}; {pending} once the C++ extension is loaded"
     return "none"
 
@@ -84,6 +84,7 @@ def summary() -> str:
         f"triton {_triton_version()} | python {platform.python_version()}",
         f"device   {_describe_device(device)}" + ("" if device.type == "cuda" else " (no CUDA device)"),
         f"C++ ext  {extension_summary()}",
+        f"CUDA ext {_cuda.status()}",
         "",
         f"backend per op on {device}, for {', '.join(_dtype_name(d) for d in DTYPES)} unless shown "
         f"(the first backend that accepts the inputs runs):",
@@ -112,10 +113,12 @@ def report() -> str:
         f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton   {_triton_version()}",
         f"C++ ext  {_ext.status()}",
+        f"CUDA ext {_cuda.status()}",
     ]
     lines += [f"device   {_describe_device(dev)}" for dev in devices()]
     lines.append("")
-    lines.append("backends per op (first accepting backend runs; reasons for the others):")
+    lines.append("backends per op (first accepting backend runs; reasons for the others; 'forced only': runs "
+                 "when asked for by backend= or FLASHOPS_BACKEND):")
     for op in _dispatch.ops():
         lines.append(f"  {op}")
         for dev in devices():
@@ -124,8 +127,9 @@ def report() -> str:
                 if request is None:
                     continue
                 verdicts = _dispatch.explain(op, request)
-                chosen = next((b.name for b, reasons in verdicts if not reasons), "none")
+                chosen = next((b.name for b, reasons in verdicts if not reasons and not b.forced_only), "none")
                 declined = [f"{b.name}: {'; '.join(r)}" for b, r in verdicts if r]
+                declined += [f"{b.name}: forced only, accepts" for b, r in verdicts if b.forced_only and not r]
                 detail = f"  [{' | '.join(declined)}]" if declined else ""
                 lines.append(f"    {str(dev):7s} {_dtype_name(dtype):9s} -> {chosen}{detail}")
     return "\n".join(lines)

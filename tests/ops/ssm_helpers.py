@@ -5,9 +5,10 @@ import torch
 
 from flashops import _dispatch
 
-BACKENDS = ["triton", "torch"]
+# "cuda" runs csrc/cuda on a GPU, or on the CPU through the host emulator (tests/conftest.py).
+BACKENDS = ["cuda", "triton", "torch"]
 # The scans also have the C++ CPU backend (csrc/ssm/scan_cpu.cpp).
-SCAN_BACKENDS = ["triton", "cpp", "torch"]
+SCAN_BACKENDS = ["cuda", "triton", "cpp", "torch"]
 
 
 def require(op: str, backend: str, device, dtype=torch.float32, **features):

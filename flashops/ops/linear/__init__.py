@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _dispatch
+from ... import _cuda, _dispatch
 from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
 from ..._validation import FLOAT_DTYPES, check_cu_seqlens, check_dim, check_same, check_tensor
@@ -48,6 +48,11 @@ for _op in (LIGHTNING, GLA, NONCAUSAL, LIGHTNING_STEP, GLA_STEP):
         "chunked PyTorch (one Python iteration per 64-position chunk; CPU and fallback)"))
     _dispatch.register_probe(_op, lambda device, dtype: _dispatch.Request(
         device, dtype, {"head_dim_k": 128, "head_dim_v": 128}))
+for _op in (LIGHTNING_STEP, GLA_STEP):
+    _dispatch.register(_op, _dispatch.Backend(
+        "cuda", _dispatch.PRIORITY_CUDA_EXT, _cuda.supports, f"{__name__}.cuda_step",
+        "CUDA kernel: one read and one write of the state, a block of 4 warps per (batch, head), fwd + bwd",
+        forced_only=True))
 
 
 def _backend(op: str, name: str):

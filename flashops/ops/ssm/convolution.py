@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _dispatch
+from ... import _cuda, _dispatch
 from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
 from .common import fresh
@@ -35,6 +35,11 @@ def _triton_supports(req: _dispatch.Request) -> list:
         return ["float64 / complex128 runs on the torch backend only (the Triton kernels compute in fp32)"]
     return triton_reasons(req.device, torch.float32)
 
+
+for _op, _what in ((VANDERMONDE, "powers by multiplication from an exact start every 8 steps, state sum in registers"),
+                   (CAUCHY, "reciprocals shared by 4 rows, state sum in registers; reductions over L split")):
+    _dispatch.register(_op, _dispatch.Backend("cuda", _dispatch.PRIORITY_CUDA_EXT, _cuda.supports,
+                                              f"{__package__}.cuda_conv", _what, forced_only=True))
 
 for _op, _what in ((VANDERMONDE, "fused powers and state reduction, one program per (L tile, channel)"),
                    (CAUCHY, "fused reciprocals and state reduction, one program per (L tile, row)")):

@@ -1,5 +1,5 @@
-"""Public scans: ``linear_scan`` and ``selective_scan`` (validated, dispatched, custom ops with autograd),
-and ``selective_state_update`` (one recurrent step, plain PyTorch).
+"""Public scans: ``linear_scan``, ``selective_scan`` and ``selective_state_update`` (one recurrent step):
+validated, dispatched, custom ops with autograd.
 
 Each scan funnels into a ``torch.library.custom_op`` pair (``flashops::<op>_fwd`` / ``_bwd``) that looks up
 the chosen backend by name, so ``torch.compile(fullgraph=True)`` traces through without a graph break; eager
@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ... import _dispatch, _ext
+from ... import _cuda, _dispatch, _ext
 from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
 from ..._validation import check_same, check_tensor
@@ -22,6 +21,7 @@ from .common import fresh, state_spacing
 
 LINEAR_SCAN = "linear_scan"
 SELECTIVE_SCAN = "selective_scan"
+SELECTIVE_STATE_UPDATE = "selective_state_update"
 _SEQ = "[B, D, L]"
 
 
@@ -40,6 +40,30 @@ def _cpp_supports(req: _dispatch.Request) -> list:
         return [f"CPU tensors only, got {req.device}"]
     return _ext.unavailable_reasons()  # builds the extension on first use
 
+
+def _cuda_selective_supports(req: _dispatch.Request) -> list:
+    reasons = _cuda.supports(req)
+    if torch.are_deterministic_algorithms_enabled():
+        reasons.append("its backward adds dB and dC over the channels with atomics, and deterministic algorithms "
+                       "are enabled")
+    return reasons
+
+
+for _op, _supports, _what in (
+    (LINEAR_SCAN, _cuda.supports, "block-wide chunked scan (warp shuffles), one block per row; fwd + bwd"),
+    (SELECTIVE_SCAN, _cuda_selective_supports,
+     "block per (batch, channel), chunks of 2048 steps, states recomputed per chunk in the backward"),
+):
+    _dispatch.register(_op, _dispatch.Backend("cuda", _dispatch.PRIORITY_CUDA_EXT, _supports,
+                                              f"{__package__}.cuda_scan", _what, forced_only=True))
+
+_dispatch.register(SELECTIVE_STATE_UPDATE, _dispatch.Backend(
+    "cuda", _dispatch.PRIORITY_CUDA_EXT, _cuda.supports, f"{__package__}.cuda_step",
+    "one read and one write of the state, a group of lanes per channel; fwd + bwd", forced_only=True))
+_dispatch.register(SELECTIVE_STATE_UPDATE, _dispatch.Backend(
+    "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__package__}.pytorch",
+    "PyTorch (fp32 state; fp64 for fp64 inputs), the backward written out"))
+_dispatch.register_probe(SELECTIVE_STATE_UPDATE, lambda device, dtype: _dispatch.Request(device, dtype, {}))
 
 for _op, _triton_module, _what in (
     (LINEAR_SCAN, "triton_scan", "tl.associative_scan over time tiles with an fp32 carry"),
@@ -229,7 +253,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, backen
     batch, dim, length = u.shape
     n_state = A.shape[1]
     state_dtype = torch.float64 if u.dtype == torch.float64 and backend in _FP64_STATE_BACKENDS else torch.float32
-    n_saved = -(-length // state_spacing(n_state))
+    n_saved = -(-length // state_spacing(n_state, backend))
     return (torch.empty_like(u, memory_format=torch.contiguous_format),
             u.new_empty(batch, dim, n_state, dtype=state_dtype),
             u.new_empty(batch, dim, n_state, n_saved, dtype=state_dtype))
@@ -356,38 +380,106 @@ def selective_scan(
     return (out, last) if return_last_state else out
 
 
+# ------------------------------------------------------------------------------- selective state update
+def _state_update_fwd_impl(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+    dt_bias: Optional[Tensor], dt_softplus: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    y, new_state = _dispatch.get(SELECTIVE_STATE_UPDATE, backend).load().selective_state_update_fwd(
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return fresh(y), fresh(new_state)
+
+
+_state_update_fwd = torch.library.custom_op("flashops::selective_state_update_fwd", _state_update_fwd_impl,
+                                            mutates_args=())
+
+
+@_state_update_fwd.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        torch.empty_like(state, memory_format=torch.contiguous_format)
+
+
+def _state_update_bwd_impl(
+    dy: Tensor, d_new_state: Optional[Tensor], state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _dispatch.get(SELECTIVE_STATE_UPDATE, backend).load().selective_state_update_bwd(
+        dy, d_new_state, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return tuple(fresh(_empty_if_none(g, x)) for g in grads)
+
+
+_state_update_bwd = torch.library.custom_op("flashops::selective_state_update_bwd", _state_update_bwd_impl,
+                                            mutates_args=())
+_state_update_bwd_call = eager(_state_update_bwd, _state_update_bwd_impl)
+
+
+@_state_update_bwd.register_fake
+def _(dy, d_new_state, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
+    return tuple(like(t) for t in (state, x, dt, A, B, C, D, z, dt_bias))
+
+
+def _state_update_setup(ctx, inputs, output):
+    *tensors, dt_softplus, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.config = (dt_softplus, backend)
+
+
+def _state_update_backward(ctx, dy, d_new_state):
+    tensors = ctx.saved_tensors
+    dt_softplus, backend = ctx.config
+    grads = _state_update_bwd_call(dy.contiguous(), d_new_state, *tensors, dt_softplus, backend)
+    return (*(g if t is not None else None for g, t in zip(grads, tensors)), None, None)
+
+
+_state_update = register_autograd(_state_update_fwd, _state_update_fwd_impl, _state_update_backward,
+                                  _state_update_setup)
+
+
 def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                            D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = False):
-    """One recurrent step of :func:`selective_scan` for generation (mamba's ``selective_state_update``).
+                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = False, *,
+                           backend: Optional[str] = None):
+    """One recurrent step of :func:`selective_scan` for generation (mamba's ``selective_state_update``)::
 
-    state ``[B, D, N]`` (fp32), x / dt / z ``[B, D]``, A ``[D, N]``, B / C ``[B, N]`` or ``[B, G, N]``,
-    D / dt_bias ``[D]``. Returns ``(y [B, D], new_state)`` (y in x's dtype); does not modify ``state``.
-    Running it over t = 0..L-1 from ``initial_state`` gives ``selective_scan``'s output and last state.
+        dt = softplus(dt + dt_bias) (or without softplus);  new_state = exp(dt A) state + dt x B
+        y = (sum_n C new_state + D x) * silu(z)
+
+    state ``[B, D, N]`` (fp32 usually), x / dt / z ``[B, D]``, A ``[D, N]``, B / C ``[B, N]`` or ``[B, G, N]``
+    (G groups of D/G channels), D / dt_bias ``[D]``. Returns ``(y [B, D], new_state)``: y in x's dtype, the new
+    state in the state's dtype; ``state`` is not modified. Differentiable in every tensor. Running it over
+    t = 0..L-1 from ``initial_state`` gives ``selective_scan``'s output and last state.
+    ``backend``: ``"cuda"`` (when forced: one read and one write of the state) or ``"torch"``.
     """
+    # Decode steps take slices of sequences (x = u[..., t]), so any strides are accepted here.
+    for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("dt_bias", dt_bias)):
+        if t is not None or name in ("state", "x", "dt", "A", "B", "C"):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in _FLOATS:
+                raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
     if state.dim() != 3 or x.dim() != 2 or tuple(state.shape[:2]) != tuple(x.shape):
         raise ValueError(f"state must be [B, D, N] and x [B, D] with matching B, D, got state "
                          f"{tuple(state.shape)} and x {tuple(x.shape)}")
     batch, dim, n_state = state.shape
+    for name, t, shape, layout in (("dt", dt, (batch, dim), "[B, D]"), ("z", z, (batch, dim), "[B, D]"),
+                                   ("A", A, (dim, n_state), "[D, N]"), ("D", D, (dim,), "[D]"),
+                                   ("dt_bias", dt_bias, (dim,), "[D]")):
+        _check_shape(name, t, shape, layout)
     for name, t in (("B", B), ("C", C)):
         if t.dim() not in (2, 3) or t.shape[0] != batch or t.shape[-1] != n_state:
             raise ValueError(f"{name} must be [B, N] or [B, G, N] with B={batch}, N={n_state}, got {tuple(t.shape)}")
-    cdt = torch.float64 if state.dtype == torch.float64 else torch.float32
-    step = dt.to(cdt)
-    if dt_bias is not None:
-        step = step + dt_bias.to(cdt)
-    if dt_softplus:
-        step = F.softplus(step)
-
-    def per_channel(t):
-        t = t.to(cdt)
-        return t[:, None] if t.dim() == 2 else t.repeat_interleave(dim // t.shape[1], dim=1)
-
-    new_state = torch.exp(step[..., None] * A.to(cdt)) * state.to(cdt) \
-        + (step * x.to(cdt))[..., None] * per_channel(B)
-    y = (new_state * per_channel(C)).sum(-1)
-    if D is not None:
-        y = y + D.to(cdt) * x.to(cdt)
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
-    return y.to(x.dtype), new_state.to(state.dtype)
+    if B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape, got {tuple(B.shape)} and {tuple(C.shape)}")
+    if B.dim() == 3 and (B.shape[1] < 1 or dim % B.shape[1]):
+        raise ValueError(f"the number of groups G={B.shape[1]} of B and C must divide D={dim}")
+    check_same((("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                ("dt_bias", dt_bias)), "device")
+    if not isinstance(dt_softplus, bool):
+        raise TypeError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
+    request = _dispatch.Request(x.device, torch.promote_types(x.dtype, state.dtype), {"state_size": n_state})
+    chosen = _dispatch.select(SELECTIVE_STATE_UPDATE, request, backend)
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, chosen.name)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..._triton_utils import configs, interpreter_enabled
+from .common import cauchy_dz, multiprocessors, vandermonde_grads
 
 
 # -------------------------------------------------------------------------------------- Vandermonde
@@ -108,12 +109,6 @@ def _vand_blocks(n_copies: int, n_state: int, budget: int = 8192):
     return block_c, block_n, block_l
 
 
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
-
-
 def _cfg(warps):
     return triton.Config({}, num_warps=warps, num_stages=1)
 
@@ -153,7 +148,7 @@ def vandermonde_bwd(dk, x, w, length: int, conj: bool):
     n_nblocks = triton.cdiv(n_state, block_n)
     l_blocks = triton.cdiv(length, block_l)
     # Enough programs to fill the GPU: split L into chunks of whole tiles, summed below.
-    want = 2 if interpreter_enabled() else 4 * _num_sms(x.device)
+    want = 2 if interpreter_enabled() else 4 * multiprocessors(x.device)
     splits = max(1, min(l_blocks, triton.cdiv(want, n_heads * n_nblocks)))
     l_per_split = triton.cdiv(l_blocks, splits) * block_l
     splits = triton.cdiv(length, l_per_split)
@@ -163,13 +158,7 @@ def vandermonde_bwd(dk, x, w, length: int, conj: bool):
         (n_nblocks, n_heads, splits)](
         x, dk, s0, s1, n_copies, n_state, length, l_per_split, x.stride(0), x.stride(1), dk.stride(0),
         dk.stride(1), n_heads, BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_L=block_l)
-    scale = 2.0 if conj else 1.0
-    s0 = torch.view_as_complex(s0.sum(0))
-    s1 = torch.view_as_complex(s1.sum(0))
-    wc = torch.view_as_complex(w.contiguous())
-    dw = scale * s0
-    dx = scale * (wc.conj_physical() * s1).sum(0)
-    return torch.view_as_real(dx), torch.view_as_real(dw)
+    return vandermonde_grads(s0, s1, w, conj)
 
 
 # ------------------------------------------------------------------------------------------- Cauchy
@@ -319,7 +308,7 @@ def cauchy_bwd(dout, v, z, w, want_dz: bool):
     block_l = _CAUCHY_BLOCKS[1] // 2
     n_nblocks = triton.cdiv(n_state, block_n)
     l_blocks = triton.cdiv(length, block_l)
-    want = 2 if interpreter_enabled() else 4 * _num_sms(v.device)
+    want = 2 if interpreter_enabled() else 4 * multiprocessors(v.device)
     splits = max(1, min(l_blocks, triton.cdiv(want, n_m * n_groups * n_nblocks)))
     l_per_split = triton.cdiv(l_blocks, splits) * block_l
     splits = triton.cdiv(length, l_per_split)
@@ -331,9 +320,5 @@ def cauchy_bwd(dout, v, z, w, want_dz: bool):
         w.stride(0), w.stride(1), BLOCK_N=block_n, BLOCK_L=block_l)
     dv = dv.sum(0).reshape(n_m, n_groups, n_state, 2)
     dw = dw.sum(0).reshape(n_m, n_groups, n_state, 2).sum(0)
-    dz = None
-    if want_dz:
-        # dy/dz = -(sum_n v r1^2 + conj(v) r2^2); holomorphic, so dz = -conj(sum) G summed over (m, g).
-        deriv = torch.view_as_complex(_cauchy_launch_fwd(v, z, w, squared=True))
-        dz = torch.view_as_real(-(deriv.conj_physical() * torch.view_as_complex(dout)).sum((0, 1)))
+    dz = cauchy_dz(_cauchy_launch_fwd(v, z, w, squared=True), dout) if want_dz else None
     return dv, dz, dw
