@@ -239,7 +239,7 @@ def summary(rows: list) -> str:
              f"{'vs best peer':>13} {'ms eager / graph':>17}"]
     for (op, mode), results in by_key.items():
         ours = {key: metrics for key, metrics in results.items() if key[2] in (False, "False")}
-        statuses = [m["status"]["value"] for m in ours.values()]
+        statuses = [m["status"]["value"] for m in ours.values() if m["status"]["value"] != "SKIP"]
         bad = [s for s in statuses if s in ("WRONG", "ERROR", "OOM")]
         ok = [key for key, m in ours.items() if m["status"]["value"] == "OK"]
         status = bad[0] if bad else (f"OK {len(ok)}/{len(statuses)}" if ok else "SKIP")

@@ -97,7 +97,13 @@ def _keep(case: Case, filters: dict) -> bool:
     return True
 
 
-def select_ops(ops: list, names) -> list:
+def select_ops(ops: list, names, world: int = 1) -> list:
+    """The ops --op names (all by default). Collective ops (context parallelism) run under torchrun, where they
+    are the only ones that run (``world`` > 1); in one process they run only when named."""
+    if world > 1:
+        ops = [op for op in ops if op.collective]
+    elif names is None:
+        ops = [op for op in ops if not op.collective]
     if names is None:
         return list(ops)
     chosen = [op for op in ops if op.name in names or op.family in names]
@@ -358,11 +364,7 @@ def _main(args, device, sweep, timing, progress_enabled, launched) -> int:
     registry = load_ops()
     for note in registry.notes:
         print(f"note: {note}", file=sys.stderr)
-    ops = select_ops(registry.ops, _names(args.op))
-    if launched.world > 1:  # under torchrun only the ops that use the ranks together
-        ops = [op for op in ops if op.collective]
-    elif args.op is None:  # and those only there or when asked for by name
-        ops = [op for op in ops if not op.collective]
+    ops = select_ops(registry.ops, _names(args.op), launched.world)
     check_param_filters(ops, sweep, device, _param_filters(args.set))
     env = environment(device, sweep)
     print(f"flashops {env['flashops']} | torch {env['torch']} | triton {env['triton']} | {env['device']} | "

@@ -7,7 +7,7 @@ import torch
 
 from bench import gpu_check
 from bench.registry import load_ops
-from bench.run import parse_args, plan_cases
+from bench.run import parse_args, plan_cases, select_ops
 
 
 def test_dry_run_writes_results_logs_and_a_one_screen_summary(tmp_path):
@@ -22,7 +22,9 @@ def test_dry_run_writes_results_logs_and_a_one_screen_summary(tmp_path):
     (results,) = tmp_path.glob("quick-gpu-check-*.csv")
     with open(results, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {r["provider"] for r in rows} == {"flashops-triton", "naive-materialized"}
+    status = {r["provider"]: r["value"] for r in rows if r["metric"] == "status"}
+    # The CUDA backend runs only on a GPU: reported as a skip, and not counted in the summary's OK n/m.
+    assert status == {"flashops-triton": "OK", "naive-materialized": "OK", "flashops-cuda": "SKIP"}
     # Each timed call was also offered to a CUDA graph; on the CPU that is reported, not hidden.
     graph = [r for r in rows if r["metric"] == "graph_status"]
     assert len(graph) == 2 and {r["note"] for r in graph} == {"CUDA graphs need a CUDA device"}
@@ -41,11 +43,11 @@ def test_gpu_sweep_is_budgeted_from_its_shapes():
     10 minutes, every family has a share, and the estimate grows with the timing asked for."""
     bench_budget = 600 * gpu_check.BENCH_SHARE
     args = parse_args(gpu_check.bench_args(False, False, bench_budget, "t", "/tmp", [], (25.0, 100.0)))
-    plan = plan_cases(load_ops().ops, "quick", torch.device("cuda"), args)
-    assert {op.family for op, _, _, _ in plan} == {"attention", "linear", "lla", "hyper", "ssm"}
+    plan = plan_cases(select_ops(load_ops().ops, None), "quick", torch.device("cuda"), args)
+    assert {op.family for op, _, _, _ in plan} == {"attention", "linear", "lla", "hyper", "ssm", "recurrent_steps"}
     assert not any(p.name in gpu_check.EXCLUDED_PROVIDERS for _, _, providers, _ in plan for p in providers)
     timing = gpu_check.fit_timing(plan, 0.85 * bench_budget)
     estimate = gpu_check.estimate_bench_seconds(plan, timing)
-    assert set(estimate) == {"attention", "linear", "lla", "hyper", "ssm"}
+    assert set(estimate) == {"attention", "linear", "lla", "hyper", "ssm", "recurrent_steps"}
     assert sum(estimate.values()) <= 0.85 * bench_budget
     assert sum(gpu_check.estimate_bench_seconds(plan, (50.0, 400.0)).values()) > sum(estimate.values())
