@@ -37,6 +37,9 @@ TEST_SHARE, BENCH_SHARE = 0.42, 0.42
 # Kept out of the 10-minute run: the PyTorch paths (minutes per call at the GPU sweep's long sequences, and
 # covered by the tests) and FlexAttention (about a minute of compilation per shape and grad mode).
 EXCLUDED_PROVIDERS = ("flashops-torch", "sdpa-math", "flex")
+# Crossover cases (an op beside exact attention as T grows) time exact attention over and over: `make bench`
+# runs them, the 10-minute check does not (--all-providers keeps them).
+EXCLUDED_OPS = ("linear_vs_exact", "hyper_vs_exact", "lla_vs_exact")
 GPU_TESTS = ["tests/ops", "tests/modules", "tests/test_integrations.py", "tests/test_dispatch.py"]
 DRY_RUN_TESTS = ["tests/test_dispatch.py"]
 # One small op with a Triton kernel (interpreted) and a peer; the C++ extension would compile on first use.
@@ -67,7 +70,8 @@ def parse_args(argv=None):
                                     "folder put on PYTHONPATH")
     p.add_argument("--out", help="results folder (default bench/results/<device>/; dry run: bench/results/tmp/)")
     p.add_argument("--all-providers", action="store_true",
-                   help=f"keep {', '.join(EXCLUDED_PROVIDERS)} in the benchmark (they do not fit 10 minutes)")
+                   help=f"keep {', '.join(EXCLUDED_PROVIDERS + EXCLUDED_OPS)} in the benchmark (they do not fit "
+                        "10 minutes)")
     p.add_argument("--autotune", action="store_true",
                    help="autotune the Triton kernels (each kernel's first config otherwise; tuning does not fit)")
     p.add_argument("--skip-tests", action="store_true", help="benchmark only")
@@ -175,6 +179,12 @@ def bench_args(dry_run: bool, all_providers: bool, budget_s: float, tag: str, ou
     if not all_providers:
         excluded = EXCLUDED_PROVIDERS + (DRY_RUN_EXCLUDED if dry_run else ())
         args += ["--provider", ",".join(f"!{name}" for name in excluded)]
+        if not dry_run and "--op" not in extra:
+            from .registry import load_ops
+            from .run import select_ops
+
+            args += ["--op", ",".join(op.name for op in select_ops(load_ops().ops, None)
+                                       if op.name not in EXCLUDED_OPS)]
     return args + extra
 
 

@@ -7,7 +7,7 @@ import torch
 
 from bench import gpu_check
 from bench.registry import load_ops
-from bench.run import parse_args, plan_cases, select_ops
+from bench.run import _names, parse_args, plan_cases, select_ops
 
 
 def test_dry_run_writes_results_logs_and_a_one_screen_summary(tmp_path):
@@ -43,7 +43,7 @@ def test_gpu_sweep_is_budgeted_from_its_shapes():
     10 minutes, every family has a share, and the estimate grows with the timing asked for."""
     bench_budget = 600 * gpu_check.BENCH_SHARE
     args = parse_args(gpu_check.bench_args(False, False, bench_budget, "t", "/tmp", [], (25.0, 100.0)))
-    plan = plan_cases(select_ops(load_ops().ops, None), "quick", torch.device("cuda"), args)
+    plan = plan_cases(select_ops(load_ops().ops, _names(args.op)), "quick", torch.device("cuda"), args)
     assert {op.family for op, _, _, _ in plan} == {"attention", "linear", "lla", "hyper", "ssm", "recurrent_steps"}
     assert not any(p.name in gpu_check.EXCLUDED_PROVIDERS for _, _, providers, _ in plan for p in providers)
     timing = gpu_check.fit_timing(plan, 0.85 * bench_budget)
