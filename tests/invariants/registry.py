@@ -234,7 +234,7 @@ def _attention_cases():
         torch.manual_seed(0)
         module = fnn.MultiheadAttention(16, 2, batch_first=True).to(x["query"].device, x["query"].dtype)
         with forced_backend(f"attention={backend}"):
-            return module(x["query"], x["key"], x["value"], key_padding_mask=x["padding"], need_weights=False)[0]
+            return module(x["query"], x["key"], x["value"], key_padding_mask=x["padding"], need_weights=True)
 
     def mha_sites(x):
         b, t, _ = x["query"].shape
@@ -264,7 +264,8 @@ def _attention_cases():
         Case("sdpa[bool mask, left padding]", ATTENTION_BACKENDS, padded_make, padded, padded_sites),
         Case("sdpa[is_causal, L<S, Ev!=E, scale]", ATTENTION_BACKENDS, topleft_make, topleft, topleft_sites),
         Case("sdpa[float mask with grad]", ("torch",), float_mask_make, float_mask, float_mask_sites),
-        Case("nn.MultiheadAttention[key_padding_mask]", ATTENTION_BACKENDS, mha_make, mha, mha_sites, length=20),
+        Case("nn.MultiheadAttention[key_padding_mask, need_weights]", ATTENTION_BACKENDS, mha_make, mha, mha_sites,
+             length=20),
         Case("hyper_attention[causal, plan]", ATTENTION_BACKENDS, hyper_make(True), hyper(True),
              lambda x: [future(x, ("q", "k", "v"), 1, {0: 1}, start=x["q"].shape[1] - 9)] if x["q"].shape[1] > 16
              else [], length=32),
