@@ -60,8 +60,12 @@ def register(name: str = NAME) -> str:
     SDPA's mask builder for ``name`` in its ``AttentionMaskInterface`` (without it transformers passes no mask
     at all, and a padded batch would attend to its padding)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(name, flashops_attention_forward)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    try:  # transformers >= 4.53 builds no mask at all for an implementation without a mask function
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        pass
+    else:  # the function above takes SDPA's masks (bool, True = attend; None = plain causal)
+        AttentionMaskInterface.register(name, sdpa_mask)
     return name

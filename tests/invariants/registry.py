@@ -332,10 +332,11 @@ def _linear_cases():
         return build
 
     def lightning_step(x, backend):
-        return flashops.lightning_attention_step(x["q"], x["k"], x["v"], x["state"], backend=backend)
+        return flashops.lightning_attention_step(x["q"], x["k"], x["v"], state=x["state"], backend=backend)
 
     def gla_step(x, backend):
-        return flashops.gated_linear_attention_step(x["q"], x["k"], x["v"], x["state"], x["g"], backend=backend)
+        return flashops.gated_linear_attention_step(x["q"], x["k"], x["v"], state=x["state"], g_t=x["g"],
+                                                    backend=backend)
 
     return [
         Case("lightning_attention", ATTENTION_BACKENDS, make(), lightning, causal_sites(("q", "k", "v")), length=70),
