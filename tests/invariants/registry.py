@@ -15,7 +15,7 @@ Adding an op is one entry in ``CASES``::
 
 ``make`` returns a dict of inputs; floating/complex tensors among them get gradients unless named in
 ``constants``. ``call`` returns a tensor or a tuple (None entries allowed). ``empty`` lists which of
-"batch"/"length" may be 0 (all ops must return empty outputs and gradients then). ``fp64_backends`` are the
+"batch"/"length" may be 0 (the op must then still run and give finite results). ``fp64_backends`` are the
 backends that compute float64 in float64 (gradcheck runs there). ``grad=False`` marks inference-only ops.
 """
 
@@ -41,11 +41,14 @@ NO_BACKEND = ("default",)  # plain PyTorch ops without dispatch
 @dataclass(frozen=True)
 class Site:
     """Input entries to poison (name -> index) and the output entries allowed to change (output position ->
-    index; ``...`` for the whole output). Empty ``changes``: the entries are masked out."""
+    index; ``...`` for the whole output). Empty ``changes``: the entries are masked out. ``independent``: the
+    poisoned entries and the outputs they reach form a problem of their own (a sequence of a varlen batch),
+    so even the backward leaves every gradient outside the poisoned entries unchanged."""
 
     name: str
     inputs: dict
     changes: dict = field(default_factory=dict)
+    independent: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,6 @@ class Case:
     empty: tuple = ("batch", "length")
     fp64_backends: tuple = ("torch",)
     grad: bool = True
-
-    def __str__(self):
-        return self.name
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -110,12 +110,11 @@ def forced_backend(spec: str):
             os.environ["FLASHOPS_BACKEND"] = old
 
 
-def qkv(b, t, dtype, device, heads=2, kv_heads=1, dim=16, t_k=None, value_dim=None, seed=0):
-    g = _gen(seed)
-    t_k = t if t_k is None else t_k
+def qkv(b, t, dtype, device, heads=2, kv_heads=1, dim=16):
+    g = _gen()
     return dict(q=randn(b, t, heads, dim, dtype=dtype, device=device, gen=g),
-                k=randn(b, t_k, kv_heads, dim, dtype=dtype, device=device, gen=g),
-                v=randn(b, t_k, kv_heads, value_dim or dim, dtype=dtype, device=device, gen=g))
+                k=randn(b, t, kv_heads, dim, dtype=dtype, device=device, gen=g),
+                v=randn(b, t, kv_heads, dim, dtype=dtype, device=device, gen=g))
 
 
 # -------------------------------------------------------------------------------------------- attention
@@ -148,7 +147,8 @@ def _attention_cases():
         if len(cu) < 4 or cu[1] == 0:
             return []
         first = slice(0, cu[1])  # a whole sequence changes only its own rows
-        return [Site("sequence 0", {n: along(1, first) for n in ("q", "k", "v")}, {0: along(1, first)}),
+        return [Site("sequence 0", {n: along(1, first) for n in ("q", "k", "v")}, {0: along(1, first)},
+                     independent=True),
                 future(x, ("q", "k", "v"), 1, {0: 1}, start=cu[-1] - 5)]
 
     def sparse_make(b, t, dtype, device):
@@ -317,7 +317,8 @@ def _linear_cases():
         if cu[1] == 0:
             return []
         first = along(1, slice(0, cu[1]))
-        return [Site("sequence 0", {n: first for n in ("q", "k", "v")}, {0: first, 1: (0,)})]
+        return [Site("sequence 0", {**{n: first for n in ("q", "k", "v")}, "h0": (0,)}, {0: first, 1: (0,)},
+                     independent=True)]
 
     def step_make(gated):
         def build(b, t, dtype, device):

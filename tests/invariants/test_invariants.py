@@ -5,7 +5,8 @@
    future entries (a site with ``changes``) leaves every output outside ``changes`` bitwise unchanged, and
    with finite inputs a loss on the unchanged outputs gives those entries a gradient of exactly 0. (The
    backward of a poisoned future entry is not contained: reverse-mode AD multiplies the zero cotangent of
-   an output by its NaN local derivative, in PyTorch's own autograd as here.)
+   an output by its NaN local derivative, in PyTorch's own autograd as here.) A poisoned independent problem
+   (a sequence of a varlen batch) leaves every other gradient bitwise unchanged as well.
 2. Empty inputs: batch 0 and length 0 run on every backend and give finite outputs (empty ones, or e.g. a
    final state) and finite gradients of the inputs' shapes.
 3. float64: ``torch.autograd.gradcheck`` passes on every backend that computes float64 in float64.
@@ -118,6 +119,10 @@ def test_nonfinite_reaches_only_what_depends_on_it(case, backend):
                 g = future_grads[site.name].get(name)
                 assert g is None or not g[index].any(), f"{site.name}: {name} got a gradient from outputs " \
                                                         f"that do not depend on it"
+            for name, g in clean_grads.items() if site.independent else ():
+                keep = ~_mask(g.shape, site.inputs[name], g.device) if name in site.inputs else slice(None)
+                assert torch.equal(g[keep], poisoned_grads[name][keep]), \
+                    f"{site.name}: gradient of {name} changed outside the poisoned problem"
             continue
         for name, g in clean_grads.items():
             assert torch.equal(g, poisoned_grads[name]), f"{site.name}: gradient of {name} changed"
