@@ -416,7 +416,7 @@ def test_out_of_domain_gates_raise_on_cpu():
         with pytest.raises(ValueError, match=r"g must be <= 0 .* at index \(0, 5, 1, 3\)"):
             flashops.gated_linear_attention(q, k, v, g_bad)
         with pytest.raises(ValueError, match=r"g_t must be <= 0"):
-            flashops.gated_linear_attention_step(q[:, 5], k[:, 5], v[:, 5], g_t=g_bad[:, 5])
+            flashops.gated_linear_attention_step(q[:, 5], k[:, 5], v[:, 5], state=None, g_t=g_bad[:, 5])
     o, _ = flashops.gated_linear_attention(q, k, v, g.masked_fill(g < -1, float("-inf")))  # -inf: forget all
     assert torch.isfinite(o).all()
 
