@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q "triton>=3.4"
-	$(BIN)/python -m pip install -q setuptools wheel numpy scipy einops pytest pytest-xdist matplotlib transformers ninja
+	$(BIN)/python -m pip install -q setuptools wheel numpy scipy einops pytest pytest-xdist hypothesis matplotlib transformers ninja
 	$(BIN)/python -m pip install -q "cuda-bindings>=12.8" "cuda-pathfinder>=1.1" nvidia-cuda-nvrtc nvidia-cuda-runtime
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# float64 is accepted everywhere: the PyTorch backends compute in it (gradcheck), the Triton backends decline it.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _dtype_names(dtypes) -> str:
@@ -61,6 +62,23 @@ def check_cu_seqlens(name: str, cu, total: int, device):
         if bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}")
     return cu.to(torch.int32)  # fits: 0 <= values <= total < 2**31
+
+
+def values_on_host(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be checked for free: a plain CPU tensor in eager mode. Reading a GPU tensor
+    would sync the host with the device on every call (and cannot happen under torch.compile or CUDA-graph
+    capture), so value checks run on CPU tensors only; the ops document what out-of-domain values give
+    elsewhere."""
+    return (t.device.type == "cpu" and type(t) in (torch.Tensor, torch.nn.Parameter)
+            and not torch.compiler.is_compiling())
+
+
+def check_values(name: str, t: torch.Tensor, ok: torch.Tensor, need: str):
+    """Raise a ValueError naming the first entry of ``t`` where ``ok`` is False (call it where
+    :func:`values_on_host`)."""
+    if t.numel() and not bool(ok.all()):
+        index = tuple(int(i) for i in (~ok).nonzero()[0])
+        raise ValueError(f"{name} must be {need}, got {float(t.detach()[index])} at index {index}")
 
 
 def check_dim(name: str, value: int, lo: int, hi: int, what: str = "head dim"):

@@ -4,7 +4,10 @@
     fo_hf.register()                      # registers "fops"
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="fops")
 
-transformers is optional: this module imports it only inside :func:`register`.
+transformers builds attention masks only for implementations registered in its ``AttentionMaskInterface``;
+:func:`register` registers ours there with SDPA's mask builder, so a padded batch reaches the function as a
+boolean ``[B, 1, T, S]`` mask (causality, padding and any sliding window in it), and plain causal attention
+as no mask at all. transformers is optional: this module imports it only inside :func:`register`.
 """
 
 from __future__ import annotations
@@ -97,20 +100,18 @@ def flashops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     the cached keys, with no mask or a causal + left-padding + sliding-window one) run on
     :func:`flashops.flash_attention_with_kvcache` over the cache buffers transformers passes (dynamic or
     static). Otherwise: with an ``attention_mask`` (bool True = attend, or additive float, ``[B, 1, T, S]``)
-    the mask carries causality and padding, as for SDPA. Without one, causal attention is aligned
-    bottom-right (correct with a KV cache, as in the flash-attention integration), with ``sliding_window``
-    and ``softcap`` passed to the kernel.
+    the mask carries causality, padding and the sliding window, as for SDPA; logit soft-capping still applies.
+    Without one, causal attention is aligned bottom-right (correct with a KV cache, as in the flash-attention
+    integration), with ``sliding_window`` and ``softcap`` passed to the kernel. Query rows that see no key
+    (padding) give zeros.
     """
     decoded = _decode_step(module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window,
                            softcap)
     if decoded is not None:
         return decoded, None
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is not None:
-        mask = attention_mask[:, :, :, : key.shape[-2]]
-        out = sdpa(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                   enable_gqa=key.shape[1] != query.shape[1])
-        return out.transpose(1, 2).contiguous(), None
+        return _masked_attention(query, key, value, attention_mask, dropout, scaling, softcap), None
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(is_causal) and query.shape[2] > 1
     window = (sliding_window - 1, -1) if sliding_window else (-1, -1)
     out = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
@@ -118,8 +119,19 @@ def flashops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     return out, None
 
 
+def _masked_attention(query, key, value, attention_mask, dropout, scaling, softcap) -> torch.Tensor:
+    """Attention under transformers' 4-D mask (bool or additive float, ``[B, 1|H, T, >=S]``), logits
+    soft-capped before the mask is added (as in transformers' eager Gemma-2) -> ``[B, T, H, D]``."""
+    mask = attention_mask[:, :, :, : key.shape[-2]]  # a static cache's mask may be longer than its keys
+    out = sdpa(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+               enable_gqa=key.shape[1] != query.shape[1], softcap=softcap or 0.0)
+    return out.transpose(1, 2).contiguous()
+
+
 def register(name: str = NAME) -> str:
-    """Register :func:`flashops_attention_forward` in transformers' ``AttentionInterface`` under ``name``."""
+    """Register :func:`flashops_attention_forward` in transformers' ``AttentionInterface`` under ``name``, and
+    SDPA's mask builder for ``name`` in its ``AttentionMaskInterface`` (without it transformers passes no mask
+    at all, and a padded batch would attend to its padding)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(name, flashops_attention_forward)

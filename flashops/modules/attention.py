@@ -25,6 +25,20 @@ def _additive(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional
     return mask.to(dtype)
 
 
+def _masked_logits(q: Tensor, k: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """q k^T / sqrt(D) + bias for the returned weights, with selects where the bias is -inf: a NaN/Inf key
+    there must not make the weight NaN, and keys that no query sees (padding) are zeroed before the product,
+    so that its backward does not meet them either (0 * NaN)."""
+    if bias is None:
+        return torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    hidden = torch.isneginf(bias)
+    unseen = hidden.all(dim=-2, keepdim=True).transpose(-1, -2)  # [B|1, H|1, S, 1]
+    k = torch.where(unseen, torch.zeros((), dtype=k.dtype, device=k.device), k)
+    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.where(hidden, torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device),
+                       logits + bias)
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in replacement for :class:`torch.nn.MultiheadAttention` running on flashops kernels.
 
@@ -102,17 +116,13 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         weights = None
         if need_weights and dropout_p > 0.0:
-            logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
-            if bias is not None:
-                logits = logits + bias
+            logits = _masked_logits(q, k, bias)
             weights = F.dropout(torch.softmax(logits, dim=-1), p=dropout_p)
             out = torch.matmul(weights, v).transpose(1, 2)  # [B, T, H, D]
         elif need_weights:
             out, lse = sdpa(q, k, v, attn_mask=bias, return_lse=True)
             out = out.transpose(1, 2)
-            logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
-            if bias is not None:
-                logits = logits + bias
+            logits = _masked_logits(q, k, bias)
             # softmax rebuilt from the kernel's log-sum-exp: one matmul, no second normalization pass.
             weights = torch.exp(logits - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
         else:

@@ -404,3 +404,45 @@ def test_torch_compile_fullgraph(backend, device):
     torch.testing.assert_close(out, eager)
     for a, b in zip(comp_in, eager_in):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+# --------------------------------------------------------------------------------- gates out of domain
+def test_out_of_domain_gates_raise_on_cpu():
+    """Checked where it is free (CPU tensors): NaN or negative slopes, NaN or positive log-gates."""
+    q, k, v, g, _ = _make(1, 9, 2, 8, 8, "cpu", torch.float32, gated=True)
+    for slopes in ([float("nan"), 0.5], [0.5, -1e-3]):
+        with pytest.raises(ValueError, match=r"slopes must be >= 0 .* at index \(\d,\)"):
+            flashops.lightning_attention(q, k, v, torch.tensor(slopes))
+    for bad in (float("nan"), 0.25):
+        g_bad = g.clone()
+        g_bad[0, 5, 1, 3] = bad
+        with pytest.raises(ValueError, match=r"g must be <= 0 .* at index \(0, 5, 1, 3\)"):
+            flashops.gated_linear_attention(q, k, v, g_bad)
+        with pytest.raises(ValueError, match=r"g_t must be <= 0"):
+            flashops.gated_linear_attention_step(q[:, 5], k[:, 5], v[:, 5], state=None, g_t=g_bad[:, 5])
+    o, _ = flashops.gated_linear_attention(q, k, v, g.masked_fill(g < -1, float("-inf")))  # -inf: forget all
+    assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_domain_gates_give_nan_from_where_they_apply(backend, device):
+    """Where values are not checked (accelerators: a check would sync the host), every backend gives the
+    same answer: NaN in the bad head from the bad position on, everything else unchanged. (The backends are
+    called directly here, past the CPU check.) Triton used to treat a NaN slope as the 30 cap."""
+    _require(L.GLA, backend, device, torch.float32)
+    impl = _dispatch.get(L.GLA, backend).load()
+    q, k, v, g, _ = _make(1, 70, 2, 8, 8, device, torch.float32, gated=True)
+    slopes = torch.tensor([0.3, 0.5], device=device)
+    for bad_slope in (float("nan"), -0.5):
+        bad_slopes = torch.tensor([bad_slope, 0.5], device=device)
+        o, final = impl.chunk_forward(q, k, v, None, bad_slopes, 0.5, None, None, True)
+        clean, clean_final = impl.chunk_forward(q, k, v, None, slopes, 0.5, None, None, True)
+        assert o[:, :, 0].isnan().all() and final[:, 0].isnan().all(), f"slope {bad_slope}"
+        assert torch.equal(o[:, :, 1], clean[:, :, 1]) and torch.equal(final[:, 1], clean_final[:, 1])
+    for bad in (float("nan"), 0.25):
+        g_bad = g.clone()
+        g_bad[0, 40, 1, 3] = bad
+        o, final = impl.chunk_forward(q, k, v, g_bad, None, 0.5, None, None, True)
+        clean, clean_final = impl.chunk_forward(q, k, v, g, None, 0.5, None, None, True)
+        assert o[:, 40:, 1].isnan().all() and final[:, 1].isnan().any(), f"log-gate {bad}"
+        assert torch.equal(o[:, :40], clean[:, :40]) and torch.equal(o[:, :, 0], clean[:, :, 0])

@@ -83,8 +83,8 @@ def hyper_attention(
     """HyperAttention: approximate softmax attention in near-linear time (sortLSH + sampled residual).
 
     Args:
-        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA). fp16, bf16 or fp32,
-            D up to 256, any lengths (causal needs ``Tq == Tk``).
+        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA). fp16, bf16 or fp32
+            (fp64 on the torch backend), D up to 256, any lengths (causal needs ``Tq == Tk``).
         causal: causal self-attention by recursive halving: the lower-left quarter of each halving is the
             non-causal approximation, the diagonal segments of at most ``min_seq_len`` are exact.
         softmax_scale: multiplies q.k; default ``1/sqrt(D)``. ``scale=`` is the same argument.
@@ -100,7 +100,8 @@ def hyper_attention(
         plan: a :class:`HyperPlan` from :func:`hyper_attention_plan` to reuse instead of drawing one
             (then ``lsh_num_projs``, ``block_size``, ``sample_size``, ``min_seq_len``, ``generator``
             are ignored).
-        return_lse: also return the log-sum-exp ``[B, H, Tq]`` (fp32) of the approximation; differentiable.
+        return_lse: also return the log-sum-exp ``[B, H, Tq]`` (fp32; fp64 for fp64 inputs) of the
+            approximation; differentiable.
         backend: passed to the exact attention calls (``"triton"``, ``"torch"``).
 
     Returns:

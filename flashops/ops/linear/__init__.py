@@ -20,7 +20,9 @@ from torch import Tensor
 from ... import _cuda, _dispatch
 from ..._custom_ops import eager, register_autograd
 from ..._triton_utils import triton_reasons
-from ..._validation import FLOAT_DTYPES, check_cu_seqlens, check_dim, check_same, check_tensor
+from ..._numerics import compute_dtype
+from ..._validation import (FLOAT_DTYPES, check_cu_seqlens, check_dim, check_same, check_tensor, check_values,
+                            values_on_host)
 
 LIGHTNING = "lightning_attention"
 GLA = "gated_linear_attention"
@@ -72,7 +74,7 @@ def _chunk_fwd_impl(
 ) -> tuple[Tensor, Tensor]:
     impl = _backend(GLA if g is not None else LIGHTNING, backend)
     o, final = impl.chunk_forward(q, k, v, g, slopes, scale, initial_state, cu_seqlens, output_final_state)
-    return o, _empty_like_none(final, q.new_empty(0, dtype=torch.float32))
+    return o, _empty_like_none(final, q.new_empty(0, dtype=compute_dtype(q.dtype)))
 
 
 _chunk_fwd = torch.library.custom_op("flashops::linear_attention_chunk_fwd", _chunk_fwd_impl, mutates_args=())
@@ -85,10 +87,11 @@ def _num_states(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
 @_chunk_fwd.register_fake
 def _chunk_fwd_fake(q, k, v, g, slopes, initial_state, cu_seqlens, scale, output_final_state, backend):
     o = q.new_empty((*q.shape[:3], v.shape[-1]))
+    state_dtype = compute_dtype(q.dtype)
     if output_final_state:
-        final = q.new_empty((_num_states(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
+        final = q.new_empty((_num_states(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]), dtype=state_dtype)
     else:
-        final = q.new_empty(0, dtype=torch.float32)
+        final = q.new_empty(0, dtype=state_dtype)
     return o, final
 
 
@@ -146,7 +149,7 @@ def _noncausal_fwd_impl(
 ) -> tuple[Tensor, Tensor]:
     o, final = _backend(NONCAUSAL, backend).noncausal_forward(q, k, v, scale, initial_state, cu_seqlens,
                                                                output_final_state)
-    return o, _empty_like_none(final, q.new_empty(0, dtype=torch.float32))
+    return o, _empty_like_none(final, q.new_empty(0, dtype=compute_dtype(q.dtype)))
 
 
 _noncausal_fwd = torch.library.custom_op(
@@ -211,7 +214,7 @@ _step_fwd = torch.library.custom_op("flashops::linear_attention_step_fwd", _step
 
 @_step_fwd.register_fake
 def _step_fwd_fake(q, k, v, g, slopes, state, scale, backend):
-    return q.new_empty(v.shape), q.new_empty((*q.shape, v.shape[-1]), dtype=torch.float32)
+    return q.new_empty(v.shape), q.new_empty((*q.shape, v.shape[-1]), dtype=compute_dtype(q.dtype))
 
 
 def _step_bwd_impl(
@@ -305,6 +308,8 @@ def _check_gates(name, g, q, gate_shape):
                          f"got {tuple(g.shape)}")
     if g.device != q.device:
         raise ValueError(f"{name} is on device {g.device} but q is on {q.device}")
+    if values_on_host(g):
+        check_values(name, g, g <= 0, "<= 0 (a log-gate; -inf forgets everything), not NaN")
     return g
 
 
@@ -332,10 +337,9 @@ def _check_slopes(slopes, heads: int, device):
         raise ValueError(f"slopes is on device {slopes.device} but q is on {device}")
     if slopes.requires_grad:
         raise ValueError("slopes is a constant of the op (no gradient is computed for it): pass slopes.detach()")
-    # Value check only where it is free: on an accelerator it would sync the host on every call.
-    if slopes.device.type == "cpu" and not torch.compiler.is_compiling() and bool((slopes < 0).any()):
-        raise ValueError(f"slopes must be >= 0 (decay exp(-slope) <= 1), got {slopes.tolist()}")
-    return slopes.float().contiguous()
+    if values_on_host(slopes):
+        check_values("slopes", slopes, slopes >= 0, ">= 0 (decay exp(-slope) <= 1; inf forgets everything), not NaN")
+    return slopes.to(compute_dtype(slopes.dtype)).contiguous()
 
 
 def _select(op: str, q: Tensor, v: Tensor, backend: Optional[str], **features) -> str:
@@ -381,10 +385,12 @@ def lightning_attention(
     with the fp32 state carried across chunks. ``slopes = 0`` is plain (non-decayed) linear attention.
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``. fp16, bf16 or fp32 (same dtype); K, V in 1..256;
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``. fp16, bf16 or fp32 (fp64 on the torch backend; same dtype); K, V in 1..256;
             stride(-1) == 1. Any T (0 included).
-        slopes: decay rates ``[H]`` (>= 0, treated as constants: no gradient; the sign is checked for CPU
-            tensors only, a check on a GPU would sync every call). Default :func:`lightning_slopes` ``(H)``.
+        slopes: decay rates ``[H]``, >= 0 (inf forgets everything), treated as constants (no gradient).
+            Default :func:`lightning_slopes` ``(H)``. CPU tensors are checked (ValueError on a NaN or negative
+            slope); elsewhere a check would sync the host every call, so it is skipped and such a slope makes
+            its head's outputs and state NaN on every backend.
         scale: multiplies q; default ``1/sqrt(K)`` (Lightning's published models use ``scale=1.0``).
         initial_state: fp32 ``[N, H, K, V]`` (N = B, or the number of sequences with cu_seqlens); it gets a
             gradient.
@@ -426,7 +432,9 @@ def gated_linear_attention(
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (as in :func:`lightning_attention`).
         g: log-gates ``[B, T, H, K]``, <= 0 (e.g. ``logsigmoid(x) / 16``); any float dtype, computed in fp32,
             gets a gradient. Values below -30 act as -30 (a decay of ~1e-13; their gradient is 0): this keeps
-            ``g = -inf`` (forget everything) free of NaN.
+            ``g = -inf`` (forget everything) free of NaN. CPU tensors are checked (ValueError on a NaN or
+            positive entry); elsewhere the check is skipped (it would sync the host) and such an entry makes
+            the outputs at and after it, and the final state, NaN in its (sequence, head) on every backend.
         scale, initial_state, output_final_state, cu_seqlens, backend: as in :func:`lightning_attention`.
 
     Returns:

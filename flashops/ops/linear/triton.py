@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._triton_numerics import masked_dot
 from ..._triton_utils import configs, dot_precision, interpreter_enabled
 from .common import LOG_GATE_FLOOR
 
@@ -153,8 +154,11 @@ def _state_ptrs_t(HS, chunk, h, num_heads, offs_k, offs_v, K_DIM: tl.constexpr, 
 
 @triton.jit
 def _slope(SLOPES, h):
-    # Capped like the log-gates so that exp(-slope * distance) stays finite and never inf * 0.
-    return tl.minimum(tl.load(SLOPES + h).to(tl.float32), -_FLOOR)
+    # Capped like the log-gates so that exp(-slope * distance) stays finite and never inf * 0; a NaN or
+    # negative (out of domain) slope is NaN (selects: tl.minimum would turn NaN into the cap).
+    slope = tl.load(SLOPES + h).to(tl.float32)
+    slope = tl.where(slope > -_FLOOR, -_FLOOR, slope)
+    return tl.where(slope < 0, float("nan"), slope)
 
 
 # ------------------------------------------------------------------------------------- GLA gate cumsum
@@ -176,6 +180,7 @@ def gla_gate_cumsum_kernel(
                    offs_t, t_ok, offs_k, k_ok, EVEN_K)
     g = g.to(tl.float32)
     g = tl.where(g < _FLOOR, _FLOOR, g)  # NaN stays NaN
+    g = tl.where(g > 0, float("nan"), g)  # out of domain: NaN from here on, as on every backend
     gc = tl.cumsum(g, axis=0)
     gc_base = _buf_base(GC, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM)
     tl.store(gc_base + offs_t[:, None] * (num_heads * K_DIM) + offs_k[None, :], gc, mask=_tile_mask(t_ok, k_ok, EVEN_K))
@@ -330,7 +335,8 @@ def lightning_fwd_kernel_output(
     v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt,
                    offs_t, t_ok, offs_v, v_ok, EVEN_V)
     out = acc * (tl.exp(-slope * (rows + 1.0)) * scale)[:, None]
-    out += tl.dot((scores * decay * scale).to(v.dtype), v, input_precision=DOT)
+    # Selects, not products with a 0 mask: a NaN/Inf k or v of a later row must not reach earlier rows.
+    out = masked_dot(tl.where(causal, scores * decay * scale, 0.0), v, causal, out, DOT)
     o_base = _row_base(O, b, bos, t0, h, stride_ob, stride_ot, stride_oh)
     tl.store(o_base + offs_t[:, None] * stride_ot + offs_v[None, :], out.to(O.dtype.element_ty),
              mask=_tile_mask(t_ok, v_ok, EVEN_V))
@@ -486,7 +492,8 @@ def gla_fwd_kernel_intra(
         k = _load_tile(k_base, stride_kt, rows, r_ok, offs_k, k_ok, EVEN_K).to(tl.float32)
         g = _load_tile(gc_base, gc_stride, rows, r_ok, offs_k, k_ok, EVEN_K)
         weight = tl.exp(tl.where(causal[:, :, None], g[:, None, :] - g[None, :, :], float("-inf")))
-        acc += tl.sum(q[:, None, :] * k[None, :, :] * weight, axis=2)
+        # a select, not 0 * k: a NaN/Inf key of a later row must not reach earlier rows
+        acc += tl.sum(tl.where(causal[:, :, None], q[:, None, :] * k[None, :, :] * weight, 0.0), axis=2)
     tl.store(a_ptrs + s * BC, acc * scale, mask=r_ok[:, None])
     zeros = tl.zeros([BC, BC], dtype=tl.float32)
     for j in range(s + 1, BT // BC):
@@ -525,7 +532,8 @@ def gla_fwd_kernel_output(
                         offs_t, t_ok, offs_t, offs_t < BT, True)
     v = _load_tile(_row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt,
                    offs_t, t_ok, offs_v, v_ok, EVEN_V)
-    out = acc * scale + tl.dot(scores.to(v.dtype), v, input_precision=DOT)
+    # scores are 0 above the diagonal; a NaN/Inf v of a later row must still not reach earlier rows
+    out = masked_dot(scores, v, offs_t[:, None] >= offs_t[None, :], acc * scale, DOT)
     o_base = _row_base(O, b, bos, t0, h, stride_ob, stride_ot, stride_oh)
     tl.store(o_base + offs_t[:, None] * stride_ot + offs_v[None, :], out.to(O.dtype.element_ty),
              mask=_tile_mask(t_ok, v_ok, EVEN_V))
@@ -834,6 +842,7 @@ def _step_decay(G, SLOPES, b, h, stride_gb, stride_gh, offs_k, k_ok, SCALAR: tl.
         g = tl.zeros_like(offs_k.to(tl.float32)) - _slope(SLOPES, h)
     else:
         g = tl.load(G + b * stride_gb + h * stride_gh + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        g = tl.where(g > 0, float("nan"), g)  # out of domain, as in the chunked kernels
     return tl.exp(tl.where(g < _FLOOR, _FLOOR, g)), g
 
 

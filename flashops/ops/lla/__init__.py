@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ... import _dispatch
 from ..._custom_ops import eager, register_autograd
+from ..._numerics import compute_dtype
 from ..._triton_utils import triton_reasons
 from ..._validation import check_attention_inputs, check_tensor, pick_scale
 from .args import LLAArgs
@@ -29,7 +30,7 @@ MAX_HEAD_DIM = 256
 TRITON_MAX_HEAD_DIM = 128
 _LAYOUT = "[B, T, H, D]"
 # CG tolerance (relative residual) when none is given: about the accuracy the input dtype can carry.
-DEFAULT_CG_TOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+DEFAULT_CG_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 
 
 # ----------------------------------------------------------------------------------------------- backends
@@ -74,8 +75,9 @@ _lla_fwd = torch.library.custom_op("flashops::lla_fwd", _lla_fwd_impl, mutates_a
 @_lla_fwd.register_fake
 def _lla_fwd_fake(q, k, v, ridge, *rest):
     b, t_q, h, _ = q.shape
-    stats = q.new_empty(q.shape, dtype=torch.float32)
-    return torch.empty_like(q), q.new_empty((b, h, t_q), dtype=torch.float32), stats, torch.empty_like(stats)
+    dt = compute_dtype(q.dtype)
+    stats = q.new_empty(q.shape, dtype=dt)
+    return torch.empty_like(q), q.new_empty((b, h, t_q), dtype=dt), stats, torch.empty_like(stats)
 
 
 def _lla_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, k_bar: Tensor, z: Tensor,
@@ -94,7 +96,7 @@ _lla_bwd_call = eager(_lla_bwd, _lla_bwd_impl)
 def _lla_bwd_fake(dout, q, k, v, *rest):
     b, t_q, h, _ = q.shape
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty((b, t_q, h), dtype=torch.float32))
+            q.new_empty((b, t_q, h), dtype=compute_dtype(q.dtype)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -141,8 +143,9 @@ def _can_inspect(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
-def _ridge(ridge_lambda, b: int, t_q: int, h: int, device) -> Tensor:
-    """ridge_lambda as an fp32 view broadcast to [B, Tq, H] (differentiable when it is a tensor)."""
+def _ridge(ridge_lambda, b: int, t_q: int, h: int, device, dtype) -> Tensor:
+    """ridge_lambda as a view broadcast to [B, Tq, H] in the compute dtype of the inputs ``dtype`` (fp32; fp64
+    for fp64), differentiable when it is a tensor."""
     if isinstance(ridge_lambda, Tensor):
         check_tensor("ridge_lambda", ridge_lambda, dtypes=(torch.float16, torch.bfloat16, torch.float32,
                                                            torch.float64))
@@ -157,12 +160,12 @@ def _ridge(ridge_lambda, b: int, t_q: int, h: int, device) -> Tensor:
             if not bool(((ridge_lambda > 0) & torch.isfinite(ridge_lambda)).all()):
                 raise ValueError(f"ridge_lambda must be finite and > 0 everywhere, got min "
                                  f"{float(ridge_lambda.min())}")
-        return ridge_lambda.to(torch.float32).expand(b, t_q, h)
+        return ridge_lambda.to(compute_dtype(dtype)).expand(b, t_q, h)
     if isinstance(ridge_lambda, bool) or not isinstance(ridge_lambda, (int, float)):
         raise TypeError(f"ridge_lambda must be a float or a tensor, got {type(ridge_lambda).__name__}")
     if not (math.isfinite(ridge_lambda) and ridge_lambda > 0):
         raise ValueError(f"ridge_lambda must be finite and > 0, got {ridge_lambda!r}")
-    return torch.full((1, 1, 1), float(ridge_lambda), device=device, dtype=torch.float32).expand(b, t_q, h)
+    return torch.full((1, 1, 1), float(ridge_lambda), device=device, dtype=compute_dtype(dtype)).expand(b, t_q, h)
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
@@ -204,8 +207,8 @@ def local_linear_attention(
     ``ridge_lambda`` gives softmax attention; small gives a local linear fit (docs/lla.md for conventions).
 
     Args:
-        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA). fp16, bf16 or fp32;
-            D up to 256 (128 on the Triton backend); stride(-1) == 1.
+        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA). fp16, bf16 or fp32
+            (fp64 on the torch backend); D up to 256 (128 on the Triton backend); stride(-1) == 1.
         ridge_lambda: > 0; a float or a tensor broadcastable to ``[B, Tq, H]`` (e.g. ``[H]`` per head). A
             tensor that requires grad gets its exact gradient.
         softmax_scale: multiplies q.k; default ``1/sqrt(D)``. ``scale=`` is the same argument.
@@ -231,7 +234,7 @@ def local_linear_attention(
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = _scale(pick_scale(softmax_scale, scale), d)
     iters, tol, precond = _solver(cg_max_iters, cg_tol, cg_preconditioner, q.dtype)
-    ridge = _ridge(ridge_lambda, b, t_q, h, q.device)
+    ridge = _ridge(ridge_lambda, b, t_q, h, q.device, q.dtype)
     chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
     out, _, _, _ = _lla(q, k, v, ridge, scale, causal, iters, tol, precond, chosen.name)
     return out
@@ -276,7 +279,7 @@ def local_linear_attention_decode(
             if lo < 0 or hi > k_cache.shape[1]:
                 raise ValueError(f"cache_seqlens must be in [0, {k_cache.shape[1]}] (the cache length), "
                                  f"got values in [{lo}, {hi}]")
-    ridge = _ridge(ridge_lambda, b, 1, h, q.device)
+    ridge = _ridge(ridge_lambda, b, 1, h, q.device, q.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, ridge)):
         raise RuntimeError("local_linear_attention_decode is inference-only (no backward); call it under "
                            "torch.no_grad() or use local_linear_attention for training")

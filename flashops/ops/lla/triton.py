@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._numerics import finite_or_zero
+from ..._triton_numerics import masked_dot
 from ..._triton_utils import autotune_enabled, configs, dot_precision
 from .args import LLAArgs
 from .state import combine_partials
@@ -71,9 +73,10 @@ def _load_keys(k_base, shift, start, offs, offs_d, limit, stride, HEAD_DIM: tl.c
 
 @triton.jit
 def _key_origin(k_base, offs_d, seqlen_k, HEAD_DIM: tl.constexpr):
-    """The first key of the sequence (zeros if there is none), fp32 [BLOCK_D]."""
+    """The first key of the sequence (zeros if there is none, or where it is not finite), fp32 [BLOCK_D]."""
     width = tl.minimum(seqlen_k, 1) * HEAD_DIM  # 0 when there is no key
-    return tl.load(k_base + offs_d, mask=offs_d < width, other=0.0).to(tl.float32)
+    origin = tl.load(k_base + offs_d, mask=offs_d < width, other=0.0).to(tl.float32)
+    return tl.where(tl.abs(origin) < float("inf"), origin, 0.0)
 
 
 @triton.jit
@@ -129,10 +132,16 @@ def _stats_tile(m, l, k_sum, k_sq, q, k_base, shift, start_n, rows, offs_n, offs
     w = tl.exp2(x - m_ref[:, None]).to(k.dtype)
     alpha = tl.exp2(m - m_ref)
     l = l * alpha + tl.sum(w.to(tl.float32), 1)
-    k_sum = tl.dot(w, ks, k_sum * alpha[:, None], input_precision=DOT_PRECISION)
-    if PRECOND:
-        kf = ks.to(tl.float32)
-        k_sq = tl.dot(w, (kf * kf).to(k.dtype), k_sq * alpha[:, None], input_precision=DOT_PRECISION)
+    kf = ks.to(tl.float32)
+    if MASKED:  # a NaN/Inf key hidden from a row must not reach it through 0 * k
+        visible = x != float("-inf")
+        k_sum = masked_dot(w, ks, visible, k_sum * alpha[:, None], DOT_PRECISION)
+        if PRECOND:
+            k_sq = masked_dot(w, (kf * kf).to(k.dtype), visible, k_sq * alpha[:, None], DOT_PRECISION)
+    else:
+        k_sum = tl.dot(w, ks, k_sum * alpha[:, None], input_precision=DOT_PRECISION)
+        if PRECOND:
+            k_sq = tl.dot(w, (kf * kf).to(k.dtype), k_sq * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l, k_sum, k_sq
 
 
@@ -164,8 +173,13 @@ def _matvec_tile(y, y_sum, p_lo, p_kbar, q, lse2, k_base, shift, start_n, rows, 
     x = _logits2(q, k, rows, start_n + offs_n, seqlen_k, diag, qk_scale2, MASKED, CAUSAL, DOT_PRECISION)
     s = tl.exp2(x - lse2[:, None])
     t = tl.dot(p_lo, tl.trans(ks), input_precision=DOT_PRECISION) - p_kbar[:, None]
-    st = (s * t).to(k.dtype)
-    y = tl.dot(st, ks, y, input_precision=DOT_PRECISION)
+    if MASKED:  # hidden entries: selects, not 0 * (NaN key)
+        visible = x != float("-inf")
+        st = tl.where(visible, s * t, 0.0).to(k.dtype)
+        y = masked_dot(st, ks, visible, y, DOT_PRECISION)
+    else:
+        st = (s * t).to(k.dtype)
+        y = tl.dot(st, ks, y, input_precision=DOT_PRECISION)
     y_sum += tl.sum(st.to(tl.float32), 1)
     return y, y_sum
 
@@ -248,6 +262,9 @@ def _output_tile(acc, z_lo, z_kbar, z_scale, gain, q, lse2, k_base, shift, v_bas
     zy = _centred(z_lo, z_scale, z_kbar, ks, DOT_PRECISION)
     # l_ij / gain_i: bounded even when z is huge (tiny ridge), so it fits the dot operand's dtype.
     ell = s * (1.0 - zy) / gain[:, None]
+    if MASKED:  # hidden entries: selects, not 0 * (NaN key or value)
+        visible = x != float("-inf")
+        return masked_dot(tl.where(visible, ell, 0.0), v, visible, acc, DOT_PRECISION)
     return tl.dot(ell.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
 
 
@@ -598,7 +615,10 @@ def _lla_decode_kernel(
     q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
+    # The first key is the origin if the sequence has one and it is finite (a cache row past the length may
+    # hold anything), else 0: the same rule as the launcher's.
     shift = tl.load(k_base + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    shift = tl.where((length > 0) & (tl.abs(shift) < float("inf")), shift, 0.0)
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.zeros([], tl.float32)
     k_sum = tl.zeros([BLOCK_D], tl.float32)
@@ -772,7 +792,11 @@ def decode(q, k_cache, v_cache, cache_seqlens, ridge, a: LLAArgs):
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_N=DECODE_BLOCK_N, num_warps=4 if block_d <= 64 else 8,
     )
     lam = ridge[:, 0, :]
-    shift = k_cache[:, 0].float().repeat_interleave(h // h_kv, dim=1)  # the kernel's key origin, [B, H, D]
+    # the kernel's key origin [B, H, D]: the first key where the sequence has one and it is finite, else 0
+    origin = finite_or_zero(k_cache[:, 0].float())
+    if cache_seqlens is not None:
+        origin = torch.where((cache_seqlens > 0)[:, None, None], origin, torch.zeros((), device=q.device))
+    shift = origin.repeat_interleave(h // h_kv, dim=1)
     out = combine_partials(q_rows.float() - shift, m, l, k_sum[..., :d], v_sum[..., :d], kk[..., :d, :d],
                            vk[..., :d, :d], lam, log2=True)
     return out.unsqueeze(1).to(q.dtype)

@@ -62,7 +62,7 @@ def _linear_scan(a, b, h0, reverse: bool):
         return _linear_scan(a.flip(-1), b.flip(-1), h0, False).flip(-1)
     batch, dim, length = b.shape
     out = torch.empty_like(b)
-    carry = torch.zeros_like(b[..., 0]) if h0 is None else h0.to(b.dtype)
+    carry = b.new_zeros(b.shape[:-1]) if h0 is None else h0.to(b.dtype)  # (b[..., 0] fails when L = 0)
     block = _time_block(batch * dim * 4, length)
     for t0 in range(0, length, block):
         t1 = min(t0 + block, length)
