@@ -183,7 +183,8 @@ def chunk_cumsum_fwd_kernel(
     K_DIM: tl.constexpr, FLOOR: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """gc = inclusive cumsum of max(g, FLOOR) from the start of each chunk (fp32, [B, T, H, K] contiguous)."""
+    """gc = inclusive cumsum of max(g, FLOOR) from the start of each chunk (fp32, [B, T, H, K] contiguous); a
+    positive (out of domain) log-gate is NaN."""
     pid_c, pid_k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -195,6 +196,7 @@ def chunk_cumsum_fwd_kernel(
                   EVEN_K)
     g = g.to(tl.float32)
     g = tl.where(g < FLOOR, FLOOR, g)  # NaN stays NaN
+    g = tl.where(g > 0, float("nan"), g)  # out of domain: NaN from here on, as on every backend
     gc = tl.cumsum(g, axis=0)
     gc_base = buffer_base(GC, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM)
     tl.store(gc_base + offs_t[:, None] * (num_heads * K_DIM) + offs_k[None, :], gc, mask=tile_mask(t_ok, k_ok, EVEN_K))

@@ -9,7 +9,10 @@ sub-chunk boundary, so that every exponential is exp(x) with x <= 0.
 
 Gate tensors inside this file have the chunked layout [B, H, NT, C, K] (vector gates, GLA) or
 [1, H, NT, C, 1] (scalar per-head decay, Lightning); both broadcast the same way, the scalar one is never
-expanded over K or the batch. Everything is computed in fp32 and returned in the input dtype.
+expanded over K or the batch. Everything is computed in fp32 (fp64 for fp64 inputs) and returned in the
+input dtype. Future positions never enter a row's arithmetic: the causal masks are selects, and when an input
+holds a NaN/Inf the intra-chunk product with v keeps it to the rows at or after it (``flashops._numerics``).
+Out-of-domain gates (a positive log-gate, a negative or NaN slope) act as NaN from where they apply.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..._numerics import all_finite, compute_dtype, masked_matmul
 from .common import LOG_GATE_FLOOR
 
 CHUNK = 64
@@ -24,11 +28,11 @@ SUB = 16
 
 
 # ----------------------------------------------------------------------------------------------- layout
-def _to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """[B, T, H, D] -> [B, H, NT, C, D] (fp32, zero padded to a multiple of the chunk)."""
+def _to_chunks(x: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, NT, C, D] (in ``dtype``, zero padded to a multiple of the chunk)."""
     b, t, h, d = x.shape
     n_chunks = -(-t // chunk)
-    x = F.pad(x.float(), (0, 0, 0, 0, 0, n_chunks * chunk - t))
+    x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, n_chunks * chunk - t))
     return x.reshape(b, n_chunks, chunk, h, d).permute(0, 3, 1, 2, 4)
 
 
@@ -38,16 +42,28 @@ def _from_chunks(x: torch.Tensor, t: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1, 4).reshape(b, n * c, h, d)[:, :t].contiguous()
 
 
-def _gate_cumsum(g, slopes, t: int, chunk: int, heads: int, device):
+def _log_gates(g: torch.Tensor, dtype) -> torch.Tensor:
+    """Log-gates as used: floored at LOG_GATE_FLOOR, and NaN where out of domain (> 0) or NaN."""
+    g = g.to(dtype)
+    g = torch.where(g < LOG_GATE_FLOOR, torch.full_like(g, LOG_GATE_FLOOR), g)
+    return torch.where(g > 0, torch.full_like(g, float("nan")), g)
+
+
+def _decay_rates(slopes: torch.Tensor, dtype) -> torch.Tensor:
+    """Slopes as used: capped at -LOG_GATE_FLOOR, and NaN where out of domain (< 0) or NaN."""
+    slopes = torch.clamp(slopes.to(dtype), max=-LOG_GATE_FLOOR)  # clamp keeps NaN
+    return torch.where(slopes < 0, torch.full_like(slopes, float("nan")), slopes)
+
+
+def _gate_cumsum(g, slopes, t: int, chunk: int, heads: int, device, dtype):
     """Chunk-local inclusive cumulative log-gates. Padded positions get log-gate 0 so that they leave the
     state untouched. Vector gates: [B, H, NT, C, K]; scalar: [1, H, NT, C, 1]."""
     if g is not None:
-        g = torch.where(g < LOG_GATE_FLOOR, torch.full_like(g, LOG_GATE_FLOOR), g.float())
-        return _to_chunks(g, chunk).cumsum(3)
+        return _to_chunks(_log_gates(g, dtype), chunk, dtype).cumsum(3)
     n_chunks = -(-t // chunk)
-    decay = torch.clamp(slopes.float(), max=-LOG_GATE_FLOOR).to(device)
-    valid = (torch.arange(n_chunks * chunk, device=device) < t).float()
-    per_position = -decay[:, None] * valid[None, :]  # [H, Tp]
+    decay = _decay_rates(slopes, dtype).to(device)
+    valid = torch.arange(n_chunks * chunk, device=device)[None, :] < t
+    per_position = torch.where(valid, -decay[:, None], torch.zeros((), dtype=dtype, device=device))  # [H, Tp]
     return per_position.reshape(1, heads, n_chunks, chunk, 1).cumsum(3)
 
 
@@ -67,7 +83,8 @@ def _intra_scores(q, k, gc):
     tril = _tril(c, q.device)
     if gc.shape[-1] == 1:
         gs = gc[..., 0]
-        return (q @ k.transpose(-1, -2)) * _causal_exp(gs[..., :, None] - gs[..., None, :], tril)
+        scores = (q @ k.transpose(-1, -2)) * _causal_exp(gs[..., :, None] - gs[..., None, :], tril)
+        return torch.where(tril, scores, torch.zeros((), dtype=scores.dtype, device=q.device))  # no 0 * NaN
     scores = q.new_zeros(*q.shape[:3], c, c)
     for i in range(c // SUB):
         rows = slice(i * SUB, (i + 1) * SUB)
@@ -80,9 +97,10 @@ def _intra_scores(q, k, gc):
     q_sub, k_sub, g_sub = (x.unflatten(3, (c // SUB, SUB)) for x in (q, k, gc))
     diag = q.new_zeros(*q_sub.shape[:-1], SUB)
     row_idx = torch.arange(SUB, device=q.device)[:, None]
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
     for j in range(SUB):
         weight = _causal_exp(g_sub - g_sub[..., j : j + 1, :], row_idx >= j)
-        diag[..., j] = (q_sub * k_sub[..., j : j + 1, :] * weight).sum(-1)
+        diag[..., j] = torch.where(row_idx[:, 0] >= j, (q_sub * k_sub[..., j : j + 1, :] * weight).sum(-1), zero)
     for i in range(c // SUB):
         rows = slice(i * SUB, (i + 1) * SUB)
         scores[..., rows, rows] = diag[..., i, :, :]
@@ -95,7 +113,7 @@ def _states(k, v, gc, initial_state):
     last = gc[..., -1:, :]  # [.., NT, 1, K|1]
     contrib = (k * (last - gc).exp()).transpose(-1, -2) @ v  # [B, H, NT, K, V]
     chunk_decay = last.transpose(-1, -2).exp()  # [.., NT, K|1, 1]
-    state = (initial_state.float().clone() if initial_state is not None
+    state = (initial_state.to(k.dtype).clone() if initial_state is not None
              else k.new_zeros(b, h, k.shape[-1], v.shape[-1]))
     states = []
     for n in range(n_chunks):
@@ -109,18 +127,23 @@ def _states(k, v, gc, initial_state):
 def _forward_dense(q, k, v, g, slopes, scale, initial_state, chunk):
     t = q.shape[1]
     heads = q.shape[2]
-    qc, kc, vc = _to_chunks(q, chunk), _to_chunks(k, chunk), _to_chunks(v, chunk)
-    gc = _gate_cumsum(g, slopes, t, chunk, heads, q.device)
+    dt = compute_dtype(q.dtype)
+    qc, kc, vc = (_to_chunks(x, chunk, dt) for x in (q, k, v))
+    gc = _gate_cumsum(g, slopes, t, chunk, heads, q.device, dt)
     hs, final = _states(kc, vc, gc, initial_state)
-    o = (qc * gc.exp()) @ hs + _intra_scores(qc, kc, gc) @ vc
+    scores = _intra_scores(qc, kc, gc)
+    # A NaN/Inf value of a later position must not reach earlier rows of its chunk through 0 * v.
+    intra = scores @ vc if all_finite(v) else masked_matmul(scores, vc, _tril(qc.shape[3], q.device))
+    o = (qc * gc.exp()) @ hs + intra
     return _from_chunks(o * scale, t), final
 
 
 def _backward_dense(do, dht, q, k, v, g, slopes, scale, initial_state, chunk):
     t = q.shape[1]
     heads = q.shape[2]
-    qc, kc, vc, doc = (_to_chunks(x, chunk) for x in (q, k, v, do))
-    gc = _gate_cumsum(g, slopes, t, chunk, heads, q.device)
+    dt = compute_dtype(q.dtype)
+    qc, kc, vc, doc = (_to_chunks(x, chunk, dt) for x in (q, k, v, do))
+    gc = _gate_cumsum(g, slopes, t, chunk, heads, q.device, dt)
     hs, _ = _states(kc, vc, gc, initial_state)
     c = qc.shape[3]
     last = gc[..., -1:, :]
@@ -129,7 +152,7 @@ def _backward_dense(do, dht, q, k, v, g, slopes, scale, initial_state, chunk):
     k_decayed = kc * (last - gc).exp()  # k_c exp(gl - gc_c)
 
     # Reverse sweep over chunks: dhs[n] = dL/d(state after chunk n).
-    d_state = dht.float() if dht is not None else qc.new_zeros(hs.shape[:2] + hs.shape[3:])
+    d_state = dht.to(dt) if dht is not None else qc.new_zeros(hs.shape[:2] + hs.shape[3:])
     contrib = scale * q_decayed.transpose(-1, -2) @ doc  # [B, H, NT, K, V]
     dhs = []
     for n in reversed(range(qc.shape[2])):
@@ -140,7 +163,8 @@ def _backward_dense(do, dht, q, k, v, g, slopes, scale, initial_state, chunk):
 
     scores = _intra_scores(qc, kc, gc)
     dv = scale * scores.transpose(-1, -2) @ doc + k_decayed @ dhs
-    d_scores = scale * (doc @ vc.transpose(-1, -2)) * _tril(c, q.device)
+    tril = _tril(c, q.device)
+    d_scores = torch.where(tril, scale * (doc @ vc.transpose(-1, -2)), torch.zeros((), dtype=dt, device=q.device))
     dq_inter = scale * gc.exp() * (doc @ hs.transpose(-1, -2))
     dk_inter = (last - gc).exp() * (vc @ dhs.transpose(-1, -2))
     dq_intra, dk_intra = _intra_grads(d_scores, qc, kc, gc)
@@ -245,30 +269,32 @@ def chunk_backward(do, dht, q, k, v, g, slopes, scale, initial_state, cu_seqlens
 def noncausal_forward(q, k, v, scale, initial_state, cu_seqlens, output_final_state):
     """o = scale * q (S_0 + K^T V) per sequence; returns (o, final state or None)."""
     states = _noncausal_states(k, v, initial_state, cu_seqlens)
-    o = scale * _apply_per_sequence(q.float(), states, cu_seqlens)
+    o = scale * _apply_per_sequence(q.to(states.dtype), states, cu_seqlens)
     return o.to(q.dtype).contiguous(), (states if output_final_state else None)
 
 
 def noncausal_backward(do, dht, q, k, v, scale, initial_state, cu_seqlens):
     states = _noncausal_states(k, v, initial_state, cu_seqlens)
-    dq = scale * _apply_per_sequence(do.float(), states.transpose(-1, -2), cu_seqlens)
+    dt = states.dtype
+    dq = scale * _apply_per_sequence(do.to(dt), states.transpose(-1, -2), cu_seqlens)
     d_state = scale * _noncausal_states(q, do, None, cu_seqlens)
     if dht is not None:
-        d_state = d_state + dht.float()
-    dk = _apply_per_sequence(v.float(), d_state.transpose(-1, -2), cu_seqlens)
-    dv = _apply_per_sequence(k.float(), d_state, cu_seqlens)
+        d_state = d_state + dht.to(dt)
+    dk = _apply_per_sequence(v.to(dt), d_state.transpose(-1, -2), cu_seqlens)
+    dv = _apply_per_sequence(k.to(dt), d_state, cu_seqlens)
     dh0 = None if initial_state is None else d_state.to(initial_state.dtype)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dh0
 
 
 def _noncausal_states(a, b, initial_state, cu_seqlens):
-    """sum over each sequence of a_t^T b_t: [N, H, Da, Db] fp32 (plus the initial state)."""
+    """sum over each sequence of a_t^T b_t: [N, H, Da, Db] in the compute dtype (plus the initial state)."""
+    dt = compute_dtype(a.dtype)
     if cu_seqlens is None:
-        states = torch.einsum("bthk,bthv->bhkv", a.float(), b.float())
+        states = torch.einsum("bthk,bthv->bhkv", a.to(dt), b.to(dt))
     else:
-        states = torch.stack([torch.einsum("thk,thv->hkv", a[0, s:e].float(), b[0, s:e].float())
+        states = torch.stack([torch.einsum("thk,thv->hkv", a[0, s:e].to(dt), b[0, s:e].to(dt))
                               for s, e in _split(cu_seqlens)])
-    return states if initial_state is None else states + initial_state.float()
+    return states if initial_state is None else states + initial_state.to(dt)
 
 
 def _apply_per_sequence(x, states, cu_seqlens):
@@ -281,25 +307,27 @@ def _apply_per_sequence(x, states, cu_seqlens):
 
 def step_forward(q, k, v, g, slopes, state, scale):
     """One decoding step: q, k [B, H, K], v [B, H, V], g [B, H, K] or slopes [H]; state [B, H, K, V] or None
-    (zeros). Returns (o [B, H, V], new state fp32)."""
-    decay = _step_decay(g, slopes)
-    new = k.float()[..., :, None] * v.float()[..., None, :]
+    (zeros). Returns (o [B, H, V], new state fp32; fp64 for fp64 inputs)."""
+    dt = compute_dtype(q.dtype)
+    decay = _step_decay(g, slopes, dt)
+    new = k.to(dt)[..., :, None] * v.to(dt)[..., None, :]
     if state is not None:
-        new = new + decay[..., None] * state.float()
-    o = scale * torch.einsum("bhk,bhkv->bhv", q.float(), new)
+        new = new + decay[..., None] * state.to(dt)
+    o = scale * torch.einsum("bhk,bhkv->bhv", q.to(dt), new)
     return o.to(q.dtype).contiguous(), new.contiguous()
 
 
 def step_backward(do, d_new, q, k, v, g, slopes, state, scale):
-    decay = _step_decay(g, slopes)
-    prev = state.float() if state is not None else q.new_zeros((*q.shape, v.shape[-1]), dtype=torch.float32)
-    new = decay[..., None] * prev + k.float()[..., :, None] * v.float()[..., None, :]
-    dq = scale * torch.einsum("bhv,bhkv->bhk", do.float(), new)
-    d_total = scale * q.float()[..., :, None] * do.float()[..., None, :]
+    dt = compute_dtype(q.dtype)
+    decay = _step_decay(g, slopes, dt)
+    prev = state.to(dt) if state is not None else q.new_zeros((*q.shape, v.shape[-1]), dtype=dt)
+    new = decay[..., None] * prev + k.to(dt)[..., :, None] * v.to(dt)[..., None, :]
+    dq = scale * torch.einsum("bhv,bhkv->bhk", do.to(dt), new)
+    d_total = scale * q.to(dt)[..., :, None] * do.to(dt)[..., None, :]
     if d_new is not None:
-        d_total = d_total + d_new.float()
-    dk = torch.einsum("bhkv,bhv->bhk", d_total, v.float())
-    dv = torch.einsum("bhkv,bhk->bhv", d_total, k.float())
+        d_total = d_total + d_new.to(dt)
+    dk = torch.einsum("bhkv,bhv->bhk", d_total, v.to(dt))
+    dv = torch.einsum("bhkv,bhk->bhv", d_total, k.to(dt))
     d_state = None if state is None else (decay[..., None] * d_total).to(state.dtype)
     dg = None
     if g is not None:
@@ -309,7 +337,7 @@ def step_backward(do, d_new, q, k, v, g, slopes, state, scale):
             d_state)
 
 
-def _step_decay(g, slopes):
+def _step_decay(g, slopes, dtype):
     if g is not None:
-        return torch.where(g < LOG_GATE_FLOOR, torch.full_like(g, LOG_GATE_FLOOR), g.float()).exp()
-    return torch.exp(-torch.clamp(slopes.float(), max=-LOG_GATE_FLOOR))[None, :, None]
+        return _log_gates(g, dtype).exp()
+    return torch.exp(-_decay_rates(slopes, dtype))[None, :, None]
