@@ -242,9 +242,9 @@ def forward(q, k, v, a: AttentionArgs):
     """q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> out [B, Tq, H, D] (input dtype), lse [B, H, Tq] (fp32; fp64 for
     fp64 inputs) (varlen: q/k/v packed [1, total, ., D], lse [H, total_q])."""
     out = torch.empty_like(q)
-    b, t_q, h, _ = q.shape
-    lse_dtype = compute_dtype(q.dtype)
-    lse = torch.empty((h, t_q) if a.varlen else (b, h, t_q), device=q.device, dtype=lse_dtype)
+    h = q.shape[2]
+    lse_shape = (h, q.shape[1]) if a.varlen else (q.shape[0], h, q.shape[1])
+    lse = torch.empty(lse_shape, device=q.device, dtype=compute_dtype(q.dtype))
     for qs, _, seq in _sequences(q, k, v, a):
         o, l = _forward_one(seq)
         out[:, qs] = _ungroup(o).to(q.dtype)
