@@ -275,6 +275,127 @@ def _attention_cases():
     ]
 
 
+# ----------------------------------------------------------------------------------------- KV-cache decode
+KV_NEW = 3  # new tokens (and queries) per call, as in speculative decoding: query t sees new tokens 0..t
+KV_WINDOW = 7
+
+
+def _kv_slots(x: dict, positions: torch.Tensor):
+    """Index of the cache entries holding the logical ``positions`` (bool ``[B, capacity]``): the mask itself for
+    a contiguous cache, (page, row) entries through the block table for a paged one (positions whose table entry
+    names no page are left out: nothing is stored there)."""
+    table = x.get("block_table")
+    if table is None:
+        return positions
+    pages, page_size = x["k_cache"].shape[:2]
+    b, p = positions.nonzero(as_tuple=True)
+    page = table[b, p // page_size].long()
+    real = page < pages
+    slots = torch.zeros(pages, page_size, dtype=torch.bool, device=positions.device)
+    slots[page[real], (p % page_size)[real]] = True
+    return slots
+
+
+def _kv_positions(x: dict, lo, hi) -> torch.Tensor:
+    """bool ``[B, capacity]``: the logical positions ``lo[b] <= p < hi[b]``."""
+    p = torch.arange(x["capacity"], device=x["q"].device)[None, :]
+    return (p >= lo[:, None]) & (p < hi[:, None])
+
+
+def kv_cache_site(name: str, x: dict, positions, changes=None, values_first=False) -> Site:
+    """Poison both caches at the logical ``positions``: the returned caches (outputs 2, 3) keep the poison there;
+    ``changes`` names the other outputs that may change (none: no query sees these positions)."""
+    slots = _kv_slots(x, positions)
+    names = ("v_cache", "k_cache") if values_first else ("k_cache", "v_cache")
+    return Site(name, {n: slots for n in names}, {2: slots, 3: slots, **(changes or {})})
+
+
+def _kvcache_cases():
+    def make(paged):
+        def build(b, t, dtype, device):
+            g = _gen(17)
+            x = dict(q=randn(b, KV_NEW, 4, 16, dtype=dtype, device=device, gen=g),
+                     k=randn(b, KV_NEW, 2, 16, dtype=dtype, device=device, gen=g),
+                     v=randn(b, KV_NEW, 2, 16, dtype=dtype, device=device, gen=g), capacity=t)
+            # Sequences: a long one (several 32-key tiles under the interpreter), a short one, only new tokens.
+            x["lengths"] = torch.tensor([t - KV_NEW - 4, t // 3, 0], dtype=torch.int32, device=device)[:b]
+            if paged:  # pages of 16 in shuffled order and two spare ones; entries past a sequence's end: no page
+                page_size, per_sequence = 16, -(-t // 16)
+                pages = b * per_sequence + 2
+                order = torch.randperm(pages, generator=g).to(device=device, dtype=torch.int32)
+                table = order[: b * per_sequence].reshape(b, per_sequence).clone()
+                used = -(-(x["lengths"].long() + KV_NEW) // page_size)
+                table[torch.arange(per_sequence, device=device)[None, :] >= used[:, None]] = 10**6
+                x.update(block_table=table, capacity=per_sequence * page_size,
+                         alibi=torch.tensor([0.3, 0.1, 0.2, 0.4], device=device))
+                shape = (pages, page_size, 2, 16)
+            else:
+                x["leftpad"] = torch.tensor([0, 5, 0], dtype=torch.int32, device=device)[:b]
+                shape = (b, t, 2, 16)
+            x.update(k_cache=randn(*shape, dtype=dtype, device=device, gen=g),
+                     v_cache=randn(*shape, dtype=dtype, device=device, gen=g))
+            return x
+        return build
+
+    def call(**options):
+        def run(x, backend):
+            # The op appends into the caches: it gets copies (same strides), returned after the call as outputs.
+            k_cache, v_cache = (torch.empty_strided(x[n].shape, x[n].stride(), dtype=x[n].dtype,
+                                                    device=x[n].device).copy_(x[n]) for n in ("k_cache", "v_cache"))
+            out, lse = flashops.flash_attention_with_kvcache(
+                x["q"], k_cache, v_cache, x["k"], x["v"], cache_seqlens=x["lengths"], cache_leftpad=x.get("leftpad"),
+                block_table=x.get("block_table"), alibi_slopes=x.get("alibi"), return_lse=True, backend=backend,
+                **options)
+            return out, lse, k_cache, v_cache
+        return run
+
+    def sites(x):
+        b = x["q"].shape[0]
+        if not b:
+            return []
+        start = x["lengths"].long()
+        end = start + KV_NEW
+        everywhere = torch.full_like(end, 10**6)
+        later = _kv_slots(x, _kv_positions(x, start + 1, end))
+        from_query = lambda t: {0: along(1, slice(t, None)), 1: along(2, slice(t, None)), 2: later, 3: later}
+        appended = _kv_slots(x, _kv_positions(x, start, end))
+        sequence0 = torch.zeros(b, x["capacity"], dtype=torch.bool, device=end.device)
+        sequence0[0] = True
+        sequence0 = _kv_slots(x, sequence0)
+        result = [
+            Site("slots being appended (overwritten before use)", {"k_cache": appended, "v_cache": appended}),
+            kv_cache_site("past cache_seqlens + Tnew", x, _kv_positions(x, end, everywhere)),
+            Site("sequence 0 (its queries, new tokens and slots)",
+                 {"q": (0,), "k": (0,), "v": (0,), "k_cache": sequence0, "v_cache": sequence0},
+                 {0: (0,), 1: (0,), 2: sequence0, 3: sequence0}),
+            # A future token among the new ones: tokens t >= 1 reach queries >= 1 (and their own slots).
+            Site("future new tokens", {n: along(1, slice(1, None)) for n in ("q", "k", "v")}, from_query(1)),
+            Site("future new value (0 x NaN)", {"v": along(1, slice(KV_NEW - 1, None))}, from_query(KV_NEW - 1)),
+        ]
+        if "leftpad" in x:
+            result.append(kv_cache_site("before cache_leftpad", x, _kv_positions(x, torch.zeros_like(end),
+                                                                                 x["leftpad"].long())))
+        if "block_table" in x:
+            referenced = x["block_table"][x["block_table"] < x["k_cache"].shape[0]].long()
+            spare = torch.ones(x["k_cache"].shape[:2], dtype=torch.bool, device=end.device)
+            spare[referenced] = False
+            edge = start - KV_WINDOW  # query 0 sits at position `start`: the window's first key is seen by it only
+            result += [Site("pages of no sequence", {"k_cache": spare, "v_cache": spare}, {2: spare, 3: spare}),
+                       kv_cache_site("left of every window", x, _kv_positions(x, torch.zeros_like(end), edge)),
+                       kv_cache_site("window edge (query 0 only)", x, _kv_positions(x, edge, edge + 1),
+                                     changes={0: along(1, 0), 1: along(2, 0)}, values_first=True)]
+        return result
+
+    return [
+        Case("flash_attention_with_kvcache[contiguous, leftpad, Tq=3, append, num_splits=3, gqa]",
+             ATTENTION_BACKENDS, make(paged=False), call(num_splits=3), sites, length=70, batch=3,
+             empty=("batch",), grad=False),
+        Case("flash_attention_with_kvcache[paged shuffled, window, softcap, alibi, Tq=3, append, gqa]",
+             ATTENTION_BACKENDS, make(paged=True), call(window_size=(KV_WINDOW, -1), softcap=3.0), sites, length=40,
+             batch=3, empty=("batch",), grad=False),
+    ]
+
+
 # ----------------------------------------------------------------------------------------------- linear
 def _linear_cases():
     def make(gated=False, varlen=False):
@@ -522,4 +643,4 @@ def _ssm_cases():
     ]
 
 
-CASES = _attention_cases() + _linear_cases() + _lla_cases() + _ssm_cases()
+CASES = _attention_cases() + _kvcache_cases() + _linear_cases() + _lla_cases() + _ssm_cases()
