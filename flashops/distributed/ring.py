@@ -3,9 +3,10 @@
 Each rank keeps its queries; the key/value blocks travel around the ring (``batch_isend_irecv`` to the next
 rank, the next block in flight while the current one is computed). Every step attends the local queries to
 the visiting block with the ordinary kernel, which returns a partial output and its log-sum-exp; partials
-merge in fp32 by their log-sum-exp. The backward makes the same tour: with the merged (global) output and
-log-sum-exp, the FlashAttention backward of one block gives exactly that block's share of dq, dk and dv; dq
-stays, and fp32 dk/dv accumulators travel with the blocks and make one more step home at the end.
+merge in fp32 (fp64 for fp64 inputs, as every accumulator here) by their log-sum-exp. The backward makes the
+same tour: with the merged (global) output and log-sum-exp, the FlashAttention backward of one block gives
+exactly that block's share of dq, dk and dv; dq stays, and fp32 dk/dv accumulators travel with the blocks and
+make one more step home at the end.
 
 Which local query rows see which rows of a visiting block follows from the global positions of the pieces
 (see ``layout.py``): :func:`step_plan` turns that into a few kernel calls per step, each with a window in
@@ -100,8 +101,9 @@ def _ring_fwd_impl(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float, wi
     pg = _comm.group_by_name(group)
     rank, world = pg.rank(), pg.size()
     b, t, h, _ = q.shape
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h, t), float("-inf"), dtype=torch.float32, device=q.device)
+    acc = _internals.compute_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((b, h, t), float("-inf"), dtype=acc, device=q.device)
     if q.numel() == 0:  # every rank has the same shapes: all of them skip the ring
         return out.to(q.dtype), lse
     block = (k.contiguous(), v.contiguous())
@@ -126,7 +128,8 @@ def _ring_bwd_impl(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
     t = q.shape[1]
     if q.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc = _internals.compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     block = (k.contiguous(), v.contiguous())
     travelling = None  # fp32 (dk, dv) of the block held, summed over the ranks it has visited
     for step in range(world):
@@ -134,7 +137,7 @@ def _ring_bwd_impl(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
         # One batch per step: the next block, and the accumulators of this block from the previous rank.
         outgoing = (list(block) if step + 1 < world else []) + (list(travelling) if step > 0 else [])
         exchange = _comm.RingShift(outgoing, pg) if outgoing else None
-        dk = torch.zeros(block[0].shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(block[0].shape, dtype=acc, device=q.device)
         dv = torch.zeros_like(dk)
         for call in step_plan(layout, world, rank, source, t, window_left, window_right):
             rows = slice(*call.q_rows)
@@ -162,7 +165,8 @@ _ring_fwd = torch.library.custom_op("flashops::ring_attention_fwd", _ring_fwd_im
 
 @_ring_fwd.register_fake
 def _ring_fwd_fake(q, k, v, *rest):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
+                                            dtype=_internals.compute_dtype(q.dtype))
 
 
 _ring_bwd = torch.library.custom_op("flashops::ring_attention_bwd", _ring_bwd_impl, mutates_args=())
