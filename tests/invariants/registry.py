@@ -18,7 +18,9 @@ Adding an op is one entry in ``CASES``::
 "batch"/"length" may be 0 (the op must then still run and give finite results). ``fp64_backends`` are the
 backends that compute float64 in float64 (gradcheck runs there). ``grad=False`` marks inference-only ops.
 ``atomic_backends`` are those whose backward adds with atomics (not bitwise reproducible; they decline under
-``torch.use_deterministic_algorithms(True)``).
+``torch.use_deterministic_algorithms(True)``). ``reference(x, backend)`` computes the same outputs another way
+(checked by the tolerance rule). ``world > 1``: the case runs in a process group of that size (see the
+distributed section below).
 """
 
 from __future__ import annotations
@@ -391,16 +393,18 @@ def _kvcache_cases():
             return []
         start = x["lengths"].long()
         end = start + KV_NEW
-        everywhere = torch.full_like(end, 10**6)
         later = _kv_slots(x, _kv_positions(x, start + 1, end))
-        from_query = lambda t: {0: along(1, slice(t, None)), 1: along(2, slice(t, None)), 2: later, 3: later}
+
+        def from_query(t):  # out and lse of queries >= t, and the slots of new tokens >= 1
+            return {0: along(1, slice(t, None)), 1: along(2, slice(t, None)), 2: later, 3: later}
+
         appended = _kv_slots(x, _kv_positions(x, start, end))
         sequence0 = torch.zeros(b, x["capacity"], dtype=torch.bool, device=end.device)
         sequence0[0] = True
         sequence0 = _kv_slots(x, sequence0)
         result = [
             Site("slots being appended (overwritten before use)", {"k_cache": appended, "v_cache": appended}),
-            kv_cache_site("past cache_seqlens + Tnew", x, _kv_positions(x, end, everywhere)),
+            kv_cache_site("past cache_seqlens + Tnew", x, _kv_positions(x, end, torch.full_like(end, x["capacity"]))),
             Site("sequence 0 (its queries, new tokens and slots)",
                  {"q": (0,), "k": (0,), "v": (0,), "k_cache": sequence0, "v_cache": sequence0},
                  {0: (0,), 1: (0,), 2: sequence0, 3: sequence0}),
