@@ -693,58 +693,48 @@ DIST_WORLD = 2
 DIST_CHUNK = 5  # rows per layout chunk: odd, so that no kernel block divides a shard
 
 
-class _ToShard(torch.autograd.Function):
-    """The full sequence -> this rank's part; backward: every rank's (exact) part gathered into the full
-    gradient, the same on every rank."""
+class _WithGradient(torch.autograd.Function):
+    """``forward(x)`` whose gradient is ``backward(grad)`` (for the collectives below)."""
 
     @staticmethod
-    def forward(ctx, x, layout):
-        ctx.layout = layout
-        return flashops.distributed.shard(x, layout=layout)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return flashops.distributed.unshard(grad.contiguous(), layout=ctx.layout), None
-
-
-class _FromShards(torch.autograd.Function):
-    """This rank's part -> the full sequence (all-gather); backward: this rank's part of the full gradient (every
-    rank holds the same loss of the full outputs: it counts once, not once per rank)."""
-
-    @staticmethod
-    def forward(ctx, local, layout):
-        ctx.layout = layout
-        return flashops.distributed.unshard(local, layout=layout)
+    def forward(ctx, x, forward, backward):
+        ctx.transpose = backward
+        return forward(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return flashops.distributed.shard(grad, layout=ctx.layout), None
+        return ctx.transpose(grad), None, None
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """An input every rank holds (an initial state); backward: the ranks' parts of its gradient summed."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad)
-        return grad
+def to_shard(x, layout):
+    """The full sequence -> this rank's part; gradient: every rank's (exact) part gathered into the full one."""
+    cp = flashops.distributed
+    return _WithGradient.apply(x, lambda t: cp.shard(t, layout=layout),
+                               lambda g: cp.unshard(g.contiguous(), layout=layout))
 
 
-class _CountOnce(torch.autograd.Function):
-    """An output every rank holds (a final state); backward: its gradient on rank 0 only."""
+def from_shards(local, layout):
+    """This rank's part -> the full sequence (all-gather); gradient: this rank's part of the full one (every rank
+    holds the same loss of the full outputs: it counts once, not once per rank)."""
+    cp = flashops.distributed
+    return _WithGradient.apply(local, lambda t: cp.unshard(t, layout=layout), lambda g: cp.shard(g, layout=layout))
 
-    @staticmethod
-    def forward(ctx, y):
-        return y.clone()
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad if torch.distributed.get_rank() == 0 else torch.zeros_like(grad)
+def _summed(grad):
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad)
+    return grad
+
+
+def held_by_every_rank(x):
+    """An input every rank holds (an initial state); gradient: the ranks' parts summed."""
+    return _WithGradient.apply(x, torch.clone, _summed)
+
+
+def counted_once(y):
+    """An output every rank holds (a final state); gradient: on rank 0 only."""
+    return _WithGradient.apply(y, torch.clone,
+                               lambda g: g if torch.distributed.get_rank() == 0 else torch.zeros_like(g))
 
 
 def window_reach(x: dict, p: int, left, right) -> Site:
@@ -768,8 +758,8 @@ def _distributed_cases():
     def exact(op_name, layout, **options):
         def run(x, backend):
             op = getattr(flashops.distributed, op_name)
-            q, k, v = (_ToShard.apply(x[n], layout) for n in ("q", "k", "v"))
-            return _FromShards.apply(op(q, k, v, layout=layout, backend=backend, **options), layout)
+            q, k, v = (to_shard(x[n], layout) for n in ("q", "k", "v"))
+            return from_shards(op(q, k, v, layout=layout, backend=backend, **options), layout)
         return run
 
     def single_exact(**options):
@@ -804,11 +794,11 @@ def _distributed_cases():
 
     def lasp2(layout):
         def run(x, backend):
-            shards = {n: _ToShard.apply(x[n], layout) for n in ("q", "k", "v", "g") if n in x}
+            shards = {n: to_shard(x[n], layout) for n in ("q", "k", "v", "g") if n in x}
             o, final = flashops.distributed.lasp2_attention(
-                shards["q"], shards["k"], shards["v"], g=shards.get("g"), initial_state=_SumOverRanks.apply(x["h0"]),
+                shards["q"], shards["k"], shards["v"], g=shards.get("g"), initial_state=held_by_every_rank(x["h0"]),
                 output_final_state=True, layout=layout, backend=backend)
-            return _FromShards.apply(o, layout), _CountOnce.apply(final)
+            return from_shards(o, layout), counted_once(final)
         return run
 
     def single_linear(x, backend):
