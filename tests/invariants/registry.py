@@ -832,9 +832,11 @@ def _distributed_cases():
     zigzag = 2 * world * DIST_CHUNK
     contiguous = world * DIST_CHUNK * 2
     causal_window = dict(causal=True, window_size=(4, 0))
+    # Triton (its interpreter: the ranks' tensors are on the CPU) runs the windowed ring only, the costliest to get
+    # right: causal diagonal blocks, blocks cut by the window, and the global statistics of other ranks' blocks.
     two_sided = dict(window_size=(3, 2))
     return [
-        Case("ring_attention[zigzag, causal, gqa]", ATTENTION_BACKENDS, exact_make,
+        Case("ring_attention[zigzag, causal, gqa]", ("torch",), exact_make,
              exact("ring_attention", "zigzag", causal=True), causal_sites, length=zigzag,
              reference=single_exact(causal=True), world=world),
         Case("ring_attention[zigzag, causal window (4, 0)]", ATTENTION_BACKENDS, exact_make,

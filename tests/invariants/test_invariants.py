@@ -200,12 +200,13 @@ def test_deterministic_and_layout_independent(case, backend):
         else:
             assert torch.equal(g, again_grads[name]), f"gradient of {name} differs between two identical calls"
     if backend in case.atomic_backends:
+        before = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
             with pytest.raises(BackendError, match="deterministic algorithms are enabled"):
                 case.call(x, backend)
         finally:
-            torch.use_deterministic_algorithms(False)
+            torch.use_deterministic_algorithms(before)
     strided = {n: _strided(t) for n, t in x.items()}
     assert any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in strided.values())
     outs_s, grads_s = _run(case, strided, backend)
