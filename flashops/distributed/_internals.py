@@ -11,7 +11,8 @@ here, so that a change of those internals is mended in this file alone:
   ``_scalars`` (the checks of ``window_size`` and ``softmax_scale``); ``args.AttentionArgs``;
 - ``flashops._dispatch`` (backend selection) and ``flashops._validation`` (input checks);
 - ``flashops.ops.linear.common.LOG_GATE_FLOOR`` (the floor the linear kernels apply to log-gates, which a
-  state computed outside them must apply too).
+  state computed outside them must apply too);
+- ``flashops._numerics.compute_dtype`` (fp32 accumulators, fp64 for fp64 inputs, as the kernels' torch paths).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._numerics import compute_dtype
 from .._validation import check_attention_inputs, check_tensor
 from ..ops import attention as _attention
 from ..ops.attention.args import AttentionArgs
 from ..ops.linear.common import LOG_GATE_FLOOR
 
 __all__ = ["LOG_GATE_FLOOR", "attention_backend", "block_backward", "block_forward", "check_attention_inputs",
-           "check_tensor", "parse_window", "softmax_scale"]
+           "check_tensor", "compute_dtype", "parse_window", "softmax_scale"]
 
 
 def parse_window(causal: bool, window_size) -> tuple[Optional[int], Optional[int]]:

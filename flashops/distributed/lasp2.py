@@ -32,22 +32,24 @@ from .layout import check_layout, chunks_of, num_chunks, piece_length
 
 
 def _lightning_state(k: Tensor, v: Tensor, slopes: Tensor) -> tuple[Tensor, Tensor]:
-    """M fp32 ``[B, H, K, V]`` of a chunk under a constant per-head decay, and its decay ``[H]``."""
-    length = k.shape[1]
-    rate = slopes.float().clamp(max=-_internals.LOG_GATE_FLOOR)  # the kernels cap the decay likewise
-    steps_left = torch.arange(length - 1, -1, -1, device=k.device, dtype=torch.float32)
+    """M ``[B, H, K, V]`` (fp32; fp64 for fp64 inputs) of a chunk under a constant per-head decay, and its decay
+    ``[H]``."""
+    length, acc = k.shape[1], _internals.compute_dtype(k.dtype)
+    rate = slopes.to(acc).clamp(max=-_internals.LOG_GATE_FLOOR)  # the kernels cap the decay likewise
+    steps_left = torch.arange(length - 1, -1, -1, device=k.device, dtype=acc)
     weight = torch.exp(-steps_left[:, None] * rate[None, :])  # [L, H]: decay from t to the chunk's end
-    state = torch.einsum("bthk,bthv->bhkv", k.float() * weight[None, :, :, None], v.float())
+    state = torch.einsum("bthk,bthv->bhkv", k.to(acc) * weight[None, :, :, None], v.to(acc))
     return state, torch.exp(-rate * length)
 
 
 def _gated_state(k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """M fp32 ``[B, H, K, V]`` of a chunk under log-gates g ``[B, L, H, K]``, and its decay ``[B, H, K]``."""
-    floor = _internals.LOG_GATE_FLOOR
-    g = torch.where(g < floor, torch.full_like(g, floor, dtype=torch.float32), g.float())
+    """M ``[B, H, K, V]`` (fp32; fp64 for fp64 inputs) of a chunk under log-gates g ``[B, L, H, K]``, and its
+    decay ``[B, H, K]``."""
+    floor, acc = _internals.LOG_GATE_FLOOR, _internals.compute_dtype(k.dtype)
+    g = torch.where(g < floor, torch.full_like(g, floor, dtype=acc), g.to(acc))
     suffix = g.flip(1).cumsum(1).flip(1)  # sum over s >= t
     after = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], dim=1)  # sum over s > t (<= 0)
-    state = torch.einsum("bthk,bthv->bhkv", k.float() * after.exp(), v.float())
+    state = torch.einsum("bthk,bthv->bhkv", k.to(acc) * after.exp(), v.to(acc))
     return state, g.sum(1).exp()
 
 
@@ -200,9 +202,10 @@ def lasp2_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Optional[Tensor]
         slopes: Lightning's per-head decay rates ``[H]`` (default :func:`flashops.lightning_slopes`; zeros give
             plain causal linear attention). g: GLA log-gates ``[B, T/P, H, K]`` (this rank's part).
         group: the process group (default: the default group). scale: default ``1/sqrt(K)``.
-        initial_state: fp32 ``[B, H, K, V]``, the same on every rank (its gradient is this rank's part).
+        initial_state: fp32 ``[B, H, K, V]`` (fp64 with fp64 inputs), the same on every rank (its gradient is
+            this rank's part).
         output_final_state: also return the state after the last position of the whole sequence (fp32
-            ``[B, H, K, V]``, the same on every rank).
+            ``[B, H, K, V]``, fp64 with fp64 inputs; the same on every rank).
         layout: ``"zigzag"`` (default, as :func:`ring_attention`, so a hybrid model shards once) or
             ``"contiguous"``. backend: the linear-attention backend (``"triton"``, ``"torch"``).
 
@@ -224,8 +227,9 @@ def lasp2_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Optional[Tensor]
             state, chunk_decay = _gated_state(k[:, rows], v[:, rows], g[:, rows])
             packed.append(torch.cat([state, chunk_decay[..., None]], dim=-1))
         local, decay = torch.stack(packed), None
+    acc = _internals.compute_dtype(q.dtype)
     entering, final, _ = _fold(*FOLD_ARGS.values(
-        local=local, initial_state=None if initial_state is None else initial_state.float(), decay=decay,
+        local=local, initial_state=None if initial_state is None else initial_state.to(acc), decay=decay,
         group=_comm.group_name(pg), layout=layout, output_final_state=bool(output_final_state)))
 
     outs = []

@@ -3,9 +3,10 @@
 Each rank keeps its queries; the key/value blocks travel around the ring (``batch_isend_irecv`` to the next
 rank, the next block in flight while the current one is computed). Every step attends the local queries to
 the visiting block with the ordinary kernel, which returns a partial output and its log-sum-exp; partials
-merge in fp32 by their log-sum-exp. The backward makes the same tour: with the merged (global) output and
-log-sum-exp, the FlashAttention backward of one block gives exactly that block's share of dq, dk and dv; dq
-stays, and fp32 dk/dv accumulators travel with the blocks and make one more step home at the end.
+merge in fp32 (fp64 for fp64 inputs, as every accumulator here) by their log-sum-exp. The backward makes the
+same tour: with the merged (global) output and log-sum-exp, the FlashAttention backward of one block gives
+exactly that block's share of dq, dk and dv; dq stays, and fp32 dk/dv accumulators travel with the blocks and
+make one more step home at the end.
 
 Which local query rows see which rows of a visiting block follows from the global positions of the pieces
 (see ``layout.py``): :func:`step_plan` turns that into a few kernel calls per step, each with a window in
@@ -110,8 +111,9 @@ def _ring_forward(a) -> tuple[Tensor, Tensor]:
     pg = _comm.group_by_name(a.group)
     rank, world = pg.rank(), pg.size()
     b, t, h, _ = q.shape
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h, t), float("-inf"), dtype=torch.float32, device=q.device)
+    acc = _internals.compute_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((b, h, t), float("-inf"), dtype=acc, device=q.device)
     if q.numel() == 0:  # every rank has the same shapes: all of them skip the ring
         return out.to(q.dtype), lse
     block = (k.contiguous(), v.contiguous())
@@ -135,7 +137,8 @@ def _ring_backward(a) -> tuple[Tensor, Tensor, Tensor]:
     t = q.shape[1]
     if q.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc = _internals.compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     block = (k.contiguous(), v.contiguous())
     travelling = None  # fp32 (dk, dv) of the block held, summed over the ranks it has visited
     for step in range(world):
@@ -143,7 +146,7 @@ def _ring_backward(a) -> tuple[Tensor, Tensor, Tensor]:
         # One batch per step: the next block, and the accumulators of this block from the previous rank.
         outgoing = (list(block) if step + 1 < world else []) + (list(travelling) if step > 0 else [])
         exchange = _comm.RingShift(outgoing, pg) if outgoing else None
-        dk = torch.zeros(block[0].shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(block[0].shape, dtype=acc, device=q.device)
         dv = torch.zeros_like(dk)
         for call in step_plan(a.layout, world, rank, source, t, a.window_left, a.window_right):
             rows = slice(*call.q_rows)
@@ -167,7 +170,8 @@ def _ring_backward(a) -> tuple[Tensor, Tensor, Tensor]:
 
 # ------------------------------------------------------------------------------------------ custom ops
 def _ring_fwd_fake(a) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(a.q), a.q.new_empty((a.q.shape[0], a.q.shape[2], a.q.shape[1]), dtype=torch.float32)
+    return torch.empty_like(a.q), a.q.new_empty((a.q.shape[0], a.q.shape[2], a.q.shape[1]),
+                                                dtype=_internals.compute_dtype(a.q.dtype))
 
 
 def _ring_bwd_fake(a) -> tuple[Tensor, Tensor, Tensor]:

@@ -17,6 +17,10 @@ Adding an op is one entry in ``CASES``::
 ``constants``. ``call`` returns a tensor or a tuple (None entries allowed). ``empty`` lists which of
 "batch"/"length" may be 0 (the op must then still run and give finite results). ``fp64_backends`` are the
 backends that compute float64 in float64 (gradcheck runs there). ``grad=False`` marks inference-only ops.
+``atomic_backends`` are those whose backward adds with atomics (not bitwise reproducible; they decline under
+``torch.use_deterministic_algorithms(True)``). ``reference(x, backend)`` computes the same outputs another way
+(checked by the tolerance rule). ``world > 1``: the case runs in a process group of that size (see the
+distributed section below).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,21 +39,25 @@ import flashops
 from flashops import nn as fnn
 
 ATTENTION_BACKENDS = ("triton", "torch")
-SCAN_BACKENDS = ("triton", "cpp", "torch")
+# The forced-only CUDA kernels (csrc/cuda): on a GPU for real; without one, tests/conftest.py runs their sources
+# through the host emulator (a test parametrized with backend="cuda"), or they skip with the reason.
+CUDA = ("cuda",)
+SCAN_BACKENDS = CUDA + ("triton", "cpp", "torch")
 NO_BACKEND = ("default",)  # plain PyTorch ops without dispatch
 
 
 @dataclass(frozen=True)
 class Site:
     """Input entries to poison (name -> index) and the output entries allowed to change (output position ->
-    index; ``...`` for the whole output). Empty ``changes``: the entries are masked out. ``independent``: the
-    poisoned entries and the outputs they reach form a problem of their own (a sequence of a varlen batch),
-    so even the backward leaves every gradient outside the poisoned entries unchanged."""
+    index; ``...`` for the whole output). Empty ``changes``: the entries are masked out. ``grads`` (input name ->
+    index, ``...`` for all of it; a name not listed: none of it): the only gradient entries the poison may change
+    in the backward of a loss on every output (e.g. a sequence of a varlen batch, a problem of its own: its own
+    entries); None: not checked."""
 
     name: str
     inputs: dict
     changes: dict = field(default_factory=dict)
-    independent: bool = False
+    grads: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,9 @@ class Case:
     empty: tuple = ("batch", "length")
     fp64_backends: tuple = ("torch",)
     grad: bool = True
+    atomic_backends: tuple = ()
+    reference: Optional[Callable] = None
+    world: int = 1
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -147,8 +159,8 @@ def _attention_cases():
         if len(cu) < 4 or cu[1] == 0:
             return []
         first = slice(0, cu[1])  # a whole sequence changes only its own rows
-        return [Site("sequence 0", {n: along(1, first) for n in ("q", "k", "v")}, {0: along(1, first)},
-                     independent=True),
+        sequence0 = {n: along(1, first) for n in ("q", "k", "v")}
+        return [Site("sequence 0", sequence0, {0: along(1, first)}, grads=sequence0),
                 future(x, ("q", "k", "v"), 1, {0: 1}, start=cu[-1] - 5)]
 
     def sparse_make(b, t, dtype, device):
@@ -275,6 +287,157 @@ def _attention_cases():
     ]
 
 
+# ----------------------------------------------------------------------------------------- KV-cache decode
+KV_NEW = 3  # new tokens (and queries) per call, as in speculative decoding: query t sees new tokens 0..t
+KV_WINDOW = 7
+
+
+def _kv_slots(x: dict, positions: torch.Tensor):
+    """Index of the cache entries holding the logical ``positions`` (bool ``[B, capacity]``): the mask itself for
+    a contiguous cache, (page, row) entries through the block table for a paged one (positions whose table entry
+    names no page are left out: nothing is stored there)."""
+    table = x.get("block_table")
+    if table is None:
+        return positions
+    pages, page_size = x["k_cache"].shape[:2]
+    b, p = positions.nonzero(as_tuple=True)
+    page = table[b, p // page_size].long()
+    real = page < pages
+    slots = torch.zeros(pages, page_size, dtype=torch.bool, device=positions.device)
+    slots[page[real], (p % page_size)[real]] = True
+    return slots
+
+
+def _kv_positions(x: dict, lo, hi) -> torch.Tensor:
+    """bool ``[B, capacity]``: the logical positions ``lo[b] <= p < hi[b]``."""
+    p = torch.arange(x["capacity"], device=x["q"].device)[None, :]
+    return (p >= lo[:, None]) & (p < hi[:, None])
+
+
+def kv_cache_site(name: str, x: dict, positions, changes=None, values_first=False) -> Site:
+    """Poison both caches at the logical ``positions``: the returned caches (outputs 2, 3) keep the poison there;
+    ``changes`` names the other outputs that may change (none: no query sees these positions)."""
+    slots = _kv_slots(x, positions)
+    names = ("v_cache", "k_cache") if values_first else ("k_cache", "v_cache")
+    return Site(name, {n: slots for n in names}, {2: slots, 3: slots, **(changes or {})})
+
+
+def _kvcache_cases():
+    def make(paged):
+        def build(b, t, dtype, device):
+            g = _gen(17)
+            x = dict(q=randn(b, KV_NEW, 4, 16, dtype=dtype, device=device, gen=g),
+                     k=randn(b, KV_NEW, 2, 16, dtype=dtype, device=device, gen=g),
+                     v=randn(b, KV_NEW, 2, 16, dtype=dtype, device=device, gen=g), capacity=t)
+            # Sequences: a long one (several 32-key tiles under the interpreter), a short one, only new tokens.
+            x["lengths"] = torch.tensor([t - KV_NEW - 4, t // 3, 0], dtype=torch.int32, device=device)[:b]
+            if paged:  # pages of 16 in shuffled order and two spare ones; entries past a sequence's end: no page
+                page_size, per_sequence = 16, -(-t // 16)
+                pages = b * per_sequence + 2
+                order = torch.randperm(pages, generator=g).to(device=device, dtype=torch.int32)
+                table = order[: b * per_sequence].reshape(b, per_sequence).clone()
+                used = -(-(x["lengths"].long() + KV_NEW) // page_size)
+                table[torch.arange(per_sequence, device=device)[None, :] >= used[:, None]] = 10**6
+                x.update(block_table=table, capacity=per_sequence * page_size,
+                         alibi=torch.tensor([0.3, 0.1, 0.2, 0.4], device=device))
+                shape = (pages, page_size, 2, 16)
+            else:
+                x["leftpad"] = torch.tensor([0, 5, 0], dtype=torch.int32, device=device)[:b]
+                shape = (b, t, 2, 16)
+            x.update(k_cache=randn(*shape, dtype=dtype, device=device, gen=g),
+                     v_cache=randn(*shape, dtype=dtype, device=device, gen=g))
+            return x
+        return build
+
+    def call(**options):
+        def run(x, backend):
+            # The op appends into the caches: it gets copies (same strides), returned after the call as outputs.
+            k_cache, v_cache = (torch.empty_strided(x[n].shape, x[n].stride(), dtype=x[n].dtype,
+                                                    device=x[n].device).copy_(x[n]) for n in ("k_cache", "v_cache"))
+            out, lse = flashops.flash_attention_with_kvcache(
+                x["q"], k_cache, v_cache, x["k"], x["v"], cache_seqlens=x["lengths"], cache_leftpad=x.get("leftpad"),
+                block_table=x.get("block_table"), alibi_slopes=x.get("alibi"), return_lse=True, backend=backend,
+                **options)
+            return out, lse, k_cache, v_cache
+        return run
+
+    def prefix_attention(**options):
+        """The same outputs another way: the new tokens written into copies of the caches by plain indexing,
+        then flash_attention of each sequence's queries over its keys [leftpad, cache_seqlens + Tnew)."""
+        def run(x, backend):
+            k_cache, v_cache = x["k_cache"].clone(), x["v_cache"].clone()
+            b = x["q"].shape[0]
+            positions = x["lengths"].long()[:, None] + torch.arange(KV_NEW, device=x["q"].device)  # [B, Tnew]
+            table = x.get("block_table")
+            if table is None:
+                slots = (torch.arange(b, device=positions.device)[:, None].expand_as(positions), positions)
+            else:
+                page_size = k_cache.shape[1]
+                slots = (table.long().gather(1, positions // page_size), positions % page_size)
+            k_cache[slots], v_cache[slots] = x["k"], x["v"]
+            outs, lses = [], []
+            for i in range(b):
+                p = torch.arange(int(x["leftpad"][i]) if "leftpad" in x else 0, int(positions[i, -1]) + 1,
+                                 device=positions.device)
+                where = (i, p) if table is None else (table[i, p // page_size].long(), p % page_size)
+                out, lse = flashops.flash_attention(x["q"][i:i + 1], k_cache[where][None], v_cache[where][None],
+                                                    causal=True, alibi_slopes=x.get("alibi"), return_lse=True,
+                                                    backend=backend, **options)
+                outs.append(out)
+                lses.append(lse)
+            return torch.cat(outs), torch.cat(lses), k_cache, v_cache
+        return run
+
+    def sites(x):
+        b = x["q"].shape[0]
+        if not b:
+            return []
+        start = x["lengths"].long()
+        end = start + KV_NEW
+        later = _kv_slots(x, _kv_positions(x, start + 1, end))
+
+        def from_query(t):  # out and lse of queries >= t, and the slots of new tokens >= 1
+            return {0: along(1, slice(t, None)), 1: along(2, slice(t, None)), 2: later, 3: later}
+
+        appended = _kv_slots(x, _kv_positions(x, start, end))
+        sequence0 = torch.zeros(b, x["capacity"], dtype=torch.bool, device=end.device)
+        sequence0[0] = True
+        sequence0 = _kv_slots(x, sequence0)
+        result = [
+            Site("slots being appended (overwritten before use)", {"k_cache": appended, "v_cache": appended}),
+            kv_cache_site("past cache_seqlens + Tnew", x, _kv_positions(x, end, torch.full_like(end, x["capacity"]))),
+            Site("sequence 0 (its queries, new tokens and slots)",
+                 {"q": (0,), "k": (0,), "v": (0,), "k_cache": sequence0, "v_cache": sequence0},
+                 {0: (0,), 1: (0,), 2: sequence0, 3: sequence0}),
+            # A future token among the new ones: tokens t >= 1 reach queries >= 1 (and their own slots).
+            Site("future new tokens", {n: along(1, slice(1, None)) for n in ("q", "k", "v")}, from_query(1)),
+            Site("future new value (0 x NaN)", {"v": along(1, slice(KV_NEW - 1, None))}, from_query(KV_NEW - 1)),
+        ]
+        if "leftpad" in x:
+            result.append(kv_cache_site("before cache_leftpad", x, _kv_positions(x, torch.zeros_like(end),
+                                                                                 x["leftpad"].long())))
+        if "block_table" in x:
+            referenced = x["block_table"][x["block_table"] < x["k_cache"].shape[0]].long()
+            spare = torch.ones(x["k_cache"].shape[:2], dtype=torch.bool, device=end.device)
+            spare[referenced] = False
+            edge = start - KV_WINDOW  # query 0 sits at position `start`: the window's first key is seen by it only
+            result += [Site("pages of no sequence", {"k_cache": spare, "v_cache": spare}, {2: spare, 3: spare}),
+                       kv_cache_site("left of every window", x, _kv_positions(x, torch.zeros_like(end), edge)),
+                       kv_cache_site("window edge (query 0 only)", x, _kv_positions(x, edge, edge + 1),
+                                     changes={0: along(1, 0), 1: along(2, 0)}, values_first=True)]
+        return result
+
+    paged_options = dict(window_size=(KV_WINDOW, -1), softcap=3.0)
+    return [
+        Case("flash_attention_with_kvcache[contiguous, leftpad, Tq=3, append, num_splits=3, gqa]",
+             ATTENTION_BACKENDS, make(paged=False), call(num_splits=3), sites, length=70, batch=3,
+             empty=("batch",), grad=False, reference=prefix_attention()),
+        Case("flash_attention_with_kvcache[paged shuffled, window, softcap, alibi, Tq=3, append, gqa]",
+             ATTENTION_BACKENDS, make(paged=True), call(**paged_options), sites, length=40, batch=3, empty=("batch",),
+             grad=False, reference=prefix_attention(**paged_options)),
+    ]
+
+
 # ----------------------------------------------------------------------------------------------- linear
 def _linear_cases():
     def make(gated=False, varlen=False):
@@ -317,8 +480,8 @@ def _linear_cases():
         if cu[1] == 0:
             return []
         first = along(1, slice(0, cu[1]))
-        return [Site("sequence 0", {**{n: first for n in ("q", "k", "v")}, "h0": (0,)}, {0: first, 1: (0,)},
-                     independent=True)]
+        sequence0 = {**{n: first for n in ("q", "k", "v")}, "h0": (0,)}
+        return [Site("sequence 0", sequence0, {0: first, 1: (0,)}, grads=sequence0)]
 
     def step_make(gated):
         def build(b, t, dtype, device):
@@ -349,8 +512,9 @@ def _linear_cases():
         Case("linear_attention[causal]", ATTENTION_BACKENDS, make(), plain(True), causal_sites(("q", "k", "v")),
              length=70),
         Case("linear_attention[non-causal]", ATTENTION_BACKENDS, make(), plain(False), length=70),
-        Case("lightning_attention_step", ATTENTION_BACKENDS, step_make(False), lightning_step, empty=("batch",)),
-        Case("gated_linear_attention_step", ATTENTION_BACKENDS, step_make(True), gla_step, empty=("batch",)),
+        Case("lightning_attention_step", CUDA + ATTENTION_BACKENDS, step_make(False), lightning_step,
+             empty=("batch",)),
+        Case("gated_linear_attention_step", CUDA + ATTENTION_BACKENDS, step_make(True), gla_step, empty=("batch",)),
     ]
 
 
@@ -443,7 +607,7 @@ def _ssm_cases():
 
     def update(x, backend):
         return flashops.selective_state_update(x["state"], x["x"], x["dt"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                                               dt_softplus=True)
+                                               dt_softplus=True, backend=backend)
 
     # Kernel generators: "batch" is the number of channels H, "length" the kernel length L.
     def vandermonde_make(b, t, dtype, device):
@@ -511,12 +675,12 @@ def _ssm_cases():
         Case("linear_scan[reverse]", SCAN_BACKENDS, scan_make, scan(True), scan_sites(True), length=70,
              fp64_backends=scan_fp64),
         Case("selective_scan", SCAN_BACKENDS, selective_make, selective, selective_sites, length=21,
-             fp64_backends=scan_fp64),
-        Case("selective_state_update", NO_BACKEND, update_make, update, empty=("batch",), fp64_backends=NO_BACKEND),
-        Case("vandermonde_kernel", ATTENTION_BACKENDS, vandermonde_make, vandermonde, batch=3, length=17),
-        Case("s4d_kernel", ATTENTION_BACKENDS, s4d_make, s4d, batch=3, length=17),
-        Case("cauchy_kernel", ATTENTION_BACKENDS, cauchy_make, cauchy, batch=3, length=17),
-        Case("dplr_kernel", ATTENTION_BACKENDS, dplr_make, dplr, batch=2, length=17),
+             fp64_backends=scan_fp64, atomic_backends=CUDA),
+        Case("selective_state_update", CUDA + ("torch",), update_make, update, empty=("batch",)),
+        Case("vandermonde_kernel", CUDA + ATTENTION_BACKENDS, vandermonde_make, vandermonde, batch=3, length=17),
+        Case("s4d_kernel", CUDA + ATTENTION_BACKENDS, s4d_make, s4d, batch=3, length=17),
+        Case("cauchy_kernel", CUDA + ATTENTION_BACKENDS, cauchy_make, cauchy, batch=3, length=17),
+        Case("dplr_kernel", CUDA + ATTENTION_BACKENDS, dplr_make, dplr, batch=2, length=17),
         Case("krylov_kernel", NO_BACKEND, krylov_make, krylov, batch=3, length=17, fp64_backends=NO_BACKEND),
         # An FFT mixes every position: a NaN anywhere in u reaches every output, so it has no sites
         # (docs/ssm.md; the scans are the causal, contained alternative).
@@ -524,4 +688,174 @@ def _ssm_cases():
     ]
 
 
-CASES = _attention_cases() + _linear_cases() + _lla_cases() + _ssm_cases()
+# ------------------------------------------------------------------------------------------- distributed
+# Cases with world > 1 run inside a process group (tests/invariants/test_distributed.py). Their ``call`` takes the
+# full inputs on every rank, runs the op on this rank's shards and returns the full outputs, differentiably, so
+# the checks see one problem: a poisoned position on one rank is checked on every rank's outputs and gradients.
+DIST_WORLD = 2
+DIST_CHUNK = 5  # rows per layout chunk: odd, so that no kernel block divides a shard
+
+
+class _WithGradient(torch.autograd.Function):
+    """``forward(x)`` whose gradient is ``backward(grad)`` (for the collectives below)."""
+
+    @staticmethod
+    def forward(ctx, x, forward, backward):
+        ctx.transpose = backward
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.transpose(grad), None, None
+
+
+def to_shard(x, layout):
+    """The full sequence -> this rank's part; gradient: every rank's (exact) part gathered into the full one."""
+    cp = flashops.distributed
+    return _WithGradient.apply(x, lambda t: cp.shard(t, layout=layout),
+                               lambda g: cp.unshard(g.contiguous(), layout=layout))
+
+
+def from_shards(local, layout):
+    """This rank's part -> the full sequence (all-gather); gradient: this rank's part of the full one (every rank
+    holds the same loss of the full outputs: it counts once, not once per rank)."""
+    cp = flashops.distributed
+    return _WithGradient.apply(local, lambda t: cp.unshard(t, layout=layout), lambda g: cp.shard(g, layout=layout))
+
+
+def _summed(grad):
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad)
+    return grad
+
+
+def held_by_every_rank(x):
+    """An input every rank holds (an initial state); gradient: the ranks' parts summed."""
+    return _WithGradient.apply(x, torch.clone, _summed)
+
+
+def counted_once(y):
+    """An output every rank holds (a final state); gradient: on rank 0 only."""
+    return _WithGradient.apply(y, torch.clone,
+                               lambda g: g if torch.distributed.get_rank() == 0 else torch.zeros_like(g))
+
+
+def window_reach(x: dict, p: int, left, right) -> Site:
+    """Poison q, k, v at position ``p`` of an attention where query i sees keys ``i - left .. i + right`` (None:
+    unbounded): the outputs and dq of the queries that see p change, and dk, dv of the keys those queries see."""
+    t = x["q"].shape[1]
+
+    def rows(lo, hi):
+        return along(1, slice(0 if lo is None else max(0, lo), t if hi is None else min(t, hi + 1)))
+
+    queries = rows(None if left is None else p - (right or 0), None if left is None else p + left)
+    reach = None if left is None or right is None else left + right
+    keys = rows(None if reach is None else p - reach, None if reach is None else p + reach)
+    return Site(f"position {p}", {n: along(1, p) for n in ("q", "k", "v")}, {0: queries},
+                grads={"q": queries, "k": keys, "v": keys})
+
+
+def _distributed_cases():
+    world = DIST_WORLD
+
+    def exact(op_name, layout, **options):
+        def run(x, backend):
+            op = getattr(flashops.distributed, op_name)
+            q, k, v = (to_shard(x[n], layout) for n in ("q", "k", "v"))
+            return from_shards(op(q, k, v, layout=layout, backend=backend, **options), layout)
+        return run
+
+    def single_exact(**options):
+        return lambda x, backend: flashops.flash_attention(x["q"], x["k"], x["v"], backend=backend, **options)
+
+    def exact_make(b, t, dtype, device):
+        return qkv(b, t, dtype, device, heads=4, kv_heads=2)
+
+    def exact_sites(p, left, right):
+        return lambda x: [window_reach(x, p, left, right)] if x["q"].shape[1] > p + 2 else []
+
+    def causal_sites(x):
+        t = x["q"].shape[1]
+        if t <= 12:
+            return []
+        later = along(1, slice(12, None))
+        return [Site("future t>=12", {n: later for n in ("q", "k", "v")}, {0: later},
+                     grads={"q": later, "k": ..., "v": ...})]
+
+    def linear_make(gated):
+        def build(b, t, dtype, device):
+            g = _gen(18)
+            x = dict(q=randn(b, t, 2, 8, dtype=dtype, device=device, gen=g),
+                     k=randn(b, t, 2, 8, dtype=dtype, device=device, gen=g),
+                     v=randn(b, t, 2, 12, dtype=dtype, device=device, gen=g),
+                     h0=randn(b, 2, 8, 12, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                              device=device, gen=g))
+            if gated:
+                x["g"] = F.logsigmoid(randn(b, t, 2, 8, dtype=dtype, device=device, gen=g, scale=2.0)) / 4
+            return x
+        return build
+
+    def lasp2(layout):
+        def run(x, backend):
+            shards = {n: to_shard(x[n], layout) for n in ("q", "k", "v", "g") if n in x}
+            o, final = flashops.distributed.lasp2_attention(
+                shards["q"], shards["k"], shards["v"], g=shards.get("g"), initial_state=held_by_every_rank(x["h0"]),
+                output_final_state=True, layout=layout, backend=backend)
+            return from_shards(o, layout), counted_once(final)
+        return run
+
+    def single_linear(x, backend):
+        if "g" in x:
+            return flashops.gated_linear_attention(x["q"], x["k"], x["v"], x["g"], initial_state=x["h0"],
+                                                   output_final_state=True, backend=backend)
+        return flashops.lightning_attention(x["q"], x["k"], x["v"], initial_state=x["h0"], output_final_state=True,
+                                            backend=backend)
+
+    def linear_sites(piece):
+        def sites(x):
+            t = x["q"].shape[1]
+            if t <= 12:
+                return []
+            later, changes = along(1, slice(12, None)), {0: along(1, slice(12, None)), 1: ...}
+            # The linear-attention backward spreads a non-finite k or v to dq (and GLA's dg) of the earlier rows of
+            # its own kernel call (docs/linear.md): here the local piece holding row 12; LASP-2 adds nothing.
+            call = along(1, slice(12 - 12 % piece, None))
+            everything = {n: ... for n in ("q", "k", "v", "g", "h0") if n in x}
+            return [
+                # Poisoned q: dk and dv of every earlier position take its NaN through the output gradients.
+                Site("future q, k, v (t>=12)", {n: later for n in ("q", "k", "v")}, changes,
+                     grads={**everything, "q": call}),
+                # k, v enter the outputs through the states only: no gradient of another piece or rank changes,
+                # nor the initial state's (the fold's backward sends each chunk only its own share).
+                Site("future k, v (t>=12)", {n: later for n in ("k", "v")}, changes,
+                     grads={"q": call, "k": later, "v": later, **({"g": call} if "g" in x else {})}),
+            ]
+        return sites
+
+    zigzag = 2 * world * DIST_CHUNK
+    contiguous = world * DIST_CHUNK * 2
+    causal_window = dict(causal=True, window_size=(4, 0))
+    # Triton (its interpreter: the ranks' tensors are on the CPU) runs the windowed ring only, the costliest to get
+    # right: causal diagonal blocks, blocks cut by the window, and the global statistics of other ranks' blocks.
+    two_sided = dict(window_size=(3, 2))
+    return [
+        Case("ring_attention[zigzag, causal, gqa]", ("torch",), exact_make,
+             exact("ring_attention", "zigzag", causal=True), causal_sites, length=zigzag,
+             reference=single_exact(causal=True), world=world),
+        Case("ring_attention[zigzag, causal window (4, 0)]", ATTENTION_BACKENDS, exact_make,
+             exact("ring_attention", "zigzag", **causal_window), exact_sites(13, 4, 0), length=zigzag,
+             reference=single_exact(**causal_window), world=world),
+        Case("ring_attention[contiguous, window (3, 2)]", ("torch",), exact_make,
+             exact("ring_attention", "contiguous", **two_sided), exact_sites(9, 3, 2), length=contiguous,
+             reference=single_exact(**two_sided), world=world),
+        Case("ulysses_attention[zigzag, causal window (4, 0)]", ("torch",), exact_make,
+             exact("ulysses_attention", "zigzag", **causal_window), exact_sites(13, 4, 0), length=zigzag,
+             reference=single_exact(**causal_window), world=world),
+        Case("lasp2_attention[lightning, zigzag, states]", ("torch",), linear_make(False), lasp2("zigzag"),
+             linear_sites(DIST_CHUNK), length=zigzag, reference=single_linear, world=world),
+        Case("lasp2_attention[gla, contiguous, states]", ("torch",), linear_make(True), lasp2("contiguous"),
+             linear_sites(2 * DIST_CHUNK), length=contiguous, reference=single_linear, world=world),
+    ]
+
+
+CASES = _attention_cases() + _kvcache_cases() + _linear_cases() + _lla_cases() + _ssm_cases() + _distributed_cases()

@@ -5,26 +5,39 @@
    future entries (a site with ``changes``) leaves every output outside ``changes`` bitwise unchanged, and
    with finite inputs a loss on the unchanged outputs gives those entries a gradient of exactly 0. (The
    backward of a poisoned future entry is not contained: reverse-mode AD multiplies the zero cotangent of
-   an output by its NaN local derivative, in PyTorch's own autograd as here.) A poisoned independent problem
-   (a sequence of a varlen batch) leaves every other gradient bitwise unchanged as well.
+   an output by its NaN local derivative, in PyTorch's own autograd as here.) Where a site names ``grads``,
+   the backward of a loss on every output changes no gradient outside them, bitwise (a poisoned sequence of a
+   varlen batch: no other sequence's; a poisoned key under a sliding window: no key outside its reach).
 2. Empty inputs: batch 0 and length 0 run on every backend and give finite outputs (empty ones, or e.g. a
    final state) and finite gradients of the inputs' shapes.
 3. float64: ``torch.autograd.gradcheck`` passes on every backend that computes float64 in float64.
-4. Determinism: two identical calls give bitwise identical outputs and gradients (every backend promises
-   it: no atomics).
+4. Determinism: two identical calls give bitwise identical outputs and gradients: every backend promises it
+   but the case's ``atomic_backends`` (a backward that adds with atomics), whose gradients agree by the
+   tolerance rule and which decline to run under ``torch.use_deterministic_algorithms(True)``.
 5. Non-contiguous inputs (a row stride larger than the row; stride(-1) == 1) give the contiguous results
    (by the tolerance rule of flashops.testing). 4 and 5 share one test: the Triton interpreter is slow.
+6. Agreement: a case with a ``reference`` (another way to the same outputs: flash_attention on each cached
+   prefix for the KV cache, the single-device op for a distributed one) gives its outputs and gradients by the
+   tolerance rule.
+
+Cases with ``world > 1`` (flashops.distributed) run the same checks inside a process group of that many gloo
+CPU processes (``test_distributed.py``; their ``call`` shards the full inputs, runs and gathers), plus
+agreement on the shortest shards.
 
 Poison: NaN, +inf and -inf in turn over a site's inputs. Inputs are fp32 (the interpreter has no bf16).
 
 To cover a new op, add a ``Case`` to ``registry.py`` (its docstring says how); nothing here changes.
 """
 
+import dataclasses
+import re
+
 import pytest
 import torch
 
+from flashops import _cuda, _dispatch
 from flashops._dispatch import BackendError
-from flashops.testing import assert_close
+from flashops.testing import GRAD_FACTOR, assert_close
 
 from ..conftest import DEVICE
 from .registry import CASES, Case
@@ -36,8 +49,9 @@ def _params(backends_of):
     return [pytest.param(c, b, id=f"{c.name}-{b}") for c in CASES for b in backends_of(c)]
 
 
-ALL = _params(lambda c: c.backends)
-FP64 = _params(lambda c: c.fp64_backends)
+ALL = _params(lambda c: c.backends if c.world == 1 else ())
+FP64 = _params(lambda c: c.fp64_backends if c.world == 1 else ())
+REFERENCED = _params(lambda c: c.backends if c.world == 1 and c.reference is not None else ())
 
 
 def _differentiable(case: Case, x: dict) -> list:
@@ -49,8 +63,24 @@ def _call(case: Case, x: dict, backend: str) -> tuple:
     try:
         out = case.call(x, backend)
     except BackendError as e:
+        _check_declined_for_the_machine(e)
         pytest.skip(str(e).splitlines()[0])
     return tuple(o for o in (out if isinstance(out, tuple) else (out,)) if o is not None)
+
+
+_DECLINED = re.compile(r"(?P<op>\w+): (backend=|FLASHOPS_BACKEND=)'(?P<backend>\w+)' cannot run these inputs: "
+                       r"(?P<reasons>.*)")
+
+
+def _check_declined_for_the_machine(error: BackendError) -> None:
+    """A forced backend may decline only for what this machine lacks (the reasons it gives its op's typical
+    request here), never for the case's inputs: a case a backend never runs would pass unseen on every machine."""
+    found = _DECLINED.fullmatch(str(error))
+    assert found, f"not a forced backend's refusal: {error}"
+    op, backend = found["op"], found["backend"]
+    machine = _dispatch.get(op, backend).supports(_dispatch.probe(op, DEVICE, torch.float32))
+    assert machine and found["reasons"] == "; ".join(machine), \
+        f"{backend} declines these inputs of {op}, not only this machine: {found['reasons']} (machine: {machine})"
 
 
 def _run(case: Case, x: dict, backend: str, douts=None, more=()):
@@ -110,7 +140,8 @@ def test_nonfinite_reaches_only_what_depends_on_it(case, backend):
         poisoned, poisoned_grads = _run(case, _poisoned(x, site), backend)
         for i, (a, b) in enumerate(zip(clean_outs, poisoned)):
             keep = ~_mask(a.shape, site.changes[i], a.device) if i in site.changes else slice(None)
-            assert torch.equal(a[keep], b[keep]), f"{site.name}: output {i} changed outside the entries that may"
+            assert torch.equal(a[keep], b[keep]), \
+                f"{site.name}: output {i} changed outside the entries that may, at {_changed(a, b, keep)}"
         if site.changes:
             assert any(not torch.isfinite(b[site.changes[i]]).all() for i, b in enumerate(poisoned)
                        if i in site.changes), f"{site.name}: the poison reached no output (the site is vacuous)"
@@ -119,16 +150,26 @@ def test_nonfinite_reaches_only_what_depends_on_it(case, backend):
                 g = future_grads[site.name].get(name)
                 assert g is None or not g[index].any(), f"{site.name}: {name} got a gradient from outputs " \
                                                         f"that do not depend on it"
-            for name, g in clean_grads.items() if site.independent else ():
-                keep = ~_mask(g.shape, site.inputs[name], g.device) if name in site.inputs else slice(None)
+            for name, g in clean_grads.items() if site.grads is not None else ():
+                keep = ~_mask(g.shape, site.grads[name], g.device) if name in site.grads else slice(None)
                 assert torch.equal(g[keep], poisoned_grads[name][keep]), \
-                    f"{site.name}: gradient of {name} changed outside the poisoned problem"
+                    f"{site.name}: gradient of {name} changed outside the entries the poison may reach, at " \
+                    f"{_changed(g, poisoned_grads[name], keep)}"
             continue
         for name, g in clean_grads.items():
-            assert torch.equal(g, poisoned_grads[name]), f"{site.name}: gradient of {name} changed"
+            assert torch.equal(g, poisoned_grads[name]), \
+                f"{site.name}: gradient of {name} changed, at {_changed(g, poisoned_grads[name])}"
             if name in site.inputs:
                 assert not poisoned_grads[name][site.inputs[name]].any(), \
                     f"{site.name}: masked-out entries of {name} got a non-zero gradient"
+
+
+def _changed(a, b, keep=slice(None), shown=6) -> list:
+    """The first ``shown`` indices where ``b`` differs from ``a`` (NaN == NaN) among the entries ``keep``."""
+    region = torch.zeros(a.shape, dtype=torch.bool, device=a.device)
+    region[keep] = True
+    differ = (a != b) & ~(torch.isnan(a) & torch.isnan(b)) & region
+    return differ.nonzero()[:shown].tolist()
 
 
 def _douts_outside(site):
@@ -155,7 +196,18 @@ def test_deterministic_and_layout_independent(case, backend):
     again, again_grads = _run(case, x, backend)
     assert all(torch.equal(a, b) for a, b in zip(outs, again)), "outputs differ between two identical calls"
     for name, g in grads.items():
-        assert torch.equal(g, again_grads[name]), f"gradient of {name} differs between two identical calls"
+        if backend in case.atomic_backends:  # the order of atomic additions varies: equal by the tolerance rule
+            assert_close(f"grad {name} (second call)", _as_real(again_grads[name]), _as_real(g))
+        else:
+            assert torch.equal(g, again_grads[name]), f"gradient of {name} differs between two identical calls"
+    if backend in case.atomic_backends:
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            with pytest.raises(BackendError, match="deterministic algorithms are enabled"):
+                case.call(x, backend)
+        finally:
+            torch.use_deterministic_algorithms(before)
     strided = {n: _strided(t) for n, t in x.items()}
     assert any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in strided.values())
     outs_s, grads_s = _run(case, strided, backend)
@@ -168,6 +220,19 @@ def test_deterministic_and_layout_independent(case, backend):
 
 def _as_real(t):
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+@pytest.mark.parametrize("case, backend", REFERENCED)
+def test_agrees_with_reference(case, backend, length=None):
+    x = _inputs(case, length=length)
+    outs, grads = _run(case, x, backend)
+    want, want_grads = _run(dataclasses.replace(case, call=case.reference), x, backend)
+    assert len(outs) == len(want)
+    for i, (a, b) in enumerate(zip(outs, want)):
+        assert_close(f"{case.name}: output {i}", _as_real(a), _as_real(b))
+    for name, g in grads.items():
+        if g is not None:
+            assert_close(f"{case.name}: grad {name}", _as_real(g), _as_real(want_grads[name]), factor=GRAD_FACTOR)
 
 
 @pytest.mark.parametrize("dim", ["batch", "length"])
@@ -197,3 +262,22 @@ def test_float64_gradcheck(case, backend):
     outs = fn(*inputs)
     assert all(o.dtype in (torch.float64, torch.complex128) for o in outs if o.is_floating_point() or o.is_complex())
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True, atol=1e-6, rtol=1e-4)
+
+
+CUDA_CASES = [pytest.param(c, id=c.name) for c in CASES if "cuda" in c.backends]
+
+
+@pytest.mark.parametrize("case", CUDA_CASES)
+def test_cuda_backend_runs_or_declines_for_the_machine_only(case):
+    """The cuda backend, without the host emulator (parametrized as ``case``, not ``backend``: tests/conftest.py
+    installs the emulator for the latter): where the CUDA kernels cannot launch it declines with exactly the
+    reasons of this machine, so the suite's skips there say the truth; where they can, the case runs."""
+    x = _inputs(case)
+    machine = _cuda.device_reasons(DEVICE)
+    if not machine:
+        assert all(torch.isfinite(_as_real(o)).all() for o in _call(case, x, "cuda"))
+        return
+    with pytest.raises(BackendError) as declined:
+        case.call(x, "cuda")
+    _check_declined_for_the_machine(declined.value)
+    assert str(declined.value).endswith("; ".join(machine))

@@ -136,6 +136,87 @@ def test_flash_attention_varlen(backend):
     _explore(backend, examples(), check)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flash_attention_with_kvcache(backend):
+    """Against flash_attention on each sequence's prefix: the cached keys [leftpad, cache_seqlens) then the new
+    ones. Contiguous and paged caches (pages shuffled, entries past the end pointing nowhere), appending or not,
+    Tq up to 5, windows, softcap, ALiBi per head or per sequence, split counts; float64 on the torch path (the
+    oracle: flash_attention in float64)."""
+    dtypes = [d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+              if _supported("attention_kvcache", backend, d, head_dim=16, paged=False)]
+
+    @st.composite
+    def examples(draw):
+        b, t_q = draw(st.sampled_from(BATCHES)), draw(st.sampled_from([1, 2, 5]))
+        t_new = draw(st.sampled_from([0, t_q]))
+        page_size = draw(st.sampled_from([None, 16, 32]))
+        capacity = draw(st.sampled_from([t_new + 1, 37, 80]))
+        if page_size:
+            capacity = -(-capacity // page_size) * page_size
+        lengths = [draw(st.integers(0, capacity - t_new)) for _ in range(b)]
+        causal = draw(st.booleans())
+        return dict(b=b, t_q=t_q, t_new=t_new, page_size=page_size, capacity=capacity, lengths=lengths,
+                    leftpad=[draw(st.integers(0, n + t_new)) for n in lengths] if draw(st.booleans()) else None,
+                    h_kv=draw(st.sampled_from([1, 2])), group=draw(st.sampled_from([1, 3])),
+                    d=draw(st.sampled_from([8, 16, 40])), causal=causal,
+                    window=(draw(st.sampled_from([-1, 0, 5])), -1 if causal else draw(st.sampled_from([-1, 0, 2]))),
+                    softcap=draw(st.sampled_from([0.0, 2.5])), alibi=draw(st.sampled_from([None, "head", "batch"])),
+                    num_splits=draw(st.sampled_from([0, 1, 3])), dtype=draw(st.sampled_from(dtypes)),
+                    seed=draw(st.integers(0, 2**16)))
+
+    def check(x):
+        gen = torch.Generator().manual_seed(x["seed"])
+        b, t_q, t_new, h_kv, d, dtype = x["b"], x["t_q"], x["t_new"], x["h_kv"], x["d"], x["dtype"]
+        h = h_kv * x["group"]
+        q, k, v = _tensors(gen, dtype, (b, t_q, h, d), (b, t_new, h_kv, d), (b, t_new, h_kv, d))
+        caches = _tensors(gen, dtype, (b, x["capacity"], h_kv, d), (b, x["capacity"], h_kv, d))
+        k_cache, v_cache, table = _paged(caches, x["page_size"], [n + t_new for n in x["lengths"]], gen)
+        slopes = {None: None, "head": (h,), "batch": (b, h)}[x["alibi"]]
+        slopes = None if slopes is None else torch.rand(slopes, generator=gen).to(DEVICE)
+        lengths = torch.tensor(x["lengths"], dtype=torch.int32, device=DEVICE)
+        leftpad = None if x["leftpad"] is None else torch.tensor(x["leftpad"], dtype=torch.int32, device=DEVICE)
+        options = dict(causal=x["causal"], window_size=x["window"], softcap=x["softcap"])
+        out, lse = flashops.flash_attention_with_kvcache(
+            q, k_cache, v_cache, k if t_new else None, v if t_new else None, cache_seqlens=lengths,
+            cache_leftpad=leftpad, block_table=table, alibi_slopes=slopes, num_splits=x["num_splits"],
+            return_lse=True, backend=backend, **options)
+        oracle = torch.float64 if dtype == torch.float64 else torch.float32
+        for i in range(b):
+            start = 0 if leftpad is None else x["leftpad"][i]
+            keys, values = (torch.cat([c[i, :x["lengths"][i]], new[i]])[start:][None] for c, new in ((caches[0], k),
+                                                                                                      (caches[1], v)))
+            row_slopes = slopes[i] if x["alibi"] == "batch" else slopes
+            want, want_lse = flashops.flash_attention(q[i:i + 1].to(oracle), keys.to(oracle), values.to(oracle),
+                                                      alibi_slopes=row_slopes, return_lse=True, backend="torch",
+                                                      **options)
+            base = None
+            if dtype in (torch.float16, torch.bfloat16):
+                base = attention_ref.attention(q[i:i + 1], keys, values, alibi_slopes=row_slopes, upcast=False,
+                                               **options)[0]
+            assert_close(f"kvcache out of sequence {i}", out[i:i + 1], want, base, dtype=dtype)
+            assert_close(f"kvcache lse of sequence {i}", lse[i:i + 1], want_lse.float(), dtype=torch.float32)
+
+    _explore(backend, examples(), check)
+
+
+def _paged(caches, page_size, used_lengths, gen):
+    """(k_cache, v_cache, block_table) holding the logical caches ``[B, capacity, Hkv, D]``: as they are, or in
+    pages of ``page_size`` in shuffled order (one spare page), block-table entries past a sequence's last used
+    page naming no page."""
+    if page_size is None:
+        return caches[0].clone(), caches[1].clone(), None
+    b, capacity = caches[0].shape[:2]
+    per_sequence = capacity // page_size
+    order = torch.randperm(b * per_sequence + 1, generator=gen)
+    table = order[:b * per_sequence].reshape(b, per_sequence).to(DEVICE, torch.int32)
+    pools = [c.new_zeros(b * per_sequence + 1, page_size, *c.shape[2:]) for c in caches]
+    for pool, cache in zip(pools, caches):
+        pool[table.long().flatten()] = cache.reshape(b * per_sequence, page_size, *cache.shape[2:])
+    used = torch.tensor([-(-n // page_size) for n in used_lengths], device=DEVICE)
+    table[torch.arange(per_sequence, device=DEVICE)[None, :] >= used[:, None]] = 10**6
+    return pools[0], pools[1], table
+
+
 # ----------------------------------------------------------------------------------------------- linear
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -173,6 +173,9 @@ def _backward_one(seq: _Sequence, dout, lse, delta, want_dbias: bool):
     dv = torch.zeros(b, h_kv, t_k, d, device=dev, dtype=dt)
     dbias = torch.zeros(b, h_kv, g, t_q, t_k, device=dev, dtype=dt) if want_dbias else None
     lse_safe = lse.masked_fill(torch.isneginf(lse), float("inf"))[..., None]
+    # A NaN statistic can come with finite q, k, v when the output and lse are those of a larger attention (ring
+    # attention's global ones, which another rank's NaN reached): masked entries must stay out of it too.
+    finite = seq.finite and all_finite(lse_safe.masked_fill(torch.isposinf(lse_safe), 0.0), delta)
     query_chunk, key_chunk = _chunk_sizes(b * h_kv * g, t_q, t_k)
     keep_scale = 1.0 / (1.0 - a.dropout_p) if a.dropout_p > 0 else 1.0
     for i0 in range(0, t_q, query_chunk):
@@ -183,7 +186,7 @@ def _backward_one(seq: _Sequence, dout, lse, delta, want_dbias: bool):
         for j0 in range(lo, hi, key_chunk):
             j1 = min(j0 + key_chunk, hi)
             s, tanh = seq.scores(i0, i1, j0, j1)
-            contained = not seq.finite and seq.masked(i0, i1, j0, j1)
+            contained = not finite and seq.masked(i0, i1, j0, j1)
             visible = ~torch.isneginf(s) if contained else None
             p = s.sub_(lse_safe[..., i0:i1, :]).exp_()
             zero = torch.zeros((), dtype=dt, device=dev)

@@ -5,7 +5,10 @@ chunks with an online softmax, all sequences at once (paged caches are gathered 
 block table), and the queries in chunks, so the largest temporary is one ``[B, H, Cq, Ck]`` score tile of at
 most TILE_ELEMENTS: memory is linear in the cache length, whatever Tq is. Slots outside a sequence's
 ``[leftpad, seqlen)`` are replaced by zeros before any arithmetic (select, not multiply), so garbage or NaN
-there never reaches an output.
+there never reaches an output. Slots that the window (or causality among several queries) hides from some
+queries only are masked in the scores; a non-finite value among them goes through ``masked_matmul``, which
+keeps it to the rows that see it (on the CPU only when the chunk holds one; elsewhere always, since checking
+would synchronize with the host).
 
 On the CPU the loops stop at the longest sequence (reading the lengths is free there); on other devices they
 cover the whole capacity, so that no call synchronizes with the host.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._numerics import all_finite, masked_matmul
 from .args import KVCacheArgs, cache_capacity
 
 # One [B, H, Cq, Ck] score tile stays within this many elements. Decode steps (few queries) take the keys in
@@ -81,6 +85,8 @@ def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
     key_chunk = max(1, min(capacity, max(MIN_KEY_CHUNK, TILE_ELEMENTS // max(1, b * h * t_q))))
     query_chunk = max(1, min(t_q, TILE_ELEMENTS // max(1, b * h * key_chunk)))
     slopes = None if a.alibi_slopes is None else a.alibi_slopes.to(compute).reshape(-1, h_kv, g, 1, 1)
+    # Whether the window (or causality among several queries) hides some valid slots from some queries.
+    window_masks = a.window_left is not None or (a.window_right is not None and t_q > 1)
 
     qg = q.to(compute).reshape(b, t_q, h_kv, g, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Tq, D]
     out = torch.zeros(b, h_kv, g, t_q, d, device=dev, dtype=compute)
@@ -119,7 +125,13 @@ def forward(q, k_cache, v_cache, k, v, a: KVCacheArgs):
             alpha = torch.exp(m - m_safe)
             l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
             values = _gather(v_cache, a, j0, j1, valid, seqlen_k, leftpad, compute)
-            pv = torch.matmul(p.view(b, h_kv, g * (t1 - t0), j1 - j0), values)
+            p = p.view(b, h_kv, g * (t1 - t0), j1 - j0)
+            if window_masks and (dev.type != "cpu" or not all_finite(values)):
+                # A non-finite value some rows see and others do not (0 * NaN): keep it to the rows that see it.
+                rows_visible = visible.expand(b, 1, g, t1 - t0, j1 - j0).reshape(b, 1, g * (t1 - t0), j1 - j0)
+                pv = masked_matmul(p, values, rows_visible)
+            else:
+                pv = torch.matmul(p, values)
             acc = pv.view_as(acc).add_(acc.mul_(alpha))
             m = m_new
         empty = l == 0

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ..._triton_utils import config, dot_precision, launcher, strides
 from ..common.triton_math import LN2, LOG2E, tanh
+from ..common.triton_numerics import masked_dot
 from .args import KVCacheArgs, cache_capacity
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -138,7 +139,10 @@ def _output_tile(acc, l_i, m_i, q, k_seq, v_seq, table_row, start_n, offs_n, off
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    if MASKED:  # a NaN/Inf value of a key hidden from some rows must not reach them (0 * NaN)
+        acc = masked_dot(p, v, s != float("-inf"), acc * alpha[:, None], DOT_PRECISION)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
