@@ -114,18 +114,21 @@ def linear_state_fwd_kernel(
     # strides
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     # sizes
-    seqlen, n_chunks, num_kv_heads, num_state_heads,
+    seqlen, n_chunks, num_heads,
     # meta-parameters
+    GROUP: tl.constexpr, HEADS_PER_STATE: tl.constexpr,
     K_DIM: tl.constexpr, V_DIM: tl.constexpr, SCALAR: tl.constexpr, HAS_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr, EVEN_V: tl.constexpr,
 ):
     """hs[chunk] = state before the chunk; ht = final state (fp32). S <- decay(chunk) S + (k * decay_to_end)^T v.
-    One program per state head s, which reads kv head s // (num_state_heads / num_kv_heads)."""
+    One program per state head s, which reads kv head s // (GROUP / HEADS_PER_STATE)."""
     pid_ns, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_kv_heads = num_heads // GROUP
+    num_state_heads = num_heads // HEADS_PER_STATE
     n = pid_ns // num_state_heads
     s = pid_ns % num_state_heads
-    kv = s // (num_state_heads // num_kv_heads)
+    kv = s // (GROUP // HEADS_PER_STATE)
     b, bos, seqlen, first, count = sequence_chunks(n, CU, CHUNK_OFF, seqlen, n_chunks, IS_VARLEN)
     origin = sequence_origin(bos, seqlen, REVERSE)
     offs_t = tl.arange(0, BT)
@@ -175,8 +178,9 @@ def linear_state_bwd_kernel(
     # strides
     stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
     # sizes and scalars
-    scale, seqlen, n_chunks, num_heads, num_kv_heads, num_state_heads,
+    scale, seqlen, n_chunks, num_heads,
     # meta-parameters
+    GROUP: tl.constexpr, HEADS_PER_STATE: tl.constexpr,
     K_DIM: tl.constexpr, V_DIM: tl.constexpr, SCALAR: tl.constexpr, HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr, EVEN_V: tl.constexpr,
@@ -185,10 +189,11 @@ def linear_state_bwd_kernel(
     D <- decay(chunk) D + scale * sum over the query heads h reading the state of (q_h * decay_from_start)^T do_h
     (one program per state head: the sum over a GQA group stays inside it, no atomics)."""
     pid_ns, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_kv_heads = num_heads // GROUP
+    num_state_heads = num_heads // HEADS_PER_STATE
     n = pid_ns // num_state_heads
     s = pid_ns % num_state_heads
-    kv = s // (num_state_heads // num_kv_heads)
-    heads_per_state = num_heads // num_state_heads
+    kv = s // (GROUP // HEADS_PER_STATE)
     b, bos, seqlen, first, count = sequence_chunks(n, CU, CHUNK_OFF, seqlen, n_chunks, IS_VARLEN)
     origin = sequence_origin(bos, seqlen, REVERSE)
     offs_t = tl.arange(0, BT)
@@ -212,22 +217,24 @@ def linear_state_bwd_kernel(
         t0 = i * BT
         length = tl.minimum(seqlen - t0, BT)
         t_ok = offs_t < length
+        gc_base = buffer_base(GC, b, bos, t0, kv, seqlen, num_kv_heads * K_DIM, K_DIM)
         if SCALAR:
-            q_decay = tl.exp(-slope * (offs_t + 1).to(tl.float32))[None, :] * scale
             d_state = d_state * tl.exp(-slope * length.to(tl.float32))
         else:
-            gc_base = buffer_base(GC, b, bos, t0, kv, seqlen, num_kv_heads * K_DIM, K_DIM)
-            gc_t = load_tile_t(gc_base, num_kv_heads * K_DIM, offs_t, t_ok, offs_k, k_ok, EVEN_K)
             g_last = tl.load(gc_base + (length - 1) * (num_kv_heads * K_DIM) + offs_k, mask=k_ok, other=0.0)
-            q_decay = tl.exp(gc_t) * scale
             d_state = d_state * tl.exp(g_last)[:, None]
-        for r in range(heads_per_state):
-            h = s * heads_per_state + r
+        for r in range(HEADS_PER_STATE):  # one iteration (folded away) unless a state serves several query heads
+            h = s * HEADS_PER_STATE + r
             q_t = load_tile_t(row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
                               offs_t, t_ok, offs_k, k_ok, EVEN_K)  # [BK, BT]
+            if SCALAR:
+                q_dec = q_t * (tl.exp(-slope * (offs_t + 1).to(tl.float32)) * scale)[None, :]
+            else:  # the decay is reloaded per query head rather than held in registers across them
+                q_dec = q_t * (tl.exp(load_tile_t(gc_base, num_kv_heads * K_DIM, offs_t, t_ok, offs_k, k_ok, EVEN_K))
+                               * scale)
             do = load_tile(row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh), stride_dot,
                            offs_t, t_ok, offs_v, v_ok, EVEN_V)
-            d_state += tl.dot((q_t * q_decay).to(do.dtype), do, input_precision=DOT_PRECISION)
+            d_state += tl.dot(q_dec.to(do.dtype), do, input_precision=DOT_PRECISION)
     if STORE_DH0:
         tl.store(DH0 + seq_state + state_off, d_state, mask=kv_ok)
 
@@ -246,7 +253,9 @@ class Heads(NamedTuple):
         return cls(q.shape[2], k.shape[2], slopes.shape[0] if slopes is not None else k.shape[2])
 
     def args(self) -> dict:
-        return dict(num_heads=self.q, num_kv_heads=self.kv, num_state_heads=self.state)
+        """The kernels' head arguments: query heads and, as compile-time constants, the group sizes (query heads per
+        kv head, per state head): the group loops of a call without GQA have one iteration and compile away."""
+        return dict(num_heads=self.q, GROUP=self.q // self.kv, HEADS_PER_STATE=self.q // self.state)
 
 
 def contiguous_states(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -265,8 +274,8 @@ def forward_states(k, v, gc, slopes, initial_state, layout: ChunkLayout, heads: 
         lambda m: (layout.n_seq * heads.state, triton.cdiv(d_k, m["BK"]), triton.cdiv(d_v, m["BV"])),
         K=k, V=v, GC=gc if gc is not None else hs, SLOPES=slopes if slopes is not None else hs,
         H0=initial_state if initial_state is not None else hs, HS=hs, HT=ht, **layout.sequence_args(),
-        **processing_strides("k", k, reverse), **processing_strides("v", v, reverse), num_kv_heads=heads.kv,
-        num_state_heads=heads.state, K_DIM=d_k, V_DIM=d_v, SCALAR=gc is None, HAS_H0=initial_state is not None,
+        **processing_strides("k", k, reverse), **processing_strides("v", v, reverse), **heads.args(),
+        K_DIM=d_k, V_DIM=d_v, SCALAR=gc is None, HAS_H0=initial_state is not None,
         STORE_FINAL=store_final, REVERSE=reverse, DOT_PRECISION=dot_precision(k.dtype), BT=CHUNK)
     return hs, (ht if store_final else None)
 

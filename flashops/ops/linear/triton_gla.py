@@ -55,14 +55,15 @@ def gla_intra_fwd_kernel(
     # strides
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     # sizes and scalars
-    scale, seqlen, n_chunks, num_heads, num_kv_heads,
+    scale, seqlen, n_chunks, num_heads,
     # meta-parameters
-    K_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, K_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Rows of sub-chunk s of the intra-chunk scores A[r, c] = scale sum_k q_rk k_ck exp(gc_rk - gc_ck), c <= r
     ([B, T, H, BT] fp32; every column of a valid row is written, zeros above the diagonal); one program per
-    query head h, reading the keys and gates of kv head h // group."""
+    query head h, reading the keys and gates of kv head h // GROUP."""
     pid_c, s, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -70,7 +71,8 @@ def gla_intra_fwd_kernel(
     if s * BC >= length:
         return
     origin = sequence_origin(bos, seqlen, REVERSE)
-    kv = h // (num_heads // num_kv_heads)
+    kv = h // GROUP
+    num_kv_heads = num_heads // GROUP
     gc_stride = num_kv_heads * K_DIM
     a_stride = num_heads * BT
     offs_c = tl.arange(0, BC)
@@ -121,18 +123,19 @@ def gla_output_fwd_kernel(
     # strides
     stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
     # sizes and scalars
-    scale, seqlen, n_chunks, num_heads, num_kv_heads,
+    scale, seqlen, n_chunks, num_heads,
     # meta-parameters
-    K_DIM: tl.constexpr, V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    GROUP: tl.constexpr, K_DIM: tl.constexpr, V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_V: tl.constexpr,
 ):
     """o = scale * (q * exp(gc)) h + A v; one program per query head h (values, gates and state of kv head
-    h // group)."""
+    h // GROUP)."""
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, bos, origin, seqlen, t0, length, offs_t, t_ok = chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks,
                                                                   IS_VARLEN, REVERSE, BT)
-    kv = h // (num_heads // num_kv_heads)
+    kv = h // GROUP
+    num_kv_heads = num_heads // GROUP
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < V_DIM
     gc_stride = num_kv_heads * K_DIM
@@ -167,9 +170,9 @@ def gla_dv_bwd_kernel(
     # strides
     stride_kb, stride_kt, stride_kh, stride_dob, stride_dot, stride_doh, stride_dvb, stride_dvt, stride_dvh,
     # sizes
-    seqlen, n_chunks, num_heads, num_kv_heads,
+    seqlen, n_chunks, num_heads,
     # meta-parameters
-    K_DIM: tl.constexpr, V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    GROUP: tl.constexpr, K_DIM: tl.constexpr, V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_V: tl.constexpr,
 ):
@@ -177,7 +180,7 @@ def gla_dv_bwd_kernel(
     pid_c, pid_v, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, bos, origin, seqlen, t0, length, offs_t, t_ok = chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks,
                                                                   IS_VARLEN, REVERSE, BT)
-    group = num_heads // num_kv_heads
+    num_kv_heads = num_heads // GROUP
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < V_DIM
     gc_stride = num_kv_heads * K_DIM
@@ -195,8 +198,8 @@ def gla_dv_bwd_kernel(
         k_dec = k * tl.exp(tl.where(t_ok[:, None], g_last[None, :] - g, float("-inf")))
         acc += tl.dot(k_dec.to(k.dtype), d_state.to(k.dtype), input_precision=DOT_PRECISION)
     a_stride = num_heads * BT
-    for r in range(group):
-        h = kv * group + r
+    for r in range(GROUP):
+        h = kv * GROUP + r
         scores_t = load_tile_t(buffer_base(A, b, bos, t0, h, seqlen, a_stride, BT), a_stride, offs_t, t_ok, offs_t,
                                offs_t < BT, True)  # [c, r]
         do = load_tile(row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh), stride_dot,
@@ -215,16 +218,17 @@ def gla_dscores_bwd_kernel(
     # strides
     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
     # sizes and scalars
-    scale, seqlen, n_chunks, num_heads, num_kv_heads,
+    scale, seqlen, n_chunks, num_heads,
     # meta-parameters
-    V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, EVEN_V: tl.constexpr,
 ):
     """dA[r, c] = scale * do_r . v_c for c <= r (fp32 [B, T, H, BT]); one program per query head."""
     pid_c, h = tl.program_id(0), tl.program_id(1)
     b, bos, origin, seqlen, t0, length, offs_t, t_ok = chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks,
                                                                   IS_VARLEN, REVERSE, BT)
-    kv = h // (num_heads // num_kv_heads)
+    kv = h // GROUP
     v_base = row_base(V, b, origin, t0, kv, stride_vb, stride_vt, stride_vh)
     do_base = row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh)
     acc = tl.zeros([BT, BT], dtype=tl.float32)
@@ -248,9 +252,10 @@ def gla_intra_bwd_kernel(
     # strides
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     # sizes
-    seqlen, n_chunks, num_heads, num_kv_heads,
+    seqlen, n_chunks, num_heads,
     # meta-parameters
-    K_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, K_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Intra-chunk parts for sub-chunk s, one program per kv head looping over its group's query heads h:
@@ -265,7 +270,7 @@ def gla_intra_bwd_kernel(
     if s * BC >= length:
         return
     origin = sequence_origin(bos, seqlen, REVERSE)
-    group = num_heads // num_kv_heads
+    num_kv_heads = num_heads // GROUP
     gc_stride = num_kv_heads * K_DIM
     a_stride = num_heads * BT
     offs_c = tl.arange(0, BC)
@@ -280,13 +285,11 @@ def gla_intra_bwd_kernel(
     g_first = tl.load(gc_base + (s * BC) * gc_stride + offs_k, mask=k_ok, other=0.0)
     last = tl.minimum(s * BC + BC, length) - 1
     g_last = tl.load(gc_base + last * gc_stride + offs_k, mask=k_ok, other=0.0)
-    # The diagonal block's weights w[r, c, k] = exp(gc_r - gc_c) (c <= r) serve every head of the group.
     causal = (offs_c[:, None] >= offs_c[None, :]) & r_ok[:, None]
-    weight = tl.exp(tl.where(causal[:, :, None], g_s[:, None, :] - g_s[None, :, :], float("-inf")))
     dk_off = tl.zeros([BC, BK], dtype=tl.float32)  # rows of later sub-chunks, anchored at the last row of s
     dk_diag = tl.zeros([BC, BK], dtype=tl.float32)
-    for r in range(group):
-        h = kv * group + r
+    for r in range(GROUP):
+        h = kv * GROUP + r
         q_base = row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh)
         da_base = buffer_base(DA, b, bos, t0, h, seqlen, a_stride, BT)
         q_s = load_tile(q_base, stride_qt, rows, r_ok, offs_k, k_ok, EVEN_K)
@@ -308,7 +311,9 @@ def gla_intra_bwd_kernel(
             d_scores_t = tl.load(da_base + later[None, :] * a_stride + rows[:, None], mask=l_ok[None, :], other=0.0)
             q_scaled = q_m * tl.exp(tl.where(l_ok[:, None], g_m - g_last[None, :], float("-inf")))
             dk_off += tl.dot(d_scores_t.to(q_m.dtype), q_scaled.to(q_m.dtype), input_precision=DOT_PRECISION)
-        # Diagonal block, elementwise in fp32: dq sums over c, dk over r.
+        # Diagonal block, elementwise in fp32: dq sums over c, dk over r. The weights w[r, c, k] = exp(gc_r - gc_c)
+        # are the group's, but recomputed per head: [16, 16, BK] fp32 is too large to keep across the loop.
+        weight = tl.exp(tl.where(causal[:, :, None], g_s[:, None, :] - g_s[None, :, :], float("-inf")))
         d_scores = tl.load(da_base + rows[:, None] * a_stride + rows[None, :], mask=r_ok[:, None], other=0.0)
         d_weighted = d_scores[:, :, None] * weight
         dq += tl.sum(d_weighted * k_s.to(tl.float32)[None, :, :], axis=1)
@@ -331,9 +336,9 @@ def gla_inter_bwd_kernel(
     stride_gb, stride_gt, stride_gh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
     stride_dkb, stride_dkt, stride_dkh,
     # sizes and scalars
-    scale, seqlen, n_chunks, num_heads, num_kv_heads,
+    scale, seqlen, n_chunks, num_heads,
     # meta-parameters
-    K_DIM: tl.constexpr, V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    GROUP: tl.constexpr, K_DIM: tl.constexpr, V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_V: tl.constexpr,
 ):
@@ -343,19 +348,18 @@ def gla_inter_bwd_kernel(
     pid_c, pid_k, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, bos, origin, seqlen, t0, length, offs_t, t_ok = chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks,
                                                                   IS_VARLEN, REVERSE, BT)
-    group = num_heads // num_kv_heads
+    num_kv_heads = num_heads // GROUP
     offs_k = pid_k * BK + tl.arange(0, BK)
     k_ok = offs_k < K_DIM
     mask = tile_mask(t_ok, k_ok, EVEN_K)
     v_base = row_base(V, b, origin, t0, kv, stride_vb, stride_vt, stride_vh)
     gc_stride = num_kv_heads * K_DIM
     gc_base = buffer_base(GC, b, bos, t0, kv, seqlen, gc_stride, K_DIM)
-    g = load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok, EVEN_K)
     dk = tl.zeros([BT, BK], dtype=tl.float32)
     d_last = tl.zeros([BK], dtype=tl.float32)
     d_cum = tl.zeros([BT, BK], dtype=tl.float32)  # dL/dgc: sum_h q_h dq_h - k dk
-    for r in range(group):
-        h = kv * group + r
+    for r in range(GROUP):
+        h = kv * GROUP + r
         do_base = row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh)
         dq = tl.zeros([BT, BK], dtype=tl.float32)
         for vt in range(tl.cdiv(V_DIM, BV)):
@@ -371,6 +375,7 @@ def gla_inter_bwd_kernel(
                                     mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)
                 dk += tl.dot(v, d_state_t.to(v.dtype), input_precision=DOT_PRECISION)
                 d_last += tl.sum(state_t.to(tl.float32) * d_state_t.to(tl.float32), axis=0)
+        g = load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok, EVEN_K)
         q = load_tile(row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
                       offs_t, t_ok, offs_k, k_ok, EVEN_K).to(tl.float32)
         intra_off = offs_t[:, None] * (num_heads * K_DIM) + offs_k[None, :]
@@ -379,6 +384,7 @@ def gla_inter_bwd_kernel(
         d_cum += q * dq
         tl.store(row_base(DQ, b, origin, t0, h, stride_dqb, stride_dqt, stride_dqh)
                  + offs_t[:, None] * stride_dqt + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
+    g = load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok, EVEN_K)
     g_last = tl.load(gc_base + (length - 1) * gc_stride + offs_k, mask=k_ok, other=0.0)
     k = load_tile(row_base(K, b, origin, t0, kv, stride_kb, stride_kt, stride_kh), stride_kt,
                   offs_t, t_ok, offs_k, k_ok, EVEN_K).to(tl.float32)
@@ -402,7 +408,7 @@ def gla_inter_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------------- launchers
 def _layout_args(q, call: Call) -> dict:
-    return dict(num_heads=call.heads.q, num_kv_heads=call.heads.kv, REVERSE=call.reverse,
+    return dict(num_heads=call.heads.q, GROUP=call.heads.q // call.heads.kv, REVERSE=call.reverse,
                 DOT_PRECISION=dot_precision(q.dtype), BT=CHUNK, **call.layout.chunk_args())
 
 

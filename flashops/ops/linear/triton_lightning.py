@@ -45,19 +45,21 @@ def lightning_output_fwd_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     # sizes and scalars
-    scale, seqlen, n_chunks, num_heads, num_kv_heads, num_state_heads,
+    scale, seqlen, n_chunks, num_heads,
     # meta-parameters
+    GROUP: tl.constexpr, HEADS_PER_STATE: tl.constexpr,
     K_DIM: tl.constexpr, V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_V: tl.constexpr,
 ):
     """o = scale * [(q * lambda^(r+1)) h + ((q k^T) * D) v] with D[r, c] = lambda^(r-c) for c <= r; one program
-    per query head h (kv head h // group, state head h // heads_per_state)."""
+    per query head h (kv head h // GROUP, state head h // HEADS_PER_STATE)."""
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, bos, origin, seqlen, t0, length, offs_t, t_ok = chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks,
                                                                   IS_VARLEN, REVERSE, BT)
-    kv = h // (num_heads // num_kv_heads)
-    s = h // (num_heads // num_state_heads)
+    kv = h // GROUP
+    s = h // HEADS_PER_STATE
+    num_state_heads = num_heads // HEADS_PER_STATE
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < V_DIM
     q_base = row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh)
@@ -95,8 +97,9 @@ def lightning_dv_bwd_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_dob, stride_dot, stride_doh,
     stride_dvb, stride_dvt, stride_dvh,
     # sizes and scalars
-    scale, seqlen, n_chunks, num_heads, num_kv_heads, num_state_heads,
+    scale, seqlen, n_chunks, num_heads,
     # meta-parameters
+    GROUP: tl.constexpr, HEADS_PER_STATE: tl.constexpr,
     K_DIM: tl.constexpr, V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_V: tl.constexpr,
@@ -106,21 +109,19 @@ def lightning_dv_bwd_kernel(
     pid_c, pid_v, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, bos, origin, seqlen, t0, length, offs_t, t_ok = chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks,
                                                                   IS_VARLEN, REVERSE, BT)
-    states_per_kv = num_state_heads // num_kv_heads
-    heads_per_state = num_heads // num_state_heads
+    num_state_heads = num_heads // HEADS_PER_STATE
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < V_DIM
     rows = offs_t.to(tl.float32)
-    causal_t = offs_t[:, None] <= offs_t[None, :]  # c <= r
     k_base = row_base(K, b, origin, t0, kv, stride_kb, stride_kt, stride_kh)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
-    for si in range(states_per_kv):
-        s = kv * states_per_kv + si
+    # Loops of one iteration unless GQA: the states of kv head kv (one per slope), the query heads of each.
+    for si in range(GROUP // HEADS_PER_STATE):
+        s = kv * (GROUP // HEADS_PER_STATE) + si
         slope = decay_slope(SLOPES, s)
         to_end = tl.exp(tl.where(t_ok, -slope * (length - 1 - offs_t).to(tl.float32), float("-inf")))
-        decay_t = tl.exp(tl.where(causal_t, -slope * (rows[None, :] - rows[:, None]), float("-inf")))
-        for r in range(heads_per_state):
-            h = s * heads_per_state + r
+        for r in range(HEADS_PER_STATE):
+            h = s * HEADS_PER_STATE + r
             q_base = row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh)
             scores_t = tl.zeros([BT, BT], dtype=tl.float32)  # [c, r]
             for kt in range(tl.cdiv(K_DIM, BK)):
@@ -134,6 +135,8 @@ def lightning_dv_bwd_kernel(
                                       mask=tile_mask(k_ok, v_ok, EVEN_V), other=0.0)
                     acc += tl.dot((k * to_end[:, None]).to(k.dtype), d_state.to(k.dtype),
                                   input_precision=DOT_PRECISION)
+            causal_t = offs_t[:, None] <= offs_t[None, :]  # c <= r
+            decay_t = tl.exp(tl.where(causal_t, -slope * (rows[None, :] - rows[:, None]), float("-inf")))
             do = load_tile(row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh), stride_dot,
                            offs_t, t_ok, offs_v, v_ok, EVEN_V)
             acc += tl.dot((scores_t * decay_t * scale).to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -151,8 +154,9 @@ def lightning_dqdk_bwd_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh, stride_dkb, stride_dkt, stride_dkh,
     # sizes and scalars
-    scale, seqlen, n_chunks, num_heads, num_kv_heads, num_state_heads,
+    scale, seqlen, n_chunks, num_heads,
     # meta-parameters
+    GROUP: tl.constexpr, HEADS_PER_STATE: tl.constexpr,
     K_DIM: tl.constexpr, V_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_V: tl.constexpr,
@@ -162,24 +166,32 @@ def lightning_dqdk_bwd_kernel(
     pid_c, pid_k, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, bos, origin, seqlen, t0, length, offs_t, t_ok = chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks,
                                                                   IS_VARLEN, REVERSE, BT)
-    states_per_kv = num_state_heads // num_kv_heads
-    heads_per_state = num_heads // num_state_heads
+    num_state_heads = num_heads // HEADS_PER_STATE
     offs_k = pid_k * BK + tl.arange(0, BK)
     k_ok = offs_k < K_DIM
     mask = tile_mask(t_ok, k_ok, EVEN_K)
     v_base = row_base(V, b, origin, t0, kv, stride_vb, stride_vt, stride_vh)
-    k = load_tile(row_base(K, b, origin, t0, kv, stride_kb, stride_kt, stride_kh), stride_kt,
-                  offs_t, t_ok, offs_k, k_ok, EVEN_K)
+    k_base = row_base(K, b, origin, t0, kv, stride_kb, stride_kt, stride_kh)
     rows = offs_t.to(tl.float32)
-    causal = offs_t[:, None] >= offs_t[None, :]
     dk = tl.zeros([BT, BK], dtype=tl.float32)
-    for si in range(states_per_kv):
-        s = kv * states_per_kv + si
+    # Unrolled (groups are small): the states of kv head kv (one per slope), then the query heads of each. Only dk
+    # is carried from one to the next, so a group costs the registers of a single head.
+    for si in range(GROUP // HEADS_PER_STATE):
+        s = kv * (GROUP // HEADS_PER_STATE) + si
         slope = decay_slope(SLOPES, s)
-        decay = tl.exp(tl.where(causal, -slope * (rows[:, None] - rows[None, :]), float("-inf")))
-        dk_inter = tl.zeros([BT, BK], dtype=tl.float32)
-        for r in range(heads_per_state):
-            h = s * heads_per_state + r
+        # The state's own term lambda^(L-1-c) v dH^T, in an accumulator of its own before the heads' dq/dA tiles.
+        dk_state = tl.zeros([BT, BK], dtype=tl.float32)
+        for vt in range(tl.cdiv(V_DIM, BV)):
+            offs_v = vt * BV + tl.arange(0, BV)
+            v_ok = offs_v < V_DIM
+            v = load_tile(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
+            d_state_t = tl.load(state_ptrs_t(DHS, pid_c, s, num_state_heads, offs_k, offs_v, K_DIM, V_DIM),
+                                mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)
+            dk_state += tl.dot(v, d_state_t.to(v.dtype), input_precision=DOT_PRECISION)
+        to_end = tl.exp(tl.where(t_ok, -slope * (length - 1 - offs_t).to(tl.float32), float("-inf")))
+        dk += dk_state * to_end[:, None]
+        for r in range(HEADS_PER_STATE):
+            h = s * HEADS_PER_STATE + r
             do_base = row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh)
             d_scores = tl.zeros([BT, BT], dtype=tl.float32)
             dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -192,20 +204,17 @@ def lightning_dqdk_bwd_kernel(
                                   mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)  # [BV, BK]
                 d_scores += tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
                 dq += tl.dot(do, state_t.to(do.dtype), input_precision=DOT_PRECISION)
-                if r == 0:  # the state's own term, once per state
-                    d_state_t = tl.load(state_ptrs_t(DHS, pid_c, s, num_state_heads, offs_k, offs_v, K_DIM, V_DIM),
-                                        mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)
-                    dk_inter += tl.dot(v, d_state_t.to(v.dtype), input_precision=DOT_PRECISION)
+            causal = offs_t[:, None] >= offs_t[None, :]
+            decay = tl.exp(tl.where(causal, -slope * (rows[:, None] - rows[None, :]), float("-inf")))
             d_scores = d_scores * decay * scale
             q = load_tile(row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
                           offs_t, t_ok, offs_k, k_ok, EVEN_K)
+            k = load_tile(k_base, stride_kt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
             dq = dq * (tl.exp(-slope * (rows + 1.0)) * scale)[:, None]
             dq += tl.dot(d_scores.to(k.dtype), k, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(d_scores).to(q.dtype), q, input_precision=DOT_PRECISION)
             tl.store(row_base(DQ, b, origin, t0, h, stride_dqb, stride_dqt, stride_dqh)
                      + offs_t[:, None] * stride_dqt + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
-        to_end = tl.exp(tl.where(t_ok, -slope * (length - 1 - offs_t).to(tl.float32), float("-inf")))
-        dk += dk_inter * to_end[:, None]
     tl.store(row_base(DK, b, origin, t0, kv, stride_dkb, stride_dkt, stride_dkh)
              + offs_t[:, None] * stride_dkt + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=mask)
 
