@@ -1,5 +1,8 @@
 """Build: the pure-Python package always installs, and by default nothing is compiled.
 
+The CUDA kernels (csrc/cuda/) are compiled at run time by NVRTC (flashops/_cuda.py); a built package carries their
+sources as flashops/_cuda_sources/ (an editable install reads csrc/cuda/ itself).
+
 ``FLASHOPS_BUILD_EXT=1`` also builds the C++ extension ``flashops._C`` ahead of time, from the sources listed in
 flashops/_ext.py, with torch's ``CppExtension`` (torch must be importable in the build environment, e.g.
 ``FLASHOPS_BUILD_EXT=1 pip install --no-build-isolation -e .``). Without it, flashops compiles the same sources
@@ -8,10 +11,12 @@ just in time on first use (flashops/_ext.py; docs/install.md).
 
 import ast
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -44,4 +49,20 @@ def _extension_options() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
 
-setup(**_extension_options())
+class BuildPyWithCudaSources(build_py):
+    """build_py, plus a copy of csrc/cuda/ (.cu and .cuh files) as flashops/_cuda_sources/."""
+
+    def run(self):
+        super().run()
+        sources = ROOT / "csrc" / "cuda"
+        target = Path(self.build_lib) / "flashops" / "_cuda_sources"
+        for path in sources.rglob("*"):
+            if path.suffix in (".cu", ".cuh"):
+                destination = target / path.relative_to(sources)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, destination)
+
+
+options = _extension_options()
+options["cmdclass"] = {**options.get("cmdclass", {}), "build_py": BuildPyWithCudaSources}
+setup(**options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -185,57 +186,163 @@ def synchronize(device: torch.device) -> None:
 @dataclass
 class Timing:
     warmup_ms: float = 25.0
-    rep_ms: float = 100.0
-    min_reps: int = 3  # CPU: at least this many timed calls, more while under rep_ms
+    rep_ms: float = 100.0  # timed calls per function: as many as fit in this, within [min_reps, max_reps]
+    min_reps: int = 5
     max_reps: int = 100
+    # The timed calls of all functions of a case are spread over this many rounds; each round calls every
+    # function in turn, so a burst of load from elsewhere hits all of them alike.
+    rounds: int = 10
 
 
-def median_ms(fn: Callable, device: torch.device, timing: Timing) -> float:
-    """Median time of ``fn`` in milliseconds: triton's do_bench on a GPU (CUDA events, L2 flushed between
-    calls), else a wall-clock median after a warmup."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            return _cuda_events_ms(fn, timing)
-        return float(do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median"))
-    return _wall_clock_ms(fn, timing)
+@dataclass
+class Samples:
+    """The timed calls of one function, in milliseconds, and their spread."""
+
+    times: list
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def minimum(self) -> float:
+        return min(self.times)
+
+    @property
+    def maximum(self) -> float:
+        return max(self.times)
+
+    def _quartiles(self) -> tuple:
+        if len(self.times) < 2:
+            return self.times[0], self.times[0]
+        q1, _, q3 = statistics.quantiles(self.times, n=4, method="inclusive")
+        return q1, q3
+
+    @property
+    def q1(self) -> float:
+        return self._quartiles()[0]
+
+    @property
+    def q3(self) -> float:
+        return self._quartiles()[1]
+
+    def overlaps(self, other: Samples) -> bool:
+        """Whether the interquartile ranges overlap: the two cannot be told apart at this noise."""
+        return self.q1 <= other.q3 and other.q1 <= self.q3
 
 
-def _wall_clock_ms(fn: Callable, timing: Timing) -> float:
-    start = time.perf_counter()
-    fn()  # the first call may compile or allocate: always a warmup
-    while (time.perf_counter() - start) * 1e3 < timing.warmup_ms:
+class _WallClock:
+    """CPU timing: wall clock around each call."""
+
+    def __init__(self):
+        self.pending = []
+
+    def call(self, key, fn):
+        start = time.perf_counter()
         fn()
-    times = []
-    while len(times) < timing.min_reps or (sum(times) * 1e3 < timing.rep_ms and len(times) < timing.max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        self.pending.append((key, (time.perf_counter() - start) * 1e3))
+
+    def collect(self) -> list:
+        done, self.pending = self.pending, []
+        return done
 
 
-def _cuda_events_ms(fn: Callable, timing: Timing) -> float:
-    fn()
-    torch.cuda.synchronize()
-    estimate = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    estimate[0].record()
-    for _ in range(3):
-        fn()
-    estimate[1].record()
-    torch.cuda.synchronize()
-    per_call = max(estimate[0].elapsed_time(estimate[1]) / 3, 1e-3)
-    for _ in range(max(1, int(timing.warmup_ms / per_call))):
-        fn()
-    times = []
-    for _ in range(max(timing.min_reps, min(timing.max_reps * 10, int(timing.rep_ms / per_call)))):
+class _CudaEvents:
+    """GPU timing as triton's do_bench: the L2 cache is flushed before each call, CUDA events around it."""
+
+    FLUSH_BYTES = 256 * 2**20
+
+    def __init__(self, device):
+        self.flush = torch.empty(self.FLUSH_BYTES, dtype=torch.int8, device=device)
+        self.device = device
+        self.pending = []
+
+    def call(self, key, fn):
+        self.flush.zero_()
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         fn()
         end.record()
-        times.append((begin, end))
-    torch.cuda.synchronize()
-    return statistics.median(b.elapsed_time(e) for b, e in times)
+        self.pending.append((key, begin, end))
+
+    def collect(self) -> list:
+        torch.cuda.synchronize(self.device)
+        done = [(key, begin.elapsed_time(end)) for key, begin, end in self.pending]
+        self.pending = []
+        return done
+
+
+def time_interleaved(fns: dict, device: torch.device, timing: Timing) -> tuple:
+    """Time every function of ``fns`` (key -> no-argument callable) with interleaved repetitions.
+
+    Each function is warmed up on its own (its first call may compile, autotune or allocate) and its per-call
+    time estimated; it then gets ``rep_ms / estimate`` timed calls (within ``[min_reps, max_reps]``), spread over
+    ``timing.rounds`` rounds in which every function takes its turn, in an order that rotates from round to
+    round. Returns ``(samples, failures)``: key -> :class:`Samples`, and key -> the exception a function raised
+    (it is dropped from the later rounds)."""
+    timer = _CudaEvents(device) if device.type == "cuda" else _WallClock()
+    failures, estimates = {}, {}
+    for key, fn in fns.items():
+        try:
+            estimates[key] = _warm_up(timer, key, fn, timing.warmup_ms)
+        except Exception as error:  # noqa: BLE001 - reported per function by the caller
+            failures[key] = error
+    reps = {key: min(timing.max_reps, max(timing.min_reps, math.ceil(timing.rep_ms / max(est, 1e-6))))
+            for key, est in estimates.items()}
+    order = list(reps)
+    if not order:
+        return {}, failures
+    rounds = max(1, min(timing.rounds, max(reps.values())))
+    bursts = {key: math.ceil(n / rounds) for key, n in reps.items()}
+    times = {key: [] for key in order}
+    for r in range(rounds):
+        shift = r % len(order)
+        for key in order[shift:] + order[:shift]:
+            if key in failures:
+                continue
+            try:
+                for _ in range(bursts[key]):
+                    timer.call(key, fns[key])
+            except Exception as error:  # noqa: BLE001
+                failures[key] = error
+        for key, ms in timer.collect():
+            times[key].append(ms)
+    return {key: Samples(t) for key, t in times.items() if key not in failures and t}, failures
+
+
+def _warm_up(timer, key, fn, warmup_ms: float) -> float:
+    """Run ``fn`` for about ``warmup_ms`` (at least twice: the first call may compile); returns the median time
+    of the calls after the first, in milliseconds."""
+    fn()
+    seen = []
+    while not seen or sum(seen) < warmup_ms:
+        timer.call(key, fn)
+        seen += [ms for _, ms in timer.collect()]
+        if len(seen) >= 1000:
+            break
+    return statistics.median(seen)
+
+
+def capture_graph(fn: Callable, device: torch.device) -> tuple:
+    """``fn`` captured in a CUDA graph: ``(replay, None)``, or ``(None, why)`` when it cannot be (not a GPU, or
+    the call synchronises with the host, allocates outside the graph's pool, runs CPU work...)."""
+    if device.type != "cuda":
+        return None, "CUDA graphs need a CUDA device"
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(side):  # capture needs warm caches (autotuning, allocator) on a side stream
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as error:  # noqa: BLE001 - the reason is reported next to the eager time
+        torch.cuda.synchronize(device)
+        lines = str(error).strip().splitlines()
+        return None, f"not capturable: {type(error).__name__}: {lines[0][:200] if lines else ''}"
+    return graph.replay, None
 
 
 def peak_memory_mib(fn: Callable, device: torch.device) -> Optional[float]:

@@ -9,20 +9,20 @@ with glibc told to return every large block to the system on free: repeatable to
 
 from __future__ import annotations
 
-import fnmatch
 import gc
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from . import measure
 from .progress import Progress
-from .registry import Case, Op, Provider
-from .results import ERROR, OK, OOM, SKIP, Result
+from .registry import Case, Op, Provider, name_matches
+from .results import BUDGET_SPENT, ERROR, OK, OOM, SKIP, Result
 
 MODE = "fwd+bwd"
 GPU_METHOD = "torch.cuda.max_memory_allocated above the inputs"
@@ -53,13 +53,12 @@ def fwd_bwd(op: Op, provider: Provider, case: Case, inputs: dict, douts=None):
     return measure.grads(op, inputs, outs, douts)
 
 
-def run_memory(ops, sweep, device, providers_wanted, filters, keep, progress_enabled) -> list:
+def run_memory(ops, sweep, device, providers_wanted, filters, keep, progress_enabled, deadline=None) -> list:
     plan = []
     for op in ops:
         if op.memory_cases is None:
             continue
-        providers = [p for p in memory_providers(op)
-                     if providers_wanted is None or any(fnmatch.fnmatchcase(p.name, w) for w in providers_wanted)]
+        providers = [p for p in memory_providers(op) if name_matches(p.name, providers_wanted)]
         for case in op.memory_cases(sweep, device):
             if keep(case, filters):
                 plan += [(op, case, p) for p in providers]
@@ -67,6 +66,10 @@ def run_memory(ops, sweep, device, providers_wanted, filters, keep, progress_ena
     results = []
     for op, case, provider in plan:
         progress.step(f"{op.name} {case.shape} {provider.name}")
+        if deadline is not None and time.monotonic() > deadline:
+            results.append(Result(op.name, op.family, provider.name, provider.peer, case, MODE, SKIP,
+                                  BUDGET_SPENT, suite="memory", x_name=op.x, panels=op.panels))
+            continue
         results.append(_measure(op, case, provider, device))
     progress.close()
     return results

@@ -1,7 +1,8 @@
 """``python -m bench.plot FILE... [--out DIR]``: PNG charts from results files (CSV or JSON).
 
-Speed: TFLOP/s and time vs the swept size (T) per (op, mode, dtype), one panel per fixed-parameter set
-(e.g. causal, head dim), one line per provider; only correct (OK) results have points. Memory: peak memory of
+Speed: TFLOP/s (GFLOP/s when no rate reaches 1 TFLOP/s) and time vs the swept size (T) per (op, mode, dtype), one
+panel per fixed-parameter set (e.g. causal, head dim), one line per provider, the time's interquartile range as an
+error bar at each point; only correct (OK) results have points. Memory: peak memory of
 forward + backward vs T per op, one line per provider, log-log. Needs matplotlib (``pip install matplotlib``).
 """
 
@@ -42,8 +43,10 @@ def _size(value, _=None) -> str:
     return f"{value / 1024:g}k" if value >= 1024 else f"{value:g}"
 
 
-def _draw(plt, groups: dict, title: str, ylabel: str, path: Path, log_y: bool, colors: dict) -> Path:
-    """groups: panel -> provider -> [(x, y, x_name)]."""
+def _draw(plt, groups: dict, title: str, ylabel: str, path: Path, log_y: bool, colors: dict,
+          spreads: dict = None) -> Path:
+    """groups: panel -> provider -> [(x, y, x_name)]; spreads: (panel, provider, x) -> (low, high), drawn as an
+    error bar at each point (the interquartile range of a timing)."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     panels = sorted(groups)
@@ -56,6 +59,11 @@ def _draw(plt, groups: dict, title: str, ylabel: str, path: Path, log_y: bool, c
             xs.update(p[0] for p in points)
             (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider,
                               color=colors[provider])
+            bars = [(x, y, *(spreads or {})[(panel, provider, x)]) for x, y, _ in points
+                    if (panel, provider, x) in (spreads or {})]
+            if bars:
+                ax.errorbar([b[0] for b in bars], [b[1] for b in bars], fmt="none", ecolor=colors[provider], capsize=3,
+                            yerr=[[max(0.0, b[1] - b[2]) for b in bars], [max(0.0, b[3] - b[1]) for b in bars]])
             handles.setdefault(provider, line)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(xs))
@@ -96,20 +104,31 @@ def plot_rows(rows: list, out_dir: Path) -> list:
     colors = {p: palette[i % len(palette)] for i, p in enumerate(providers)}
     speed = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     memory = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    quartiles = defaultdict(dict)  # (op, mode, dtype, device) -> (panel, provider, x) -> {q1, q3}
     for r in rows:
-        if r["status"] != "OK" or r["metric"] == "status":
+        if r["status"] != "OK" or r["metric"] in ("status", "graph_status"):
             continue
         point = (_x(r), r["value"], r["x_name"])
         if r["suite"] == "speed" and r["metric"] in SPEED_METRICS:
             speed[(r["op"], r["mode"], r["dtype"], r["device"], r["metric"])][r["panel"]][r["provider"]].append(point)
+        elif r["suite"] == "speed" and r["metric"] in ("time_q1_ms", "time_q3_ms"):
+            quartiles[(r["op"], r["mode"], r["dtype"], r["device"])].setdefault(
+                (r["panel"], r["provider"], _x(r)), {})[r["metric"]] = r["value"]
         elif r["suite"] == "memory" and r["metric"] == "mem_scaling_mib":
             memory[(r["op"], r["dtype"], r["device"])][r["panel"]][r["provider"]].append(point)
 
     for (op, mode, dtype, device, metric), groups in sorted(speed.items()):
         name = f"{op}_{mode}_{dtype}_{metric}" + (f"_{_slug(device)}" if several_devices else "")
-        written.append(_draw(plt, groups, f"{op} {mode} {dtype}: {SPEED_METRICS[metric]} ({device})",
-                             SPEED_METRICS[metric], out_dir / f"{_slug(name)}.png", log_y=metric == "time_ms",
-                             colors=colors))
+        label, spreads = SPEED_METRICS[metric], None
+        if metric == "tflops" and max(p[1] for g in groups.values() for ps in g.values() for p in ps) < 1.0:
+            label = "GFLOP/s"  # a CPU's rates, in a unit that reads
+            groups = {panel: {provider: [(x, y * 1e3, n) for x, y, n in points] for provider, points in g.items()}
+                      for panel, g in groups.items()}
+        if metric == "time_ms":
+            spreads = {key: (q["time_q1_ms"], q["time_q3_ms"])
+                       for key, q in quartiles[(op, mode, dtype, device)].items() if len(q) == 2}
+        written.append(_draw(plt, groups, f"{op} {mode} {dtype}: {label} ({device})", label,
+                             out_dir / f"{_slug(name)}.png", log_y=metric == "time_ms", colors=colors, spreads=spreads))
     for (op, dtype, device), groups in sorted(memory.items()):
         name = f"memory_{op}_{dtype}" + (f"_{_slug(device)}" if several_devices else "")
         written.append(_draw(plt, groups, f"{op} {dtype}: peak memory of forward + backward ({device})",

@@ -7,6 +7,7 @@ skipped with a note. The contract is documented in ``docs/benchmarks.md``.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import pkgutil
 import traceback
@@ -109,6 +110,12 @@ class Op:
     # once), for memory-bound ops; reported as GB/s next to the time. ``byte_formula`` states it in words.
     bytes_moved: Optional[Callable[[Case, str], float]] = None
     byte_formula: str = ""
+    # case, mode -> bytes that any algorithm must move between global memory and the SRAM of an H100/H200 (a
+    # lower bound, e.g. exact attention's); ``python -m bench --io`` reports it next to the counted traffic
+    traffic_bound: Optional[Callable[[Case, str], float]] = None
+    # Its providers communicate over torch.distributed (every rank must make the same calls): timing and
+    # verdicts are agreed between the ranks (bench/distributed.py).
+    collective: bool = False
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:
@@ -154,6 +161,17 @@ def load_ops() -> Registry:
         registry.ops.extend(getattr(module, "OPS", []))
     _REGISTRY = registry
     return registry
+
+
+def name_matches(name: str, patterns) -> bool:
+    """Whether ``name`` is chosen by shell ``patterns`` (``None``: all): it matches one of the patterns without
+    a leading ``!`` (when there are any) and none of those with one, e.g. ``["flashops-*", "!flashops-torch"]``."""
+    if patterns is None:
+        return True
+    include = [p for p in patterns if not p.startswith("!")]
+    exclude = [p[1:] for p in patterns if p.startswith("!")]
+    return ((not include or any(fnmatch.fnmatchcase(name, p) for p in include))
+            and not any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
 # ------------------------------------------------------------------------------------- provider helpers

@@ -28,8 +28,8 @@ from flashops import _triton_utils  # noqa: E402
 from flashops._triton_utils import CONFIGS_DIR, TunedTable, device_slug, tuning  # noqa: E402
 
 from . import measure  # noqa: E402
-from .registry import Case, Op, load_ops  # noqa: E402
-from .run import _keep, _matches, _names, _param_filters  # noqa: E402
+from .registry import Case, Op, load_ops, name_matches  # noqa: E402
+from .run import _keep, _names, _param_filters  # noqa: E402
 
 PROVIDER = "flashops-triton"
 
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     measured = TunedTable(slug, torch_version=torch.__version__, triton_version=triton.__version__)
     patterns, filters = _names(args.op), _param_filters(args.set)
-    ops = [op for op in load_ops().ops if _matches(op.name, patterns) or _matches(op.family, patterns)]
+    ops = [op for op in load_ops().ops if name_matches(op.name, patterns) or name_matches(op.family, patterns)]
     ran = 0
     with tuning(measured, max_configs=args.max_configs) as session:
         for op in ops:

@@ -141,9 +141,9 @@ class OpArgs:
         return self._record(**self.signature.bind(*args, **(kwargs or {})).arguments)
 
     def custom_op(self, qualname: str, impl: Callable[[SimpleNamespace], Any], *, returns,
-                  fake: Callable[[SimpleNamespace], Any]):
+                  fake: Callable[[SimpleNamespace], Any], mutates: tuple[str, ...] = ()):
         """``torch.library.custom_op`` with this argument list; ``impl`` and ``fake`` take the bound arguments
-        (a named tuple: ``a.q``).
+        (a named tuple: ``a.q``); ``mutates`` names the tensor arguments the op writes in place (e.g. a cache).
         Returns ``(op, prototype)``: the prototype is the op's plain Python implementation (the eager path)."""
         def prototype(*args, **kwargs):
             return impl(self.bind(args, kwargs))
@@ -153,7 +153,10 @@ class OpArgs:
 
         prototype.__signature__ = self.signature.replace(return_annotation=returns)
         prototype.__name__ = qualname.split("::")[-1]
-        op = torch.library.custom_op(qualname, prototype, mutates_args=())
+        unknown = [n for n in mutates if n not in self.index]
+        if unknown:
+            raise ValueError(f"{qualname}: mutates {unknown}, which are not arguments ({self.names})")
+        op = torch.library.custom_op(qualname, prototype, mutates_args=tuple(mutates))
         op.register_fake(fake_prototype)
         return op, prototype
 

@@ -7,6 +7,10 @@ error lists every backend with its reasons.
 
 ``FLASHOPS_BACKEND`` holds comma-separated entries, each either ``name`` (all ops) or ``op=name``
 (one op), e.g. ``FLASHOPS_BACKEND=triton`` or ``FLASHOPS_BACKEND=attention=torch,linear=triton``.
+
+A backend registered with ``forced_only=True`` is never chosen automatically, only when forced: a new backend
+stays so for an op until a benchmark in bench/results/ shows it right and faster than the backend it would
+displace (then the flag goes).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Backend:
     supports: Callable[[Request], list]
     module: str  # import path of the module that implements the op (imported on first use)
     description: str = ""
+    forced_only: bool = False  # chosen only by backend= or FLASHOPS_BACKEND, never automatically
 
     def load(self):
         """The implementing module; imported lazily so that e.g. triton is only needed when used."""
@@ -122,6 +127,9 @@ def explain(op: str, request: Request) -> list[tuple[Backend, list]]:
     return [(b, list(b.supports(request))) for b in backends(op)]
 
 
+FORCED_ONLY = "runs only when forced (backend= or FLASHOPS_BACKEND)"
+
+
 def _format(op: str, verdicts) -> str:
     lines = []
     for b, reasons in verdicts:
@@ -143,6 +151,9 @@ def select(op: str, request: Request, backend: str | None = None) -> Backend:
         return chosen
     verdicts = []
     for b in backends(op):
+        if b.forced_only:
+            verdicts.append((b, [FORCED_ONLY]))
+            continue
         reasons = list(b.supports(request))
         if not reasons:
             return b

@@ -79,10 +79,28 @@ def reason() -> str:
     return "" if _state is None or _state.module is not None else _state.detail
 
 
+NOT_LOADED = "C++ extension not loaded yet (it is loaded, or built, on first use)"
+_building_allowed = True
+
+
+@contextlib.contextmanager
+def without_building():
+    """Inside this block, an extension that is not loaded yet declines with ``NOT_LOADED`` instead of being
+    loaded or built (``python -m flashops.info`` asks every backend without spending a minute compiling)."""
+    global _building_allowed
+    _building_allowed = False
+    try:
+        yield
+    finally:
+        _building_allowed = True
+
+
 # Dynamo (torch.compile) runs this once while tracing a dispatch and keeps the answer, instead of tracing the lock.
 @torch.compiler.assume_constant_result
 def unavailable_reasons() -> list:
     """[] when the extension is loaded (loading or building it now if needed), else [why not] in one line."""
+    if _state is None and not _building_allowed and not disabled():
+        return [NOT_LOADED]
     if load() is None:
         return [f"C++ extension unavailable: {_one_line(reason())}"]
     return []

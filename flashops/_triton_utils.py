@@ -91,6 +91,8 @@ def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
         return [error]
     device = torch.device(device)
     reasons = []
+    if dtype == torch.float64:
+        reasons.append("float64 runs on the torch backend (the Triton kernels compute in fp16, bf16 or fp32)")
     if device.type == "cuda":
         if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
             reasons.append("bfloat16 needs a GPU of compute capability >= 8.0")

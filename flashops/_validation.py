@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# float64 is accepted everywhere: the PyTorch backends compute in it (gradcheck), the Triton backends decline it.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _dtype_names(dtypes) -> str:
@@ -40,10 +41,14 @@ def check_same(names_tensors, attr: str):
 
 
 def check_cu_seqlens(name: str, cu, total: int, device):
+    """Cumulative sequence lengths ``[N + 1]``, int32 or int64 (fla and torch users pass int64); returns them
+    as the int32 tensor the kernels read."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must have dtype int32, got {cu.dtype}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype int32 or int64, got {cu.dtype}")
+    if total >= 2**31:
+        raise ValueError(f"{name}: the packed length {total} does not fit int32 offsets")
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"{name} must be 1-D with N+1 >= 2 entries, got shape {tuple(cu.shape)}")
     if cu.device != torch.device(device):
@@ -56,7 +61,24 @@ def check_cu_seqlens(name: str, cu, total: int, device):
             raise ValueError(f"{name}[-1] must equal the packed length {total}, got {last}")
         if bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}")
-    return cu
+    return cu.to(torch.int32)  # fits: 0 <= values <= total < 2**31
+
+
+def values_on_host(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be checked for free: a plain CPU tensor in eager mode. Reading a GPU tensor
+    would sync the host with the device on every call (and cannot happen under torch.compile or CUDA-graph
+    capture), so value checks run on CPU tensors only; the ops document what out-of-domain values give
+    elsewhere."""
+    return (t.device.type == "cpu" and type(t) in (torch.Tensor, torch.nn.Parameter)
+            and not torch.compiler.is_compiling())
+
+
+def check_values(name: str, t: torch.Tensor, ok: torch.Tensor, need: str):
+    """Raise a ValueError naming the first entry of ``t`` where ``ok`` is False (call it where
+    :func:`values_on_host`)."""
+    if t.numel() and not bool(ok.all()):
+        index = tuple(int(i) for i in (~ok).nonzero()[0])
+        raise ValueError(f"{name} must be {need}, got {float(t.detach()[index])} at index {index}")
 
 
 def check_dim(name: str, value: int, lo: int, hi: int, what: str = "head dim"):
@@ -85,3 +107,12 @@ def check_attention_inputs(q, k, v=None, *, names=("q", "k", "v"), layout: str =
         raise ValueError(
             f"the number of query heads ({h}) must be a multiple of the number of key/value heads ({h_kv})")
     check_dim(nq, q.shape[-1], 1, max_head_dim)
+
+
+def pick_scale(softmax_scale, scale):
+    """``softmax_scale=`` (flash-attn's name) and ``scale=`` (SDPA's and fla's) are one argument: either, not both."""
+    if scale is None:
+        return softmax_scale
+    if softmax_scale is not None:
+        raise TypeError(f"pass softmax_scale= or its alias scale=, not both (got {softmax_scale!r} and {scale!r})")
+    return scale

@@ -1,4 +1,5 @@
-"""Test setup: Triton runs under its interpreter when there is no GPU; kernels use default configs."""
+"""Test setup: Triton runs under its interpreter when there is no GPU; kernels use default configs; tests
+parametrized with backend="cuda" run the CUDA kernels through the host emulator when there is no GPU."""
 
 import os
 
@@ -32,3 +33,23 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels_on_the_cpu(request, monkeypatch):
+    """On a machine without a GPU, a test parametrized with backend="cuda" runs the CUDA kernels' own sources on
+    CPU tensors through tests/tools/cuda_emulator (compiled by the host C++ compiler); on a GPU nothing changes."""
+    callspec = getattr(request.node, "callspec", None)
+    if ON_GPU or callspec is None or callspec.params.get("backend") != "cuda":
+        return
+    from flashops import _cuda
+
+    from .tools import cuda_emulator
+
+    reason = cuda_emulator.unavailable_reason()
+    if reason:
+        pytest.skip(f"cuda backend without a GPU needs the host emulator: {reason}")
+    monkeypatch.setattr(_cuda, "_launch", cuda_emulator.shared().launch)
+    real_reasons = _cuda.device_reasons
+    monkeypatch.setattr(_cuda, "device_reasons",
+                        lambda device: [] if torch.device(device).type == "cpu" else real_reasons(device))

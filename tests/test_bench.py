@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,10 @@ from bench.registry import Provider, case
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = {"date", "device", "op", "family", "suite", "provider", "peer", "mode", "shape", "dtype", "metric",
           "value", "status", "note", "torch", "triton", "flashops"}
-# One tiny shape, and just enough timing to produce numbers (the minimum of 3 timed calls still applies).
-TINY = ["--quick", "--op", "flash_attention", "--set", "T=128", "--no-progress", "--warmup-ms", "0", "--rep-ms", "1",
-        "--threads", "1"]
+# One tiny shape, and just enough timing to produce numbers (the minimum of 5 timed calls still applies). The
+# CLI's plumbing is tested on the CPU, also on a machine with a GPU.
+TINY = ["--quick", "--device", "cpu", "--op", "flash_attention", "--set", "T=128", "--no-progress", "--warmup-ms",
+        "0", "--rep-ms", "1", "--threads", "1"]
 
 
 def _rows(path):
@@ -157,8 +159,8 @@ def test_unavailable_provider_is_skipped_with_its_reason(tmp_path, planted):
 
 
 def test_memory_sweep_rows(tmp_path):
-    code = run.main(["--quick", "--op", "flash_attention", "--memory-only", "--set", "T=512", "--provider",
-                     "flashops-torch,reference", "--no-progress", "--out", str(tmp_path)])
+    code = run.main(["--quick", "--device", "cpu", "--op", "flash_attention", "--memory-only", "--set", "T=512",
+                     "--provider", "flashops-torch,reference", "--no-progress", "--out", str(tmp_path)])
     assert code == 0
     rows = _rows(tmp_path / "quick.csv")
     for provider in ("flashops-torch", "reference"):
@@ -201,7 +203,7 @@ def test_a_new_case_file_needs_no_framework_change(tmp_path, monkeypatch):
     assert {"flash_attention", "toy_scale"} <= {op.name for op in loaded.ops}
     assert any("unmerged" in note for note in loaded.notes)
 
-    code = run.main(["--quick", "--op", "toy", "--no-progress", "--out", str(tmp_path / "out")])
+    code = run.main(["--quick", "--device", "cpu", "--op", "toy", "--no-progress", "--out", str(tmp_path / "out")])
     rows = _rows(tmp_path / "out" / "quick.csv")
     status = {(r["provider"], r["T"], r["mode"]): r["value"] for r in rows if r["metric"] == "status"}
     assert code == 0 and len(status) == 2 * 2 * 3
@@ -246,3 +248,99 @@ def test_run_py_works_as_a_script():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- noise, files
+def test_interleaved_timing_alternates_functions_and_reports_the_spread():
+    from bench.measure import Samples, Timing, time_interleaved
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.02)
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("boom")
+
+    fns = {"slow": slow, "fast": lambda: calls.append("fast"), "broken": broken}
+    samples, failures = time_interleaved(fns, torch.device("cpu"), Timing(warmup_ms=5, rep_ms=40, min_reps=4,
+                                                                          max_reps=40, rounds=4))
+    assert set(samples) == {"slow", "fast"} and str(failures["broken"]) == "boom"
+    assert calls.count("broken") == 1  # dropped after its first failure
+    # As many timed calls as fit in rep_ms, within [min_reps, max_reps]: 40 of the fast call, 4 of the slow one.
+    assert len(samples["fast"].times) == 40 and len(samples["slow"].times) == 4
+    # Every round runs both: the slow call's timed runs are spread over the whole run, one per round.
+    timed = calls[-44:]
+    assert [timed[i:i + 11].count("slow") for i in range(0, 44, 11)] == [1, 1, 1, 1]
+    s = samples["slow"]
+    assert s.minimum <= s.q1 <= s.median <= s.q3 <= s.maximum and s.minimum >= 20.0
+    assert Samples([1, 2, 5, 6]).overlaps(Samples([4, 5, 6, 7])) and not Samples([1, 2]).overlaps(Samples([5, 6]))
+
+
+def _timed_result(provider, peer, times):
+    from bench.measure import Samples
+    from bench.results import Result
+
+    c = case("flash_attention", torch.float32, ("fwd",), B=1, T=8, H=1, D=8, causal=False)
+    return Result("flash_attention", "attention", provider, peer, c, "fwd", "OK", samples=Samples(times))
+
+
+def test_speedups_flag_overlapping_spreads_as_ties():
+    from bench.results import table
+
+    peer = _timed_result("peer", True, [10, 10.5, 11, 11.5, 12])
+    near = _timed_result("near", False, [9, 9.5, 10.2, 11.8, 12])  # IQRs overlap: a tie
+    clear = _timed_result("clear", False, [4, 4.1, 4.2, 4.3, 4.4])
+    run.add_speedups([peer, near, clear])
+    assert peer.speedup == 1.0 and peer.tie is None
+    assert near.tie is True and near.speedup_low < 1 < near.speedup_high
+    assert clear.tie is False and clear.speedup == pytest.approx(11 / 4.2) and clear.speedup_low > 2
+    text = table([peer, near, clear])
+    assert "1.08x tie" in text and "2.62x  " in text and "tie: the interquartile ranges" in text
+    assert "GFLOP/s" in text.splitlines()[0]  # no rate reaches 1 TFLOP/s: a readable unit
+
+
+def test_cli_rows_carry_the_spread_of_every_time(tmp_path):
+    code, rows = _bench(["--provider", "flashops-torch,sdpa-math", "--set", "causal=1", "--mode", "fwd",
+                         "--no-memory"], tmp_path)
+    assert code == 0
+    for provider in ("flashops-torch", "sdpa-math"):
+        spread = [float(_metric(rows, provider, "fwd", f"time{s}_ms")[0]["value"])
+                  for s in ("_min", "_q1", "", "_q3", "_max")]
+        assert spread == sorted(spread) and spread[0] > 0
+        assert float(_metric(rows, provider, "fwd", "time_reps")[0]["value"]) >= 3
+    tie = _metric(rows, "flashops-torch", "fwd", "speedup_tie")
+    assert len(tie) == 1 and tie[0]["value"] in ("0.0", "1.0")
+
+
+def test_unknown_set_key_is_an_error_and_an_empty_result_replaces_nothing(tmp_path):
+    kept = tmp_path / "quick.csv"
+    kept.write_text("earlier results\n")
+    with pytest.raises(SystemExit, match="no selected op has a parameter 'L'.*B, D, H, T, causal"):
+        run.main(["--quick", "--device", "cpu", "--op", "flash_attention", "--set", "L=999", "--out", str(tmp_path)])
+    code = run.main(["--quick", "--device", "cpu", "--op", "flash_attention", "--set", "T=999", "--no-progress",
+                     "--out", str(tmp_path)])
+    assert code == 2 and kept.read_text() == "earlier results\n" and not (tmp_path / "quick.json").exists()
+
+
+def test_earlier_results_are_kept_under_their_date(tmp_path):
+    args = ["--provider", "sdpa-math", "--set", "causal=0", "--mode", "fwd", "--no-memory"]
+    _bench(args, tmp_path)
+    first = _rows(tmp_path / "quick.csv")
+    _bench(args, tmp_path)
+    stamp = first[0]["date"].replace("-", "").replace(":", "")[:15]
+    assert _rows(tmp_path / f"quick.{stamp}.csv") == first
+    assert (tmp_path / f"quick.{stamp}.json").exists() and len(_rows(tmp_path / "quick.csv")) == len(first)
+
+
+def test_provider_patterns_exclude_and_the_time_budget_stops_new_cases(tmp_path):
+    assert registry.name_matches("flashops-triton", ["flashops-*", "!flashops-torch"])
+    assert not registry.name_matches("flashops-torch", ["flashops-*", "!flashops-torch"])
+    assert registry.name_matches("sdpa-math", ["!flashops-*"]) and registry.name_matches("x", None)
+    code, rows = _bench(["--provider", "sdpa-math", "--mode", "fwd", "--no-memory", "--time-budget", "1e-9"],
+                        tmp_path)
+    status = [r for r in rows if r["metric"] == "status"]
+    assert code == 0 and len(status) == 2 and {(r["value"], r["note"]) for r in status} == {
+        ("SKIP", "not run: the --time-budget was spent")}

@@ -1,5 +1,6 @@
-"""The case files of the linear, lla and hyper families: their CPU quick sweeps run and pass their checks,
-their references and check slices are exact sub-problems, and wrong results inside a slice are caught."""
+"""The case files of the linear, lla, hyper, ssm and recurrent-step families: their CPU quick sweeps run and pass
+their checks, their references and check slices are exact sub-problems, and wrong results inside a slice are
+caught."""
 
 import csv
 import math
@@ -256,7 +257,8 @@ def test_ssm_quick_sweep_checks_times_and_reports_bandwidth(tmp_path):
                      str(tmp_path), "--no-memory"])
     rows = _rows(tmp_path / "quick.csv")
     assert code == 0
-    assert {r["op"] for r in rows} == {"linear_scan", "selective_scan", "vandermonde_kernel", "s4d_conv"}
+    assert {r["op"] for r in rows} == {"linear_scan", "selective_scan", "vandermonde_kernel", "cauchy_kernel",
+                                       "s4d_conv"}
     status = [r for r in rows if r["metric"] == "status"]
     assert status and {r["value"] for r in status} == {OK}, [(r["op"], r["note"]) for r in status]
     # The scans are memory bound: GB/s follows the stated byte counts (fwd 3*B*D*L*4 for fp32 linear_scan).
@@ -277,3 +279,24 @@ def test_memory_sweep_of_the_vandermonde_kernel(tmp_path):
     assert set(mem) == {"flashops-torch", "naive-materialized", "reference"}
     # The materialized [H, N, L] powers alone are 8 * 32 * 2048 complex64 values (4 MiB).
     assert mem["naive-materialized"] >= 8 * 32 * 2048 * 8 / 2**20
+
+
+# ------------------------------------------------------------------------------------------ recurrent steps
+def test_recurrent_steps_quick_sweep_checks_and_reports_bandwidth(tmp_path):
+    code, rows = _quick("recurrent_steps", tmp_path, "--no-memory")
+    assert code == 0
+    assert {r["op"] for r in rows} == {"lightning_attention_step", "gated_linear_attention_step",
+                                       "selective_state_update"}
+    status = [r for r in rows if r["metric"] == "status"]
+    assert status and {r["value"] for r in status} == {OK}, [(r["op"], r["note"]) for r in status]
+    for r in rows:  # GB/s follows the stated bytes: the fp32 state read and written dominate
+        if r["metric"] == "gb_per_s":
+            ms = next(float(x["value"]) for x in rows if x["metric"] == "time_ms" and
+                      (x["op"], x["shape"], x["provider"]) == (r["op"], r["shape"], r["provider"]))
+            if r["op"] == "selective_state_update":
+                b, d, n = int(r["B"]), int(r["D"]), int(r["N"])
+                moved = 8 * b * d * n + (4 * b * d + 2 * b * n) * 4 + 4 * (d * n + 2 * d)
+            else:
+                b, h, d = int(r["B"]), int(r["H"]), int(r["D"])
+                moved = 8 * b * h * d * d + (5 if r["op"].startswith("gated") else 4) * b * h * d * 4
+            assert math.isclose(float(r["value"]), moved / (ms * 1e-3) / 1e9, rel_tol=1e-6)

@@ -12,18 +12,25 @@ from torch import Tensor
 import flashops  # noqa: F401  (registers every op)
 from flashops import _dispatch, _ext
 from flashops._custom_ops import BACKEND, OpArgs, register_autograd
-from flashops.ops.attention.args import AttentionBackend
+from flashops.ops.attention.args import AttentionBackend, KVCacheBackend
 from flashops.ops.linear.args import ChunkBackend, NoncausalBackend, StepBackend
 from flashops.ops.lla.args import LLABackend, LLADecodeBackend
-from flashops.ops.ssm.args import CauchyBackend, LinearScanBackend, SelectiveScanBackend, VandermondeBackend
+from flashops.ops.ssm.args import (
+    CauchyBackend,
+    LinearScanBackend,
+    SelectiveScanBackend,
+    StateUpdateBackend,
+    VandermondeBackend,
+)
 
 CONTRACTS = {
-    "attention": AttentionBackend,
+    "attention": AttentionBackend, "attention_kvcache": KVCacheBackend,
     "lightning_attention": ChunkBackend, "gated_linear_attention": ChunkBackend,
     "noncausal_linear_attention": NoncausalBackend,
     "lightning_attention_step": StepBackend, "gated_linear_attention_step": StepBackend,
     "local_linear_attention": LLABackend, "local_linear_attention_decode": LLADecodeBackend,
     "linear_scan": LinearScanBackend, "selective_scan": SelectiveScanBackend,
+    "selective_state_update": StateUpdateBackend,
     "vandermonde_kernel": VandermondeBackend, "cauchy_kernel": CauchyBackend,
 }
 
@@ -100,3 +107,22 @@ def test_opargs_custom_op_schema_fake_autograd_and_saved_tensors():
     torch.library.opcheck(op, args.values(x=torch.randn(3), bias=None, unused=torch.zeros(1), alpha=3.0,
                                           backend="cpu"))
     assert calls and set(calls) == {"cpu"}
+
+
+def test_opargs_custom_op_that_writes_an_argument_in_place():
+    args = OpArgs(("cache", Tensor), ("x", Tensor)) + BACKEND
+
+    def impl(a):
+        a.cache.add_(a.x)
+        return a.cache.sum().reshape(1)
+
+    op, _ = args.custom_op("flashops_test::accumulate", impl, returns=Tensor, mutates=("cache",),
+                           fake=lambda a: a.x.new_empty(1))
+    assert str(op._opoverload._schema) == (
+        "flashops_test::accumulate(Tensor(a0!) cache, Tensor x, str backend) -> Tensor")
+    cache = torch.zeros(3)
+    torch.testing.assert_close(op(cache, torch.ones(3), "cpu"), torch.tensor([3.0]))
+    torch.testing.assert_close(cache, torch.ones(3))
+    torch.library.opcheck(op, (torch.zeros(3), torch.ones(3), "cpu"))
+    with pytest.raises(ValueError, match=r"mutates \['state'\], which are not arguments"):
+        args.custom_op("flashops_test::bad", impl, returns=Tensor, mutates=("state",), fake=lambda a: a.x)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flashops import testing
-from flashops.info import report
+from flashops.info import report, summary
 
 
 def test_info_reports_versions_and_backends():
@@ -16,9 +16,25 @@ def test_info_reports_versions_and_backends():
     assert "attention" in text and "-> " in text
 
 
+def test_info_summary_fits_a_screen_and_builds_nothing(monkeypatch):
+    from flashops import _dispatch, _ext
+
+    monkeypatch.setattr(_ext, "_state", None)  # as in a fresh process: nothing loaded yet
+    text = summary()
+    assert _ext._state is None or _ext.disabled(), "the summary loaded or built the C++ extension"
+    lines = text.splitlines()
+    assert len(lines) <= 30 and max(map(len, lines)) <= 130
+    assert lines[1].startswith("device   ") and lines[2].startswith("C++ ext  ")
+    for op in _dispatch.ops():
+        row = next(line for line in lines if line.strip().startswith(op + " "))
+        assert "none" not in row.split()
+    if not torch.cuda.is_available() and not _ext.disabled():  # on a CPU the scans await the C++ extension
+        assert "linear_scan" in text and "cpp once the C++ extension is loaded" in text
+
+
 def test_info_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "flashops.info"], capture_output=True, text=True, check=True).stdout
-    assert "backends per op" in out
+    assert "backend per op on" in out and "--verbose" in out
 
 
 def test_rule_accepts_error_within_factor_of_baseline():

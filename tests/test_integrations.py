@@ -1,4 +1,6 @@
-"""The Hugging Face attention function: same results as transformers' SDPA implementation."""
+"""The Hugging Face attention function and its registration: tiny random Llama (GQA), Mistral (sliding window)
+and Gemma-2 (logit soft-capping, alternating sliding/full layers) models give the logits and greedy tokens of
+transformers' own "eager" and "sdpa" implementations, with left and right padding and with a KV cache."""
 
 import importlib.util
 
@@ -8,7 +10,10 @@ import torch
 from flashops.integrations.transformers import flashops_attention_forward
 from flashops.testing import assert_close
 
-from .conftest import DEVICE
+from .conftest import DEVICE, ON_GPU
+
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed")
 
 
 class _Module(torch.nn.Module):
@@ -37,23 +42,111 @@ def test_function_matches_sdpa_semantics():
     assert_close("masked", out, _sdpa_like_hf(query, key, value, mask, True))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
-def test_registered_implementation_runs_a_model_like_sdpa():
-    from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
+def test_masked_call_keeps_softcap():
+    """A mask does not switch soft-capping off (it used to: masked calls went through plain SDPA)."""
+    query, key, value = (torch.randn(1, 2, 7, 8, device=DEVICE) * 4 for _ in range(3))
+    mask = torch.ones(1, 1, 7, 7, dtype=torch.bool, device=DEVICE).tril()
+    mask[..., :2] = False
+    mask[..., :2, 0] = True
+    logits = torch.tanh(query @ key.transpose(-1, -2) * 0.35 / 2.0) * 2.0
+    expected = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1) @ value
+    out, _ = flashops_attention_forward(_Module(), query, key, value, mask, scaling=0.35, softcap=2.0)
+    assert_close("softcapped", out, expected.transpose(1, 2))
+
+
+# ------------------------------------------------------------------------------------------- tiny models
+@pytest.fixture
+def fast_backend(monkeypatch):
+    """Whole models under the Triton interpreter take minutes: on CPU they run the torch backend (the
+    kernels' own tests and tests/invariants cover every backend)."""
+    if not ON_GPU:
+        monkeypatch.setenv("FLASHOPS_BACKEND", "attention=torch")
+
+
+def _config(kind):
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.2, pad_token_id=0)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "mistral":
+        return MistralConfig(**common, sliding_window=4)
+    return Gemma2Config(**common, head_dim=16, sliding_window=4, attn_logit_softcapping=2.0,
+                        final_logit_softcapping=None, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "full_attention"])
+
+
+def _models(kind, implementations):
+    from transformers import AutoModelForCausalLM
+
+    from flashops.integrations.transformers import register
+
+    torch.manual_seed(0)
+    models = {}
+    for name in implementations:
+        impl = register() if name == "fops" else name
+        # a config per model: from_config records the implementation in the config it is given
+        model = AutoModelForCausalLM.from_config(_config(kind), attn_implementation=impl).to(DEVICE).eval()
+        assert model.config._attn_implementation == impl
+        if models:
+            model.load_state_dict(next(iter(models.values())).state_dict())
+        models[name] = model
+    return models
+
+
+def _padded_batch(side):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 97, (3, 11), generator=gen).to(DEVICE)
+    padding = torch.ones_like(ids)
+    lengths = (11, 7, 4)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            padding[row, : 11 - n] = 0
+        else:
+            padding[row, n:] = 0
+    return ids.masked_fill(padding == 0, 0), padding
+
+
+# Gemma-2's "sdpa" drops the logit soft-capping (transformers' SDPA has none), so it is compared with "eager".
+REFERENCES = {"llama": ("eager", "sdpa"), "mistral": ("eager", "sdpa"), "gemma2": ("eager",)}
+
+
+@needs_transformers
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
+def test_padded_batch_logits_match_transformers(kind, side, fast_backend):
+    models = _models(kind, ("fops",) + REFERENCES[kind])
+    ours = models.pop("fops")
+    ids, padding = _padded_batch(side)
+    real = padding.bool()
+    with torch.no_grad():
+        padded, unpadded = ours(ids, attention_mask=padding).logits, ours(ids).logits
+        for name, model in models.items():
+            reference = model(ids, attention_mask=padding).logits
+            assert_close(f"{kind} {side}-padded logits vs {name}", padded[real], reference[real])
+            assert_close(f"{kind} unpadded logits vs {name}", unpadded, model(ids).logits)
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
+def test_batched_generate_with_cache_matches_transformers(kind, fast_backend):
+    models = _models(kind, ("fops",) + REFERENCES[kind])
+    ids, padding = _padded_batch("left")
+    kwargs = dict(attention_mask=padding, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ours = models.pop("fops").generate(ids, **kwargs)
+        for name, model in models.items():
+            assert torch.equal(ours, model.generate(ids, **kwargs)), f"greedy tokens differ from {name}"
+
+
+@needs_transformers
+def test_registration_adds_a_mask_builder():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     from flashops.integrations.transformers import register
 
     name = register()
     assert AttentionInterface()[name] is flashops_attention_forward
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    reference = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(DEVICE).eval()
-    ours = AutoModelForCausalLM.from_config(config, attn_implementation=name).to(DEVICE).eval()
-    ours.load_state_dict(reference.state_dict())
-    ids = torch.randint(0, 97, (2, 12), device=DEVICE)
-    padding = torch.ones_like(ids)
-    padding[0, :4] = 0
-    with torch.no_grad():
-        assert_close("logits", ours(ids).logits, reference(ids).logits)
-        got = ours(ids, attention_mask=padding).logits[1]
-        assert_close("padded logits", got, reference(ids, attention_mask=padding).logits[1])
+    assert name in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping

@@ -74,6 +74,24 @@ def flops(c, mode) -> float:
     return forward * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
 
+# The fast memory of an H100 / H200 (GH100): 132 SMs, each with up to 228 KiB of shared memory for its blocks.
+SM_COUNT, SM_SRAM_BYTES = 132, 228 * 1024
+
+
+def traffic_bound(c, mode, sm_count: int = SM_COUNT, sram_bytes: int = SM_SRAM_BYTES) -> float:
+    """A lower bound on the bytes any exact-attention algorithm that forms its scores as dot products moves
+    between global memory and ``sm_count`` SRAMs of ``sram_bytes`` (Saha and Ye's bound, with the constants of
+    the derivation in docs/benchmarks.md#io-accounting): ``f * P * D^2 / (M + 3 D^2) - sm_count * M`` elements,
+    M the SRAM in elements of the input dtype, P the (query, key) pairs the mask keeps, f the score matrices
+    formed: 1 forward (Q K^T), 2 with a backward (Q K^T and dO V^T). Zero when the problem is too small for
+    the bound to exceed the SRAMs' contents (the minimum traffic then rules)."""
+    element = torch.empty((), dtype=c.dtype).element_size()
+    m, d, t = sram_bytes / element, c["D"], c["T"]
+    pairs = c["B"] * c["H"] * (t * (t + 1) / 2 if c["causal"] else t * t)
+    products = 1 if mode == "fwd" else 2
+    return max(0.0, products * pairs * d * d / (m + 3 * d * d) - sm_count * m) * element
+
+
 def check_slice(c, device):
     """Past the budget, check the last batch element and the last heads (large offsets are where indexing
     bugs show) with the reference over all T keys; every head is computed the same way."""
@@ -267,6 +285,7 @@ def exact_attention_baseline(name: str, family: str, cases) -> Op:
         x="T",
         panels=("D", "causal"),
         check_slice=exact_check_slice,
+        traffic_bound=traffic_bound,
     )
 
 
@@ -286,5 +305,6 @@ OPS = [
         panels=("D", "causal"),
         check_slice=check_slice,
         memory_cases=memory_cases,
+        traffic_bound=traffic_bound,
     ),
 ]

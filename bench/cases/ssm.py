@@ -2,17 +2,27 @@
 convolution layer against the naive materialized kernel.
 
 Ops and sweeps (GPU full / GPU quick / CPU quick):
-  linear_scan         a, b ``[B, D, L]``; (B, D, L) in {(8, 1024, 4k), (4, 2048, 16k), (2, 64, 64k)} fp32 and bf16 /
+  linear_scan         a, b ``[B, D, L]``; (B, D, L) in {(8, 1024, 4k), (4, 2048, 16k), (2, 64, 64k)} and the CUDA
+                      bandwidth grid B = 8, D in {2048, 4096}, L in {2k, 8k, 16k}, fp32 and bf16 /
                       (4, 2048, 16k) / (2, 8, 256) fp32. Bytes: fwd 3*N*e (read a, b, write h), bwd 5*N*e (read dh,
                       a, h, write da, db), fwd+bwd 8*N*e, N = B*D*L, e = element size.
   selective_scan      Mamba-1 with z, D, delta_bias, softplus; (B, D, N, L) in {(8, 2048, 16, 2k), (4, 1536, 16, 8k)}
                       bf16 (A, D, delta_bias fp32) / (4, 1536, 16, 8k) / (1, 8, 4, 96) fp32. Bytes: fwd
                       (4*B*D*L + 2*B*N*L)*e (u, delta, z read, out written; B, C read), bwd (7*B*D*L + 4*B*N*L)*e,
                       fwd+bwd their sum (saved chunk states not counted).
+  selective_scan_bandwidth  the CUDA bandwidth grid (B = 8, D in {2048, 4096}, N = 16, L in {2k, 8k, 16k}) bf16,
+                      GPU only (quick: D = 2048, L = 8k); gradients of the per-batch inputs (u, delta, z, B, C),
+                      checked on the last batch element (an independent sub-problem for those).
   vandermonde_kernel  S4D's kernel ``K[c, h, l] = 2 Re(sum_n w[c,h,n] z[h,n]^l)``, C = 1, (H, N, L) in
-                      {(256, 32, 16k), (1024, 32, 4k), (256, 32, 64k)} fp32 / (256, 32, 16k) / (8, 8, 128).
+                      {(256, 32, 16k), (1024, 32, 4k), (256, 32, 64k), (256, 64, 16k)} fp32 / (256, 32, 16k) /
+                      (8, 8, 128).
                       FLOPs: 8*C*H*N*L per direction (one complex multiply-add per term; exponentials not
                       counted); bwd 2x fwd.
+  cauchy_kernel       S4's Cauchy product ``sum_n v/(z - w) + conj(v)/(z - conj w)``: M = 4 rows (C~, P^* times B, P),
+                      (H, N, L) in {(256, 64, 16k), (256, 32, 64k)} / (256, 64, 16k) / M = 2, (4, 8, 128), fp32; z at
+                      S4's frequencies, poles dt (-1/2 + i pi n). Peer ``naive-materialized`` builds the [H, N, L]
+                      reciprocals (the issue's target for the CUDA kernel: >= 5x it at N = 64, L = 16k). FLOPs
+                      8*M*H*N*L per direction.
   s4d_conv            the S4D layer's convolution path: ZOH kernel of length L, then ``fft_conv`` with a D
                       skip; u ``[B, H, L]``, B = 8, H = 256, N = 64, L in {4k, 16k} fp32 / L = 16k / (2, 8, 8, 256).
                       The peer ``naive-materialized`` builds the ``[H, N, L]`` Vandermonde matrix (the issue's
@@ -39,6 +49,9 @@ from flashops.ops.ssm import reference as ssm_reference
 from ..registry import Op, Provider, case, flashops_providers
 
 SCAN_CHECK_CHANNELS = 64
+# The CUDA kernels' bandwidth targets (issue 14: >= 75% of HBM bandwidth, faster than Triton): B = 8,
+# D = 2048..4096, L = 2k..16k; (B, D, L).
+BANDWIDTH_SHAPES = tuple((8, d, length) for d in (2048, 4096) for length in (2048, 8192, 16384))
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -61,7 +74,7 @@ def _scan_cases(sweep, device):
             return [case("linear_scan", torch.float32, B=4, D=2048, L=16384)]
         shapes = ((8, 1024, 4096), (4, 2048, 16384), (2, 64, 65536))
         return [case("linear_scan", dtype, B=b, D=d, L=length) for dtype in (torch.float32, torch.bfloat16)
-                for b, d, length in shapes]
+                for b, d, length in shapes + BANDWIDTH_SHAPES]
     return [case("linear_scan", torch.float32, B=2, D=8, L=length) for length in (64, 256)]
 
 
@@ -131,12 +144,26 @@ def _selective_bytes(c, mode):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
+def _bandwidth_cases(sweep, device):
+    if device.type != "cuda":
+        return []
+    shapes = BANDWIDTH_SHAPES if sweep == "full" else ((8, 2048, 8192),)
+    return [case("selective_scan_bandwidth", torch.bfloat16, ("fwd", "fwd+bwd"), B=b, D=d, N=16, L=length)
+            for b, d, length in shapes]
+
+
+def _last_batch_element(c, device):
+    dims = {name: 0 for name in ("u", "delta", "B", "C", "z", "out")}
+    narrow = lambda name, x: x if name not in dims else x[-1:]  # noqa: E731
+    return narrow, f"checked on the last of {c['B']} batch elements"
+
+
 # ------------------------------------------------------------------------------------ vandermonde kernel
 def _vandermonde_cases(sweep, device):
     if device.type == "cuda":
         if sweep == "quick":
             return [case("vandermonde_kernel", torch.float32, ("fwd", "fwd+bwd"), H=256, N=32, L=16384)]
-        shapes = ((256, 32, 16384), (1024, 32, 4096), (256, 32, 65536))
+        shapes = ((256, 32, 16384), (1024, 32, 4096), (256, 32, 65536), (256, 64, 16384))
         return [case("vandermonde_kernel", torch.float32, ("fwd", "fwd+bwd"), H=h, N=n, L=length)
                 for h, n, length in shapes]
     return [case("vandermonde_kernel", torch.float32, ("fwd", "fwd+bwd"), H=8, N=8, L=128)]
@@ -181,6 +208,59 @@ def _vandermonde_check_slice(c, device):
         return None, ""
     dims = {"log_z_re": 0, "log_z_im": 0, "w_re": 1, "w_im": 1, "out": 1}
     return _channel_slice(c["H"], dims, heads)
+
+
+# ------------------------------------------------------------------------------------------ Cauchy kernel
+def _cauchy_cases(sweep, device):
+    if device.type == "cuda":
+        shapes = ((256, 64, 16384),) if sweep == "quick" else ((256, 64, 16384), (256, 32, 65536))
+        return [case("cauchy_kernel", torch.float32, ("fwd", "fwd+bwd"), M=4, H=h, N=n, L=length)
+                for h, n, length in shapes]
+    return [case("cauchy_kernel", torch.float32, ("fwd", "fwd+bwd"), M=2, H=4, N=8, L=128)]
+
+
+def _cauchy_inputs(c, device, generator):
+    """S4's use: v = (C~ | P^*) x (B | P) products [M, H, N], poles w = dt Lambda [H, N] (S4D-Lin-like), z at
+    the roots-of-unity transform 2 (1 - omega) / (1 + omega), purely imaginary."""
+    m, h, n, length = c["M"], c["H"], c["N"], c["L"]
+    draw = lambda *shape: torch.randn(shape, generator=generator, device=device)  # noqa: E731
+    dt = torch.exp(torch.rand(h, 1, generator=generator, device=device) * math.log(100) + math.log(1e-3))
+    omega = torch.arange(length, device=device) * (math.pi / length)
+    return {"v_re": draw(m, h, n), "v_im": draw(m, h, n), "w_re": (-0.5 * dt).expand(h, n).contiguous(),
+            "w_im": dt * math.pi * torch.arange(n, device=device), "z_im": 2 * torch.tan(omega / 2)}
+
+
+def _cauchy_complex(inputs):
+    return (torch.complex(inputs["v_re"], inputs["v_im"]), torch.complex(torch.zeros_like(inputs["z_im"]),
+                                                                         inputs["z_im"]),
+            torch.complex(inputs["w_re"], inputs["w_im"]))
+
+
+def _cauchy_reference(inputs, c, upcast):
+    return torch.view_as_real(ssm_reference.cauchy(*_cauchy_complex(inputs)))
+
+
+def _cauchy_call(inputs, c, backend):
+    return torch.view_as_real(flashops.cauchy_kernel(*_cauchy_complex(inputs), backend=backend))
+
+
+def _naive_cauchy(inputs, c):
+    """The materialized form: both [H, N, L] matrices of reciprocals, then contractions."""
+    v, z, w = _cauchy_complex(inputs)
+    r1 = 1 / (z[None, None] - w[..., None])
+    r2 = 1 / (z[None, None] - w.conj()[..., None])
+    return torch.view_as_real(torch.einsum("mhn,hnl->mhl", v, r1) + torch.einsum("mhn,hnl->mhl", v.conj(), r2))
+
+
+def _cauchy_flops(c, mode):
+    forward = 8 * c["M"] * c["H"] * c["N"] * c["L"]
+    return {"fwd": forward, "bwd": 2 * forward, "fwd+bwd": 3 * forward}[mode]
+
+
+def _cauchy_check_slice(c, device):
+    if c["H"] <= 16:
+        return None, ""
+    return _channel_slice(c["H"], {"v_re": 1, "v_im": 1, "w_re": 0, "w_im": 0, "out": 1}, 16)
 
 
 # ------------------------------------------------------------------------------------------ S4D conv
@@ -246,6 +326,12 @@ OPS = [
        differentiable=_SELECTIVE_ARGS, x="L", panels=("D",),
        memory_cases=_memory_sweep("selective_scan", dict(B=1, D=256, N=16), dict(B=1, D=8, N=4),
                                   (2048, 8192, 32768), (512, 2048, 8192))),
+    Op(name="selective_scan_bandwidth", family="ssm", cases=_bandwidth_cases, make_inputs=_selective_inputs,
+       reference=_selective_reference, flops=lambda c, mode: 0.0, flop_formula="memory bound: see GB/s",
+       bytes_moved=_selective_bytes,
+       byte_formula="fwd (4*B*D*L + 2*B*N*L)*e, bwd (7*B*D*L + 4*B*N*L)*e, fwd+bwd the sum",
+       providers=flashops_providers("selective_scan", _selective_call),
+       differentiable=("u", "delta", "B", "C", "z"), x="L", panels=("D",), check_slice=_last_batch_element),
     Op(name="vandermonde_kernel", family="ssm", cases=_vandermonde_cases, make_inputs=_vandermonde_inputs,
        reference=_vandermonde_reference, flops=_vandermonde_flops,
        flop_formula="fwd 8*H*N*L (one complex multiply-add per term), bwd 2x fwd",
@@ -256,6 +342,13 @@ OPS = [
        memory_cases=_memory_sweep("vandermonde_kernel", dict(H=256, N=32), dict(H=8, N=32), (4096, 16384, 65536),
                                   (4096, 16384, 65536), cpu_quick=(512, 2048)),
        memory_providers=("naive-materialized",)),
+    Op(name="cauchy_kernel", family="ssm", cases=_cauchy_cases, make_inputs=_cauchy_inputs,
+       reference=_cauchy_reference, flops=_cauchy_flops,
+       flop_formula="fwd 8*M*H*N*L (one complex multiply-add per term and conjugate; reciprocals not counted), "
+                    "bwd 2x fwd",
+       providers=[*flashops_providers("cauchy_kernel", _cauchy_call),
+                  Provider("naive-materialized", _naive_cauchy)],
+       differentiable=("v_re", "v_im", "w_re", "w_im"), x="L", panels=("H", "N"), check_slice=_cauchy_check_slice),
     Op(name="s4d_conv", family="ssm", cases=_conv_cases, make_inputs=_conv_inputs, reference=_conv_reference,
        flops=lambda c, mode: 0.0, flop_formula="time only (kernel + FFT convolution)",
        providers=[*flashops_providers("vandermonde_kernel", _conv_call),

@@ -58,10 +58,10 @@ def test_generation_with_cache_matches_the_full_forward(backend, device):
     with torch.no_grad():
         full = layer(x)
         cache = layer.init_cache(2, 16)
-        first = layer(x[:, :4], cache)            # prefill in two pieces ...
+        first = layer(x[:, :4], cache=cache)      # prefill in two pieces ...
         second = layer(x[:, 4:7], cache)
         steps = [layer.step(x[:, t], cache) for t in range(7, 12)]  # ... then one token at a time
-    assert cache.length == 12
+    assert cache.length == 12 and cache.seqlens.tolist() == [12, 12]
     assert_close("prefill", first, full[:, :4])
     assert_close("prefill continued", second, full[:, 4:7])
     for i, y in enumerate(steps):
@@ -71,7 +71,7 @@ def test_generation_with_cache_matches_the_full_forward(backend, device):
 
 def test_bad_usage_raises(device):
     layer = LocalLinearAttention(32, 2, backend="torch", device=device)
-    with pytest.raises(ValueError, match=r"x must be \[B, T, 32\]"):
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, C\] with C = embed_dim = 32"):
         layer(torch.randn(2, 5, 16, device=device))
     cache = layer.init_cache(1, 4)
     with torch.no_grad():
@@ -81,6 +81,12 @@ def test_bad_usage_raises(device):
         layer.step(torch.randn(1, 32, device=device), cache)
         with pytest.raises(ValueError, match="the cache holds 4 positions"):
             layer.step(torch.randn(1, 32, device=device), cache)
+    cache.reset()
+    assert cache.length == 0 and cache.seqlens.tolist() == [0]
+    with torch.no_grad():
+        layer(torch.randn(1, 4, 32, device=device), cache)  # the whole capacity again after reset
+    with pytest.raises(ValueError, match="the cache holds 1 sequences but x has 2"):
+        layer(torch.randn(2, 1, 32, device=device), cache)
     with pytest.raises(RuntimeError, match="inference-only"):
         layer.step(torch.randn(1, 32, device=device), layer.init_cache(1, 4))
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):

@@ -25,15 +25,13 @@ def test_step_matches_forward(cls, kw):
     u = torch.randn(2, 23, 4, dtype=torch.float64)
     y = m(u)
     assert y.shape == u.shape
-    m.setup_step()
-    m.setup_step()  # twice: must not change the result (s4 issue #70)
-    state = m.default_state(2)
-    ys = []
-    for t in range(23):
-        yt, state = m.step(u[:, t], state)
-        ys.append(yt)
+    cache = m.init_cache(2)
+    ys = [m.step(u[:, t], cache) for t in range(23)]
     assert torch.allclose(torch.stack(ys, 1), y, atol=1e-10)
-    assert torch.allclose(m.forward_state(u, m.default_state(2)), state, atol=1e-10)
+    whole = m.init_cache(2)
+    m(u, whole)
+    assert torch.allclose(whole.state, cache.state, atol=1e-10)
+    assert cache.seqlens.tolist() == [23, 23]
 
 
 @pytest.mark.parametrize("cls,kw", LAYERS)
@@ -41,13 +39,11 @@ def test_chunked_forward_equals_full(cls, kw):
     m = _layer(cls, kw)
     u = torch.randn(2, 30, 4, dtype=torch.float64)
     y = m(u)
-    state = m.default_state(2)
-    outs = []
-    for lo, hi in ((0, 7), (7, 8), (8, 30)):
-        out, state = m(u[:, lo:hi], state)
-        outs.append(out)
+    cache = m.init_cache(2)
+    outs = [m(u[:, lo:hi], cache) for lo, hi in ((0, 7), (7, 8), (8, 30))]
     assert torch.allclose(torch.cat(outs, 1), y, atol=1e-10)
-    assert torch.allclose(state, m.forward_state(u, m.default_state(2)), atol=1e-10)
+    cache.reset()
+    assert torch.allclose(m(u[:, :7], cache), y[:, :7], atol=1e-10)  # a reset cache starts afresh
 
 
 @pytest.mark.parametrize("cls,kw", LAYERS)
@@ -74,7 +70,7 @@ def test_s4d_backends_agree(device):
 
 
 def test_layer_errors():
-    with pytest.raises(ValueError, match="d_model must be a positive int"):
+    with pytest.raises(ValueError, match=r"embed_dim \(d_model\) must be a positive int"):
         S4D(0)
     with pytest.raises(ValueError, match="dt_transform must be"):
         S4D(4, dt_transform="relu")
@@ -83,10 +79,11 @@ def test_layer_errors():
     with pytest.raises(ValueError, match="must be even"):
         S4D(4, d_state=5, init="lin")
     m = S4D(4, d_state=4)
-    with pytest.raises(RuntimeError, match="needs setup_step"):
-        m.step(torch.randn(2, 4), m.default_state(2))
-    with pytest.raises(ValueError, match=r"u must have shape \[B, L, H=4\]"):
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, C\] with C = embed_dim = 4"):
         m(torch.randn(2, 4, 5))
-    m.setup_step()
-    with pytest.raises(ValueError, match=r"u_t must have shape \[B, H=4\]"):
-        m.step(torch.randn(2, 3), m.default_state(2))
+    with pytest.raises(ValueError, match=r"x must have shape \[B, C\] \(one token per sequence\)"):
+        m.step(torch.randn(2, 3), m.init_cache(2))
+    with pytest.raises(ValueError, match="the cache holds 3 sequences but x has 2"):
+        m.step(torch.randn(2, 4), m.init_cache(3))
+    with pytest.raises(TypeError, match="cache must come from S4D.init_cache"):
+        m(torch.randn(2, 5, 4), LSSL(4, d_state=4).init_cache(2).state)

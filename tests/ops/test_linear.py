@@ -18,6 +18,9 @@ from flashops.testing import GRAD_FACTOR, assert_close
 
 from ..helpers import BACKENDS, assert_all_close, require
 
+# The decode steps also have CUDA kernels (on the CPU: through the host emulator, tests/conftest.py).
+STEP_BACKENDS = ["cuda", *BACKENDS]
+
 
 def _gates(shape, device, strength=2.0):
     return F.logsigmoid(torch.randn(shape, device=device) * strength)
@@ -294,29 +297,31 @@ def test_noncausal_matches_reference(backend, varlen, device):
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("gated", [True, False])
 def test_steps_reproduce_the_chunked_op(backend, gated, device):
     require(L.GLA_STEP, backend, torch.float32, device)
-    q, k, v, gate, h0 = _make(2, 19, 4, 16, 24, device, torch.float32, gated=gated, kv_heads=2)
-    o, final = _fast(gated)(q, k, v, gate, initial_state=h0, output_final_state=True, backend=backend)
+    kv_heads = 4 if backend == "cuda" else 2  # GQA, except for the CUDA step kernels (which have none)
+    q, k, v, gate, h0 = _make(2, 19, 4, 16, 24, device, torch.float32, gated=gated, kv_heads=kv_heads)
+    chunked = None if backend == "cuda" else backend  # the chunked ops have no CUDA kernels
+    o, final = _fast(gated)(q, k, v, gate, initial_state=h0, output_final_state=True, backend=chunked)
     state = h0
     for t in range(q.shape[1]):
         if gated:
-            o_t, state = flashops.gated_linear_attention_step(q[:, t], k[:, t], v[:, t], state, gate[:, t],
+            o_t, state = flashops.gated_linear_attention_step(q[:, t], k[:, t], v[:, t], gate[:, t], state,
                                                               backend=backend)
         else:
-            o_t, state = flashops.lightning_attention_step(q[:, t], k[:, t], v[:, t], state, gate, backend=backend)
+            o_t, state = flashops.lightning_attention_step(q[:, t], k[:, t], v[:, t], gate, state, backend=backend)
         torch.testing.assert_close(o_t, o[:, t], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state, final, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("with_state,kv_heads,slope_heads", [(True, 3, 3), (False, 1, 3), (True, 1, 1)])
 def test_step_gradients(backend, gated, with_state, kv_heads, slope_heads, device):
-    require(L.GLA_STEP, backend, torch.float32, device)
     b, h, d_k, d_v = 2, 3, 20, 40
+    require(L.GLA_STEP, backend, torch.float32, device, gqa=kv_heads != h or (not gated and slope_heads != h))
     q = torch.randn(b, h, d_k, device=device)
     k = torch.randn(b, kv_heads, d_k, device=device)
     v = torch.randn(b, kv_heads, d_v, device=device)
@@ -336,9 +341,9 @@ def test_step_gradients(backend, gated, with_state, kv_heads, slope_heads, devic
         g_ = leaves[3] if gated else gate
         s_ = leaves[-1] if with_state else None
         if fast and gated:
-            o, new = flashops.gated_linear_attention_step(q_, k_, v_, s_, g_, scale=0.5, backend=backend)
+            o, new = flashops.gated_linear_attention_step(q_, k_, v_, g_, s_, scale=0.5, backend=backend)
         elif fast:
-            o, new = flashops.lightning_attention_step(q_, k_, v_, s_, g_, scale=0.5, backend=backend)
+            o, new = flashops.lightning_attention_step(q_, k_, v_, g_, s_, scale=0.5, backend=backend)
         else:
             log_gate = g_ if gated else -g_[None, :, None]
             o, new = ref.recurrent_step(q_, k_, v_, log_gate, s_, scale=0.5)
@@ -404,8 +409,8 @@ def test_bad_inputs_raise_clear_errors(device):
         gla(q, k, v, g, initial_state=h0[:1])
     with pytest.raises(ValueError, match="packed as"):
         gla(q, k, v, g, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=device))
-    with pytest.raises(TypeError, match="cu_seqlens must have dtype int32"):
-        gla(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0, 8], device=device))
+    with pytest.raises(TypeError, match="cu_seqlens must have dtype int32 or int64"):
+        gla(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0.0, 8.0], device=device))
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal"):
         gla(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0, 5], dtype=torch.int32, device=device))
     with pytest.raises(TypeError, match="scale must be a float"):
@@ -416,7 +421,7 @@ def test_bad_inputs_raise_clear_errors(device):
         with pytest.raises(_dispatch.BackendError, match="bfloat16"):
             light(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="triton")
     with pytest.raises(ValueError, match="state must have shape"):
-        flashops.lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], h0[:, :, :4])
+        flashops.lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], state=h0[:, :, :4])
     with pytest.raises(ValueError, match="q must have 3 dimensions"):
         flashops.lightning_attention_step(q, k, v)
     if device.type == "cpu" and torch.cuda.is_available():  # pragma: no cover - mixed-device machines only
@@ -452,7 +457,7 @@ def test_torch_compile_fullgraph(backend, device):
                                                    backend=backend)
         o2, _ = flashops.lightning_attention(q, k[:, :, :1], v[:, :, :1], torch.full((2,), 0.1, device=q.device),
                                              reverse=True, backend=backend)
-        o3, s = flashops.gated_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], h0, g[:, 0], backend=backend)
+        o3, s = flashops.gated_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], h0, backend=backend)
         return o.sum() + final.sum() + o2.sum() + o3.sum() + s.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -465,3 +470,45 @@ def test_torch_compile_fullgraph(backend, device):
     torch.testing.assert_close(out, eager)
     for a, b in zip(comp_in, eager_in):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+# --------------------------------------------------------------------------------- gates out of domain
+def test_out_of_domain_gates_raise_on_cpu():
+    """Checked where it is free (CPU tensors): NaN or negative slopes, NaN or positive log-gates."""
+    q, k, v, g, _ = _make(1, 9, 2, 8, 8, "cpu", torch.float32, gated=True)
+    for slopes in ([float("nan"), 0.5], [0.5, -1e-3]):
+        with pytest.raises(ValueError, match=r"slopes must be >= 0 .* at index \(\d,\)"):
+            flashops.lightning_attention(q, k, v, torch.tensor(slopes))
+    for bad in (float("nan"), 0.25):
+        g_bad = g.clone()
+        g_bad[0, 5, 1, 3] = bad
+        with pytest.raises(ValueError, match=r"g must be <= 0 .* at index \(0, 5, 1, 3\)"):
+            flashops.gated_linear_attention(q, k, v, g_bad)
+        with pytest.raises(ValueError, match=r"g_t must be <= 0"):
+            flashops.gated_linear_attention_step(q[:, 5], k[:, 5], v[:, 5], state=None, g_t=g_bad[:, 5])
+    o, _ = flashops.gated_linear_attention(q, k, v, g.masked_fill(g < -1, float("-inf")))  # -inf: forget all
+    assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_domain_gates_give_nan_from_where_they_apply(backend, device):
+    """Where values are not checked (accelerators: a check would sync the host), every backend gives the
+    same answer: NaN in the bad head from the bad position on, everything else unchanged. (The backends are
+    called directly here, past the CPU check.) Triton used to treat a NaN slope as the 30 cap."""
+    require(L.GLA, backend, torch.float32, device)
+    lightning, gla = _dispatch.get(L.LIGHTNING, backend).load(), _dispatch.get(L.GLA, backend).load()
+    q, k, v, g, _ = _make(1, 70, 2, 8, 8, device, torch.float32, gated=True)
+    slopes = torch.tensor([0.3, 0.5], device=device)
+    for bad_slope in (float("nan"), -0.5):
+        bad_slopes = torch.tensor([bad_slope, 0.5], device=device)
+        o, final = lightning.chunk_forward(q, k, v, None, bad_slopes, 0.5, None, None, True)
+        clean, clean_final = lightning.chunk_forward(q, k, v, None, slopes, 0.5, None, None, True)
+        assert o[:, :, 0].isnan().all() and final[:, 0].isnan().all(), f"slope {bad_slope}"
+        assert torch.equal(o[:, :, 1], clean[:, :, 1]) and torch.equal(final[:, 1], clean_final[:, 1])
+    for bad in (float("nan"), 0.25):
+        g_bad = g.clone()
+        g_bad[0, 40, 1, 3] = bad
+        o, final = gla.chunk_forward(q, k, v, g_bad, None, 0.5, None, None, True)
+        clean, clean_final = gla.chunk_forward(q, k, v, g, None, 0.5, None, None, True)
+        assert o[:, 40:, 1].isnan().all() and final[:, 1].isnan().any(), f"log-gate {bad}"
+        assert torch.equal(o[:, :40], clean[:, :40]) and torch.equal(o[:, :, 0], clean[:, :, 0])

@@ -366,6 +366,33 @@ def test_selective_state_update_steps_equal_scan(device):
     assert_close("state", state, last)
 
 
+@pytest.mark.parametrize("groups", [None, 2])
+def test_selective_state_update_gradcheck(groups):
+    """The torch backend's backward is written out (a custom op's backward cannot run autograd inside)."""
+    args = _selective_inputs(2, 4, 3, 1, "mixed", groups=groups, seed=6)
+    names = ("initial_state", "u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    step = [(args[k][..., 0] if k in ("u", "delta", "z", "B", "C") else args[k]).clone().requires_grad_()
+            for k in names]
+
+    def f(*tensors):
+        return selective_state_update(*tensors, dt_softplus=True, backend="torch")
+
+    torch.autograd.gradcheck(f, step)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+@pytest.mark.parametrize("groups", [None, 2])
+def test_selective_state_update_custom_op(backend, groups, device):
+    """Schema, fake kernel and autograd registration of the step's custom op (the torch backward is autograd of
+    the formula, the cuda one the kernel)."""
+    require("selective_state_update", backend, device=device)
+    args = _selective_inputs(2, 4, 3, 1, "mixed", groups=groups, seed=5)
+    names = ("initial_state", "u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    step = [(args[k][..., 0] if k in ("u", "delta", "z", "B", "C") else args[k]).float().to(device)
+            .requires_grad_() for k in names]
+    torch.library.opcheck(torch.ops.flashops.selective_state_update_fwd, (*step, True, backend))
+
+
 def test_scan_bad_inputs(device):
     a = torch.rand(2, 3, 9, device=device)
     with pytest.raises(ValueError, match=r"a and b must have the same shape"):

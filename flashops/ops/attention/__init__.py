@@ -13,14 +13,17 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _dispatch
 from ..._custom_ops import BACKEND, OpArgs, eager, register_autograd
+from ..._numerics import compute_dtype
 from ..._triton_utils import triton_reasons
-from ..._validation import check_attention_inputs, check_cu_seqlens, check_tensor
+from ..._validation import check_attention_inputs, check_cu_seqlens, check_tensor, pick_scale
 from .args import AttentionArgs, AttentionBackend
 from .dropout import draw_seed
+from .kvcache import flash_attention_with_kvcache
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -70,10 +73,8 @@ def _run_attention_fwd(a) -> tuple[Tensor, Tensor]:
 
 def _attention_fwd_fake(a) -> tuple[Tensor, Tensor]:
     q = a.q
-    if a.cu_seqlens_q is not None:
-        lse = q.new_empty((q.shape[2], q.shape[1]), dtype=torch.float32)
-    else:
-        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    lse_shape = (q.shape[2], q.shape[1]) if a.cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+    lse = q.new_empty(lse_shape, dtype=compute_dtype(q.dtype))
     return torch.empty_like(q), lse
 
 
@@ -198,27 +199,31 @@ def _run(q, k, v, *, args: AttentionArgs, deterministic, backend):
 
 # ------------------------------------------------------------------------------------------ public API
 def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
-    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-    dropout_p: float = 0.0, return_lse: bool = False, deterministic: bool = False,
-    block_mask: Optional[Tensor] = None, block_size: Sequence[int] = (128, 128),
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, *, scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
+    deterministic: bool = False, block_mask: Optional[Tensor] = None, block_size: Sequence[int] = (128, 128),
     generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
 ):
     """Exact softmax attention, IO-aware (FlashAttention-2 tiling with an online softmax).
 
+    ``dropout_p, softmax_scale, causal`` may be passed by position, in the order of flash-attn's
+    ``flash_attn_func``; every other option is keyword-only.
+
     Args:
         q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA).
-            fp16, bf16 or fp32; D from 1 to 256 (any, powers of two are fastest); stride(-1) == 1.
+            fp16, bf16 or fp32 (fp64 on the torch backend); D from 1 to 256 (any, powers of two are fastest);
+            stride(-1) == 1.
         causal: mask keys after the query. With ``Tq != Tk`` the mask is aligned bottom-right
             (query i sees keys j <= i + Tk - Tq), as in flash-attn.
-        softmax_scale: multiplies q.k; default ``1/sqrt(D)``.
+        softmax_scale: multiplies q.k; default ``1/sqrt(D)``. ``scale=`` (SDPA's name) is the same argument.
         window_size: ``(left, right)`` sliding window around the bottom-right diagonal; -1 = unlimited.
         softcap: if > 0, logits become ``softcap * tanh(logits / softcap)`` (Gemma-2 style).
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``; adds ``-slope * |i + Tk - Tq - j|`` to the logits.
         dropout_p: dropout on the attention probabilities (training). The mask is a counter-based hash of
             a seed drawn from ``generator``, so the backward pass regenerates it.
-        return_lse: also return the log-sum-exp ``[B, H, Tq]`` (fp32, natural log; -inf for a row with no
-            visible key). It is differentiable: a gradient on it flows into q and k.
+        return_lse: also return the log-sum-exp ``[B, H, Tq]`` (fp32, fp64 for fp64 inputs; natural log; -inf
+            for a row with no visible key). It is differentiable: a gradient on it flows into q and k.
         deterministic: request a deterministic backward. Every current backend is deterministic
             (no atomics), so this only restricts backend choice if a non-deterministic one is added.
         block_mask: optional block-sparse mask ``[B|1, H|1, ceil(Tq/bm), ceil(Tk/bn)]`` (bool, True =
@@ -238,7 +243,7 @@ def flash_attention(
     b, t_q, h, d = q.shape
     t_k = k.shape[1]
     left, right = _window(causal, window_size)
-    scale, softcap, dropout_p = _scalars(softmax_scale, softcap, dropout_p, d)
+    scale, softcap, dropout_p = _scalars(pick_scale(softmax_scale, scale), softcap, dropout_p, d)
     block_mask, (bm, bn) = _check_block_mask(block_mask, block_size, b, h, t_q, t_k, q.device)
     args = AttentionArgs(
         softmax_scale=scale, window_left=left, window_right=right, softcap=softcap, dropout_p=dropout_p,
@@ -274,18 +279,20 @@ def _max_seqlen(name, cu, given):
 
 def flash_attention_varlen(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *, causal: bool = False,
-    softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
-    alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, return_lse: bool = False,
-    deterministic: bool = False, block_mask: Optional[Tensor] = None, block_size: Sequence[int] = (128, 128),
-    generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, *, scale: Optional[float] = None,
+    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    return_lse: bool = False, deterministic: bool = False, block_mask: Optional[Tensor] = None,
+    block_size: Sequence[int] = (128, 128), generator: Optional[torch.Generator] = None,
+    backend: Optional[str] = None,
 ):
-    """Exact attention over packed variable-length sequences.
+    """Exact attention over packed variable-length sequences (positional arguments as flash-attn's
+    ``flash_attn_varlen_func``: ``..., max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal``).
 
     Args:
         q: ``[1, total_q, H, D]`` or ``[total_q, H, D]`` (flash-attn layout); k, v likewise with total_k
             and Hkv heads. Sequence n holds rows ``cu_seqlens[n]:cu_seqlens[n+1]``.
-        cu_seqlens_q, cu_seqlens_k: int32 ``[N + 1]`` cumulative lengths starting at 0 (empty sequences
+        cu_seqlens_q, cu_seqlens_k: int32 or int64 ``[N + 1]`` cumulative lengths starting at 0 (empty sequences
             are allowed).
         max_seqlen_q, max_seqlen_k: the longest sequence (computed from cu_seqlens when omitted; required
             under torch.compile).
@@ -303,8 +310,8 @@ def flash_attention_varlen(
     _check_qkv(q, k, v, packed=True)
     if q.shape[0] != 1:
         raise ValueError(f"packed q must have batch size 1 ([1, total, H, D]), got shape {tuple(q.shape)}")
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device)
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[1], q.device)
+    cu_seqlens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device)
+    cu_seqlens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[1], q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
@@ -312,7 +319,7 @@ def flash_attention_varlen(
     max_q = _max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
     max_k = _max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
     left, right = _window(causal, window_size)
-    scale, softcap, dropout_p = _scalars(softmax_scale, softcap, dropout_p, d)
+    scale, softcap, dropout_p = _scalars(pick_scale(softmax_scale, scale), softcap, dropout_p, d)
     block_mask, (bm, bn) = _check_block_mask(block_mask, block_size, n_seq, h, max_q, max_k, q.device)
     args = AttentionArgs(
         softmax_scale=scale, window_left=left, window_right=right, softcap=softcap, dropout_p=dropout_p,
@@ -325,17 +332,47 @@ def flash_attention_varlen(
     return (out, lse) if return_lse else out
 
 
+def _sdpa_bias(attn_mask: Tensor, target: tuple, dtype) -> Tensor:
+    """An SDPA ``attn_mask`` (bool True = attend, or additive float) broadcastable to ``target`` =
+    ``[*lead, H, L, S]`` (``[*lead, L, S]`` for 3-D inputs, which have one head) as an additive bias
+    ``[B|1, H|1, L|1, S|1]`` over the flattened batch ``B = prod(lead)``. A float mask stays differentiable:
+    its broadcast dimensions stay 1, so the backward sums over them."""
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask.is_floating_point():
+        bias = attn_mask
+    else:
+        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    shape = tuple(attn_mask.shape)
+    if len(shape) > len(target) or any(n not in (1, t) for n, t in zip(reversed(shape), reversed(target))):
+        raise ValueError(f"attn_mask of shape {shape} does not broadcast to {target}")
+    bias = bias.reshape((1,) * (len(target) - len(shape)) + shape)
+    if len(target) == 3:
+        bias = bias.unsqueeze(-3)
+    n_lead = bias.dim() - 3
+    if any(n != 1 for n in bias.shape[:n_lead]):
+        # Batch dimensions the mask varies over: broadcast to the query's, then flatten them together.
+        bias = bias.expand(*target[:n_lead], *bias.shape[n_lead:])
+    bias = bias.reshape(math.prod(bias.shape[:n_lead]), *bias.shape[n_lead:])
+    if bias.stride(-1) != 1 and bias.shape[-1] > 1:
+        bias = bias.contiguous()
+    return bias
+
+
 def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
          is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
-         return_lse: bool = False, backend: Optional[str] = None):
+         softcap: float = 0.0, return_lse: bool = False, backend: Optional[str] = None):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
-    Same signature and semantics: ``[..., H, L, E]`` inputs (any leading batch dims; 3-D means one head),
-    a boolean ``attn_mask`` where True means "attend", or a float mask added to the logits (broadcastable
-    to ``[..., H, L, S]``; it may require grad, which the torch backend computes), ``is_causal`` aligned
-    top-left as in PyTorch, ``enable_gqa`` for fewer key/value heads. One difference: a query row that
-    sees no key returns zeros instead of NaN. Extra keyword-only arguments: ``return_lse`` also returns
-    the differentiable log-sum-exp ``[..., H, L]`` (fp32); ``backend`` forces a backend.
+    Same signature and semantics: query ``[..., Hq, L, E]``, key ``[..., H, S, E]``, value ``[..., H, S, Ev]``
+    (any number of leading batch dimensions, the same for all three; 3-D inputs ``[N, L, E]`` have one head;
+    ``Ev`` may differ from ``E``), a boolean ``attn_mask`` where True means "attend", or a float mask added
+    to the logits, broadcastable to ``[..., Hq, L, S]`` (it may require grad, which the torch backend
+    computes), ``is_causal`` aligned top-left as in PyTorch, ``enable_gqa`` for fewer key/value heads.
+    One difference: a query row that sees no key returns zeros instead of NaN. Extra keyword-only
+    arguments: ``softcap`` (> 0: logits become ``softcap * tanh(logits / softcap)`` before the mask is added,
+    as Gemma-2 does), ``return_lse`` also returns the differentiable log-sum-exp ``[..., Hq, L]`` (fp32; fp64
+    for fp64 inputs); ``backend`` forces a backend.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, layout="[..., H, L, E]")
@@ -343,49 +380,44 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
             raise ValueError(f"{name} must have at least 3 dimensions [..., L, E], got shape {tuple(t.shape)}")
     if attn_mask is not None and is_causal:
         raise ValueError("sdpa: attn_mask must be None when is_causal=True (as in PyTorch)")
-    lead = query.shape[:-3] if query.dim() > 3 else query.shape[:-2]
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"query, key and value must have the same number of dimensions, got shapes "
+                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+    lead = tuple(query.shape[:-3]) if query.dim() > 3 else tuple(query.shape[:-2])
+    e, e_v = query.shape[-1], value.shape[-1]
+    scale_, softcap, dropout_p = _scalars(scale, softcap, dropout_p, e)
 
-    def heads_view(x):
+    def heads_view(x):  # [..., H, L, E] -> [B, L, H, E] (a view)
         x = x.unsqueeze(-3) if x.dim() == 3 else x
-        return x.reshape(-1, *x.shape[-3:]).transpose(1, 2)  # [B, L, H, E]
+        return x.reshape(math.prod(x.shape[:-3]), *x.shape[-3:]).transpose(1, 2)
 
     q, k, v = heads_view(query), heads_view(key), heads_view(value)
     if q.shape[2] != k.shape[2] and not enable_gqa:
         raise ValueError(f"query has {q.shape[2]} heads and key {k.shape[2]}: pass enable_gqa=True for GQA")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"key and value must match in every dimension but the last, got {tuple(key.shape)} "
+                         f"and {tuple(value.shape)}")
+    # Value head dim != query head dim: zero-pad the narrower side (zeros change neither q.k nor p @ v).
+    if e_v < e:
+        v = F.pad(v, (0, e - e_v))
+    elif e_v > e:
+        q, k = F.pad(q, (0, e_v - e)), F.pad(k, (0, e_v - e))
     _check_qkv(q, k, v, packed=False)
     b, t_q, h, d = q.shape
     t_k = k.shape[1]
-    scale_, _, dropout_p = _scalars(scale, 0.0, dropout_p, d)
-    bias = None
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
-        elif attn_mask.is_floating_point():
-            bias = attn_mask
-        else:
-            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
-        while bias.dim() < query.dim():
-            bias = bias.unsqueeze(0)
-        if bias.dim() == 3:
-            bias = bias.unsqueeze(-3)
-        bias = bias.reshape(-1, *bias.shape[-3:]) if bias.dim() > 4 else bias
-        try:
-            torch.broadcast_shapes(bias.shape, (b, h, t_q, t_k))
-        except RuntimeError:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"{(*lead, h, t_q, t_k)}") from None
-        if bias.stride(-1) != 1 and bias.shape[-1] > 1:
-            bias = bias.contiguous()
+    target = (*lead, t_q, t_k) if query.dim() == 3 else (*lead, h, t_q, t_k)
+    bias = None if attn_mask is None else _sdpa_bias(attn_mask, target, q.dtype)
     args = AttentionArgs(
-        softmax_scale=scale_, window_right=(t_q - t_k) if is_causal else None, dropout_p=dropout_p,
-        seed=_seed(dropout_p, q.device, None), bias=bias, max_seqlen_q=t_q, max_seqlen_k=t_k)
+        softmax_scale=scale_, window_right=(t_q - t_k) if is_causal else None, softcap=softcap,
+        dropout_p=dropout_p, seed=_seed(dropout_p, q.device, None), bias=bias, max_seqlen_q=t_q, max_seqlen_k=t_k)
     out, lse = _run(q, k, v, args=args, deterministic=False, backend=backend)
-    out = out.transpose(1, 2)  # [B, H, L, E]
+    out = out[..., :e_v].transpose(1, 2)  # [B, H, L, Ev]
     if query.dim() == 3:
         out, lse = out.squeeze(1), lse.squeeze(1)
     else:
-        out, lse = out.reshape(*lead, h, t_q, d), lse.reshape(*lead, h, t_q)
+        out, lse = out.reshape(*lead, h, t_q, e_v), lse.reshape(*lead, h, t_q)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa"]
+__all__ = ["flash_attention", "flash_attention_varlen", "block_sparse_attention", "sdpa",
+           "flash_attention_with_kvcache"]

@@ -1,5 +1,5 @@
 """What every attention backend receives and implements: the normalized arguments (validated by the public
-functions) and the backend contract."""
+functions) and the backend contracts, of the attention ops and of KV-cache decoding."""
 
 from __future__ import annotations
 
@@ -47,3 +47,40 @@ class AttentionBackend(Protocol):
                  lse: Tensor, a: AttentionArgs, want_dbias: bool = False
                  ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         """(dq, dk, dv, dbias or None); dbias only when ``want_dbias``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVCacheArgs:
+    """Fields in the order of flashops::attention_kvcache's schema (after q, k_cache, v_cache, k, v)."""
+
+    cache_seqlens: torch.Tensor  # int32 [B]: tokens cached before this call (the append position)
+    cache_leftpad: Optional[torch.Tensor] = None  # int32 [B]: first valid slot of each sequence
+    block_table: Optional[torch.Tensor] = None  # int32 [B, max_pages]: paged caches only
+    alibi_slopes: Optional[torch.Tensor] = None  # fp32 [H] or [B, H]
+    softmax_scale: float
+    # Visible keys of query t: diag + t - window_left <= j <= diag + t + window_right, where
+    # diag = cache_seqlens + Tnew - Tq (bottom-right alignment). None = unlimited on that side.
+    window_left: Optional[int] = None
+    window_right: Optional[int] = None
+    softcap: float = 0.0
+    num_splits: int = 0  # 0: the Triton backend chooses from the shapes
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+
+def cache_capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
+    """Positions one sequence can hold: Tmax of a contiguous cache, max_pages * page_size of a paged one."""
+    if block_table is None:
+        return k_cache.shape[1]
+    return block_table.shape[1] * k_cache.shape[1]
+
+
+class KVCacheBackend(Protocol):
+    """A module registered as a ``flash_attention_with_kvcache`` backend (op ``attention_kvcache``)."""
+
+    def forward(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+                a: KVCacheArgs) -> tuple[Tensor, Tensor]:
+        """Write k, v (when given) into the caches in place at ``cache_seqlens[b] + t``, then attend:
+        (out like q, lse fp32 [B, H, Tq], natural log, -inf for a query that sees no key)."""

@@ -4,12 +4,17 @@ Queries are processed in chunks and, inside a chunk, keys in chunks with an onli
 temporary is one [B, H, Cq, Ck] score tile: peak memory grows linearly in T. Key chunks that the causal or
 sliding-window mask empties are never visited; masks are built only for chunks that straddle a boundary.
 The backward recomputes the probabilities from the saved log-sum-exp, chunk by chunk.
+
+Computation is in fp32 (fp64 for fp64 inputs). When q, k or v hold a NaN/Inf, masked chunks take a slower
+path in which masked-out entries never enter arithmetic (``flashops._numerics``): a non-finite key or value
+reaches only the rows that see it, and gradients of masked-out positions stay exactly zero.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..._numerics import all_finite, compute_dtype, finite_or_zero, masked_matmul
 from .args import AttentionArgs
 from .dropout import keep_mask
 
@@ -44,7 +49,8 @@ def _needs_mask(a: AttentionArgs, i0, i1, j0, j1, off) -> bool:
 
 
 class _Sequence:
-    """One dense problem in grouped layout: q [B, Hkv, G, Tq, D], k/v [B, Hkv, 1, Tk, D] (fp32)."""
+    """One dense problem in grouped layout: q [B, Hkv, G, Tq, D], k/v [B, Hkv, 1, Tk, D] in the compute dtype
+    (fp32, or fp64 for fp64 inputs)."""
 
     def __init__(self, q, k, v, a: AttentionArgs, batch_ids, slopes, block_mask, bias):
         b, t_q, h, d = q.shape
@@ -53,10 +59,13 @@ class _Sequence:
         self.shape = (b, h_kv, g, t_q, t_k, d)
         self.off = t_k - t_q
         self.a = a
-        self.q = q.float().reshape(b, t_q, h_kv, g, d).permute(0, 2, 3, 1, 4)
-        self.k = k.float().permute(0, 2, 1, 3).unsqueeze(2)
-        self.v = v.float().permute(0, 2, 1, 3).unsqueeze(2)
-        self.slopes = None if slopes is None else slopes.float().reshape(-1, h_kv, g, 1, 1)
+        self.dtype = compute_dtype(q.dtype)
+        self.q = q.to(self.dtype).reshape(b, t_q, h_kv, g, d).permute(0, 2, 3, 1, 4)
+        self.k = k.to(self.dtype).permute(0, 2, 1, 3).unsqueeze(2)
+        self.v = v.to(self.dtype).permute(0, 2, 1, 3).unsqueeze(2)
+        # Non-finite inputs take the contained path in masked chunks (checked once: cheap next to the matmuls).
+        self.finite = all_finite(q, k, v)
+        self.slopes = None if slopes is None else slopes.to(self.dtype).reshape(-1, h_kv, g, 1, 1)
         self.block_mask = None if block_mask is None else self._grouped(block_mask.bool())
         self.bias = None if bias is None else self._grouped(bias)
         self.bh = (batch_ids[:, None] * h + torch.arange(h, device=q.device)).reshape(b, h_kv, g)
@@ -69,8 +78,13 @@ class _Sequence:
             return t.unsqueeze(1)
         return t.reshape(t.shape[0], h_kv, g, t.shape[-2], t.shape[-1])
 
+    def masked(self, i0, i1, j0, j1) -> bool:
+        """Whether the chunk has masked-out entries that a non-finite input could leak through."""
+        return self.bias is not None or _needs_mask(self.a, i0, i1, j0, j1, self.off)
+
     def scores(self, i0, i1, j0, j1):
-        """Logits of queries [i0, i1) against keys [j0, j1), and tanh of the capped scores (or None)."""
+        """Logits of queries [i0, i1) against keys [j0, j1) (-inf where masked out), and tanh of the capped
+        scores (or None)."""
         a = self.a
         s = torch.matmul(self.q[..., i0:i1, :], self.k[..., j0:j1, :].transpose(-1, -2))
         s.mul_(a.softmax_scale)
@@ -81,7 +95,7 @@ class _Sequence:
         rows = torch.arange(i0, i1, device=s.device)
         cols = torch.arange(j0, j1, device=s.device)
         if self.slopes is not None:
-            dist = (rows[:, None] + self.off - cols[None, :]).abs().float()
+            dist = (rows[:, None] + self.off - cols[None, :]).abs().to(self.dtype)
             s.sub_(self.slopes * dist)
         if self.bias is not None:
             bias = self.bias
@@ -90,6 +104,8 @@ class _Sequence:
             if bias.shape[-1] > 1:
                 bias = bias[..., j0:j1]
             s.add_(bias)
+            if not self.finite:  # a -inf (masked) entry stays -inf even where q.k is NaN
+                s.masked_fill_(torch.isneginf(bias), float("-inf"))
         if _needs_mask(a, i0, i1, j0, j1, self.off):
             allowed = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=s.device)
             diag = rows[:, None] + self.off
@@ -112,21 +128,23 @@ class _Sequence:
 def _forward_one(seq: _Sequence):
     b, h_kv, g, t_q, t_k, d = seq.shape
     a = seq.a
-    dev = seq.q.device
-    out = torch.zeros(b, h_kv, g, t_q, d, device=dev)
-    lse = torch.full((b, h_kv, g, t_q), float("-inf"), device=dev)
+    dev, dt = seq.q.device, seq.dtype
+    out = torch.zeros(b, h_kv, g, t_q, d, device=dev, dtype=dt)
+    lse = torch.full((b, h_kv, g, t_q), float("-inf"), device=dev, dtype=dt)
     query_chunk, key_chunk = _chunk_sizes(b * h_kv * g, t_q, t_k)
     for i0 in range(0, t_q, query_chunk):
         i1 = min(i0 + query_chunk, t_q)
         lo, hi = _key_range(a, i0, i1, seq.off, t_k)
         if hi <= lo:
             continue
-        m = torch.full((b, h_kv, g, i1 - i0, 1), float("-inf"), device=dev)
+        m = torch.full((b, h_kv, g, i1 - i0, 1), float("-inf"), device=dev, dtype=dt)
         l = torch.zeros_like(m)
-        acc = torch.zeros(b, h_kv, g, i1 - i0, d, device=dev)
+        acc = torch.zeros(b, h_kv, g, i1 - i0, d, device=dev, dtype=dt)
         for j0 in range(lo, hi, key_chunk):
             j1 = min(j0 + key_chunk, hi)
             s, _ = seq.scores(i0, i1, j0, j1)
+            contained = not seq.finite and seq.masked(i0, i1, j0, j1)
+            visible = ~torch.isneginf(s) if contained else None
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
             p = s.sub_(m_safe).exp_()  # in place: a CPU pays for every fresh tile-sized buffer
@@ -134,7 +152,9 @@ def _forward_one(seq: _Sequence):
             l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
             if a.dropout_p > 0:
                 p.mul_(seq.keep(i0, i1, j0, j1)).mul_(1.0 / (1.0 - a.dropout_p))
-            acc = torch.matmul(p, seq.v[..., j0:j1, :]).add_(acc.mul_(alpha))
+            v_c = seq.v[..., j0:j1, :]
+            pv = masked_matmul(p, v_c, visible) if contained else torch.matmul(p, v_c)
+            acc = pv.add_(acc.mul_(alpha))
             m = m_new
         empty = l == 0
         out[..., i0:i1, :] = acc / l.masked_fill(empty, 1.0)
@@ -143,14 +163,15 @@ def _forward_one(seq: _Sequence):
 
 
 def _backward_one(seq: _Sequence, dout, lse, delta, want_dbias: bool):
-    """dout [B, Hkv, G, Tq, D], lse/delta [B, Hkv, G, Tq] fp32 -> dq, dk, dv (fp32, grouped), dbias full."""
+    """dout [B, Hkv, G, Tq, D], lse/delta [B, Hkv, G, Tq] (compute dtype) -> dq, dk, dv (compute dtype,
+    grouped), dbias full."""
     b, h_kv, g, t_q, t_k, d = seq.shape
     a = seq.a
-    dev = seq.q.device
-    dq = torch.zeros(b, h_kv, g, t_q, d, device=dev)
-    dk = torch.zeros(b, h_kv, t_k, d, device=dev)
-    dv = torch.zeros(b, h_kv, t_k, d, device=dev)
-    dbias = torch.zeros(b, h_kv, g, t_q, t_k, device=dev) if want_dbias else None
+    dev, dt = seq.q.device, seq.dtype
+    dq = torch.zeros(b, h_kv, g, t_q, d, device=dev, dtype=dt)
+    dk = torch.zeros(b, h_kv, t_k, d, device=dev, dtype=dt)
+    dv = torch.zeros(b, h_kv, t_k, d, device=dev, dtype=dt)
+    dbias = torch.zeros(b, h_kv, g, t_q, t_k, device=dev, dtype=dt) if want_dbias else None
     lse_safe = lse.masked_fill(torch.isneginf(lse), float("inf"))[..., None]
     query_chunk, key_chunk = _chunk_sizes(b * h_kv * g, t_q, t_k)
     keep_scale = 1.0 / (1.0 - a.dropout_p) if a.dropout_p > 0 else 1.0
@@ -162,7 +183,12 @@ def _backward_one(seq: _Sequence, dout, lse, delta, want_dbias: bool):
         for j0 in range(lo, hi, key_chunk):
             j1 = min(j0 + key_chunk, hi)
             s, tanh = seq.scores(i0, i1, j0, j1)
+            contained = not seq.finite and seq.masked(i0, i1, j0, j1)
+            visible = ~torch.isneginf(s) if contained else None
             p = s.sub_(lse_safe[..., i0:i1, :]).exp_()
+            zero = torch.zeros((), dtype=dt, device=dev)
+            if contained:  # masked entries are exact zeros, even for a row whose lse is NaN
+                p = torch.where(visible, p, zero)
             dp = torch.matmul(do_c, seq.v[..., j0:j1, :].transpose(-1, -2))
             if a.dropout_p > 0:
                 keep = seq.keep(i0, i1, j0, j1) * keep_scale
@@ -171,12 +197,19 @@ def _backward_one(seq: _Sequence, dout, lse, delta, want_dbias: bool):
             else:
                 dv[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", p, do_c)
             ds = dp.sub_(delta[..., i0:i1, None]).mul_(p)
+            if contained:  # p is 0 where masked, but dp there is NaN for a non-finite value
+                ds = torch.where(visible, ds, zero)
             if dbias is not None:
                 dbias[..., i0:i1, j0:j1] = ds
             if tanh is not None:
                 ds = ds * (1.0 - tanh * tanh)
-            dq[..., i0:i1, :] += torch.matmul(ds, seq.k[..., j0:j1, :])
-            dk[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", ds, q_c)
+                if contained:
+                    ds = torch.where(visible, ds, zero)
+            k_c = seq.k[..., j0:j1, :]
+            # ds is 0 where masked and NaN wherever a visible entry is non-finite, so zeroing the non-finite
+            # factors keeps masked-out NaN/Inf out of dq and dk without hiding the visible ones.
+            dq[..., i0:i1, :] += torch.matmul(ds, finite_or_zero(k_c) if contained else k_c)
+            dk[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", ds, finite_or_zero(q_c) if contained else q_c)
     dq.mul_(a.softmax_scale)
     dk.mul_(a.softmax_scale)
     return dq, dk, dv, dbias
@@ -206,16 +239,16 @@ def _sequences(q, k, v, a: AttentionArgs):
 
 
 def forward(q, k, v, a: AttentionArgs):
-    """q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> out [B, Tq, H, D] (input dtype), lse fp32 [B, H, Tq]
-    (varlen: q/k/v packed [1, total, ., D], lse [H, total_q])."""
+    """q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> out [B, Tq, H, D] (input dtype), lse [B, H, Tq] (fp32; fp64 for
+    fp64 inputs) (varlen: q/k/v packed [1, total, ., D], lse [H, total_q])."""
     out = torch.empty_like(q)
     h = q.shape[2]
     lse_shape = (h, q.shape[1]) if a.varlen else (q.shape[0], h, q.shape[1])
-    lse = torch.empty(lse_shape, device=q.device)
+    lse = torch.empty(lse_shape, device=q.device, dtype=compute_dtype(q.dtype))
     for qs, _, seq in _sequences(q, k, v, a):
         o, l = _forward_one(seq)
         out[:, qs] = _ungroup(o).to(q.dtype)
-        l = l.reshape(l.shape[0], h, -1)
+        l = l.reshape(l.shape[0], h, l.shape[-1])
         if a.varlen:
             lse[:, qs] = l[0]
         else:
@@ -227,12 +260,13 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
     """Gradients (dq, dk, dv, dbias-or-None) in the input dtypes; dlse may be None."""
     h, h_kv = q.shape[2], k.shape[2]
     g = h // h_kv
+    dt = compute_dtype(q.dtype)
     # delta_i = rowsum(dO_i * O_i) - dLSE_i: the softmax Jacobian's diagonal term plus the lse gradient.
-    delta = (dout.float() * out.float()).sum(-1)  # [B, Tq, H]
+    delta = (dout.to(dt) * out.to(dt)).sum(-1)  # [B, Tq, H]
     delta = delta.permute(0, 2, 1)  # [B, H, Tq]
-    lse_bht = lse.unsqueeze(0) if a.varlen else lse
+    lse_bht = (lse.unsqueeze(0) if a.varlen else lse).to(dt)
     if dlse is not None:
-        delta = delta - (dlse.unsqueeze(0) if a.varlen else dlse).float()
+        delta = delta - (dlse.unsqueeze(0) if a.varlen else dlse).to(dt)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -240,7 +274,7 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
     for qs, ks, seq in _sequences(q, k, v, a):
         b, t_q = seq.shape[0], seq.shape[3]
         grouped = lambda x: x.reshape(b, h_kv, g, t_q)  # noqa: E731
-        do_g = dout[:, qs].float().reshape(b, t_q, h_kv, g, q.shape[-1]).permute(0, 2, 3, 1, 4)
+        do_g = dout[:, qs].to(dt).reshape(b, t_q, h_kv, g, q.shape[-1]).permute(0, 2, 3, 1, 4)
         dq_s, dk_s, dv_s, dbias = _backward_one(
             seq, do_g, grouped(lse_bht[..., qs]), grouped(delta[..., qs]), want_dbias
         )
@@ -251,5 +285,7 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
         b, h_kv_, g_, t_q, t_k = dbias.shape
         dbias = dbias.reshape(b, h, t_q, t_k)
         reduce_dims = [i for i, n in enumerate(a.bias.shape) if n == 1 and dbias.shape[i] != 1]
-        dbias = dbias.sum(dim=reduce_dims, keepdim=True).to(a.bias.dtype)
+        if reduce_dims:  # sum() over an empty dim list would reduce every dimension
+            dbias = dbias.sum(dim=reduce_dims, keepdim=True)
+        dbias = dbias.to(a.bias.dtype)
     return dq, dk, dv, dbias

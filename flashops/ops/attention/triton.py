@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ..._triton_utils import config, dot_precision, launcher, strides
 from ..common.triton_math import LN2, LOG2E, tanh
+from ..common.triton_numerics import masked_dot
 from . import dropout
 from .args import AttentionArgs
 from .dropout import drop_threshold
@@ -151,6 +152,12 @@ def _logits(qk, rows, cols, diag, qk_scale2, cap_scale, cap2, slope2,
 
 
 @triton.jit
+def _add_bias(s, bias):
+    """s + bias (log2 domain); a -inf (masked) bias entry stays -inf even where s is NaN."""
+    return tl.where(bias == float("-inf"), float("-inf"), s + bias.to(tl.float32) * LOG2E)
+
+
+@triton.jit
 def _mask_logits(s, rows, cols, seqlen_k, diag, window_left, window_right,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     ok = cols < seqlen_k
@@ -241,7 +248,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, offs_n
     if HAS_BIAS:
         bias = tl.load(bias_base + rows[:, None] * stride_biasm + cols[None, :] * stride_biasn,
                        mask=row_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
-        s = s + bias.to(tl.float32) * LOG2E
+        s = _add_bias(s, bias)
     if MASKED:
         s = _mask_logits(s, rows[:, None], cols[None, :], seqlen_k, diag, window_left, window_right,
                          HAS_LEFT, HAS_RIGHT)
@@ -257,7 +264,10 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, offs_n
     if HAS_DROPOUT:
         keep = _dropout_keep(drop_rows[:, None], cols[None, :], drop_threshold)
         p = tl.where(keep, p * drop_scale, 0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    if MASKED or HAS_BIAS:  # a NaN/Inf value of a masked-out key must not reach the rows that hide it
+        acc = masked_dot(p, v, s != float("-inf"), acc, DOT_PRECISION)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -459,11 +469,14 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_bas
     if HAS_BIAS:
         bias = tl.load(bias_base + rows[None, :] * stride_biasm + cols[:, None] * stride_biasn,
                        mask=row_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
-        s_t = s_t + bias.to(tl.float32) * LOG2E
+        s_t = _add_bias(s_t, bias)
     if MASKED:
         s_t = _mask_logits(s_t, rows[None, :], cols[:, None], seqlen_k, diag, window_left, window_right,
                            HAS_LEFT, HAS_RIGHT)
     p_t = tl.exp2(s_t - lse2[None, :])
+    if MASKED or HAS_BIAS:  # masked entries and rows past the end are exact zeros, even for a NaN lse or key
+        visible_t = (s_t != float("-inf")) & row_ok[None, :]
+        p_t = tl.where(visible_t, p_t, 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         keep_t = _dropout_keep(_dropout_row_hash(seed, bh, rows)[None, :], cols[:, None], drop_threshold)
@@ -474,7 +487,10 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_bas
     ds_t = p_t * (dp_t - delta[None, :])
     if HAS_SOFTCAP:
         ds_t = ds_t * (1.0 - t_t * t_t)
-    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    if MASKED or HAS_BIAS:  # 0 * NaN: select the masked entries to 0 and keep a masked-out NaN q out of dk
+        dk = masked_dot(tl.where(visible_t, ds_t, 0.0), q, visible_t, dk, DOT_PRECISION)
+    else:
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -621,7 +637,7 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, row
     if HAS_BIAS:
         bias = tl.load(bias_base + rows[:, None] * stride_biasm + cols[None, :] * stride_biasn,
                        mask=row_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
-        s = s + bias.to(tl.float32) * LOG2E
+        s = _add_bias(s, bias)
     if MASKED:
         s = _mask_logits(s, rows[:, None], cols[None, :], seqlen_k, diag, window_left, window_right,
                          HAS_LEFT, HAS_RIGHT)
@@ -633,7 +649,11 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, row
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * (1.0 - t * t)
-    dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+    if MASKED or HAS_BIAS:  # 0 * NaN: select the masked entries to 0 and keep a masked-out NaN k out of dq
+        visible = s != float("-inf")
+        dq = masked_dot(tl.where(visible, ds, 0.0), tl.trans(kt), visible, dq, DOT_PRECISION)
+    else:
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
     return dq
 
 

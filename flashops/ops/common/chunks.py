@@ -204,7 +204,7 @@ def chunk_cumsum_fwd_kernel(
     BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """gc = inclusive cumsum of max(g, FLOOR) from the start of each chunk, in processing order (fp32,
-    [B, T, H, K] contiguous)."""
+    [B, T, H, K] contiguous); a positive (out of domain) log-gate is NaN."""
     pid_c, pid_k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -216,6 +216,7 @@ def chunk_cumsum_fwd_kernel(
                   stride_gt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
     g = g.to(tl.float32)
     g = tl.where(g < FLOOR, FLOOR, g)  # NaN stays NaN
+    g = tl.where(g > 0, float("nan"), g)  # out of domain: NaN from here on, as on every backend
     gc = tl.cumsum(g, axis=0)
     gc_base = buffer_base(GC, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM)
     tl.store(gc_base + offs_t[:, None] * (num_heads * K_DIM) + offs_k[None, :], gc, mask=tile_mask(t_ok, k_ok, EVEN_K))

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._validation import check_attention_inputs
+from ..._validation import check_attention_inputs, pick_scale
 from . import compose
 from .plan import HyperLevel, HyperPlan, make_plan
 
@@ -76,18 +76,18 @@ def _check_plan(plan, q: Tensor, k: Tensor, causal: bool):
 
 def hyper_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
-    lsh_num_projs: int = 7, block_size: int = 256, sample_size: int = 256, min_seq_len: int = 4096,
-    generator: Optional[torch.Generator] = None, plan: Optional[HyperPlan] = None, return_lse: bool = False,
-    backend: Optional[str] = None,
+    scale: Optional[float] = None, lsh_num_projs: int = 7, block_size: int = 256, sample_size: int = 256,
+    min_seq_len: int = 4096, generator: Optional[torch.Generator] = None, plan: Optional[HyperPlan] = None,
+    return_lse: bool = False, backend: Optional[str] = None,
 ):
     """HyperAttention: approximate softmax attention in near-linear time (sortLSH + sampled residual).
 
     Args:
-        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA). fp16, bf16 or fp32,
-            D up to 256, any lengths (causal needs ``Tq == Tk``).
+        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA). fp16, bf16 or fp32
+            (fp64 on the torch backend), D up to 256, any lengths (causal needs ``Tq == Tk``).
         causal: causal self-attention by recursive halving: the lower-left quarter of each halving is the
             non-causal approximation, the diagonal segments of at most ``min_seq_len`` are exact.
-        softmax_scale: multiplies q.k; default ``1/sqrt(D)``.
+        softmax_scale: multiplies q.k; default ``1/sqrt(D)``. ``scale=`` is the same argument.
         lsh_num_projs: hyperplanes of the angular LSH (2**r buckets, ordered so that neighbouring buckets
             differ in one bit); 0 disables hashing (blocks of consecutive positions).
         block_size: keys per sorted block; ``ceil(Tk / block_size)`` blocks of (almost) equal size, and the
@@ -100,7 +100,8 @@ def hyper_attention(
         plan: a :class:`HyperPlan` from :func:`hyper_attention_plan` to reuse instead of drawing one
             (then ``lsh_num_projs``, ``block_size``, ``sample_size``, ``min_seq_len``, ``generator``
             are ignored).
-        return_lse: also return the log-sum-exp ``[B, H, Tq]`` (fp32) of the approximation; differentiable.
+        return_lse: also return the log-sum-exp ``[B, H, Tq]`` (fp32; fp64 for fp64 inputs) of the
+            approximation; differentiable.
         backend: passed to the exact attention calls (``"triton"``, ``"torch"``).
 
     Returns:
@@ -111,6 +112,7 @@ def hyper_attention(
         >>> out = flashops.hyper_attention(q, k, v, causal=True)
     """
     _check_qkv(q, k, v, causal)
+    softmax_scale = pick_scale(softmax_scale, scale)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):

@@ -3,7 +3,8 @@
 Every attention piece is one call of the exact op (its Triton kernel on a GPU), batched over all problems,
 blocks and heads: blocks are folded into the batch dimension when they all have the same size, otherwise
 packed as variable-length sequences. The exact op's log-sum-exp is differentiable, so the gradient flows
-through the merge weights too. Merged partial results are kept in fp32 and cast once at the end.
+through the merge weights too. Merged partial results are kept in fp32 (fp64 for fp64 inputs) and cast once
+at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..._numerics import compute_dtype
 from ..attention import flash_attention, flash_attention_varlen
 from .plan import HyperLevel, HyperPlan, segment_ids
 
@@ -62,9 +64,11 @@ def _blockwise(q: Tensor, k: Tensor, v: Tensor, q_bounds: tuple, k_bounds: tuple
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Softmax over the union of two disjoint key sets from the two partial results (out ``[..., T, H, D]``,
-    lse ``[..., T, H]``): weights exp(lse_x - lse). Result in fp32. A part with lse -inf weighs 0."""
+    lse ``[..., T, H]``): weights exp(lse_x - lse). Result in fp32 (fp64 for fp64 parts). A part with lse -inf
+    weighs 0."""
     lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a.float() * torch.exp(lse_a - lse).unsqueeze(-1) + out_b.float() * torch.exp(lse_b - lse).unsqueeze(-1)
+    dt = compute_dtype(out_a.dtype)
+    out = out_a.to(dt) * torch.exp(lse_a - lse).unsqueeze(-1) + out_b.to(dt) * torch.exp(lse_b - lse).unsqueeze(-1)
     return out, lse
 
 
@@ -82,7 +86,7 @@ def approximate(q: Tensor, k: Tensor, v: Tensor, level: HyperLevel, scale: float
         correction = torch.tensor(level.log_weights, device=q.device)[segment_ids(level.q_bounds, q.device)]
         out, lse = merge(out, lse, res_out, res_lse + correction[:, None])
     else:
-        out = out.float()
+        out = out.to(compute_dtype(q.dtype))
     unsort = _inverse(level.q_perm)
     return _gather_rows(out, unsort), torch.gather(lse, 1, unsort)
 
@@ -106,7 +110,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, plan: HyperPlan, scale: float,
     out, lse = flash_attention(q.reshape(b * segments, base, h, d), k.reshape(b * segments, base, h_kv, d),
                                v.reshape(b * segments, base, h_kv, d), causal=True, softmax_scale=scale,
                                return_lse=True, backend=backend)
-    out, lse = out.float(), lse.transpose(1, 2)
+    out, lse = out.to(compute_dtype(q.dtype)), lse.transpose(1, 2)
     # Bottom-up: at level l the segments of length 2*half get their lower-left (second-half queries,
     # first-half keys) non-causal part merged into the second half's causal result.
     for depth in reversed(range(len(plan.levels))):

@@ -13,15 +13,25 @@ unless ``output_final_state``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ... import _dispatch
+from ... import _cuda, _dispatch
 from ..._custom_ops import BACKEND, OpArgs, eager, register_autograd
+from ..._numerics import compute_dtype
 from ..._triton_utils import triton_reasons
-from ..._validation import FLOAT_DTYPES, check_cu_seqlens, check_dim, check_same, check_tensor
+from ..._validation import (
+    FLOAT_DTYPES,
+    check_cu_seqlens,
+    check_dim,
+    check_same,
+    check_tensor,
+    check_values,
+    values_on_host,
+)
 from .args import ChunkBackend, NoncausalBackend, StepBackend
 
 LIGHTNING = "lightning_attention"
@@ -56,6 +66,18 @@ for _op, (_module, _what) in _TRITON_MODULES.items():
         "chunked PyTorch (one Python iteration per 64-position chunk; CPU and fallback)"))
     _dispatch.register_probe(_op, lambda device, dtype: _dispatch.Request(
         device, dtype, {"head_dim_k": 128, "head_dim_v": 128}))
+def _cuda_step_supports(req: _dispatch.Request) -> list:
+    reasons = _cuda.supports(req)
+    if req.features.get("gqa"):
+        reasons = reasons + ["the CUDA step kernels need as many k/v heads (and state heads) as query heads (no GQA)"]
+    return reasons
+
+
+for _op in (LIGHTNING_STEP, GLA_STEP):
+    _dispatch.register(_op, _dispatch.Backend(
+        "cuda", _dispatch.PRIORITY_CUDA_EXT, _cuda_step_supports, f"{__name__}.cuda_step",
+        "CUDA kernel: one read and one write of the state, a block of 4 warps per (batch, head), fwd + bwd",
+        forced_only=True))
 
 
 def _backend(op: str, name: str):
@@ -97,7 +119,7 @@ def _run_chunk_fwd(a) -> tuple[Tensor, Tensor]:
     impl: ChunkBackend = _backend(GLA if a.g is not None else LIGHTNING, a.backend)
     o, final = impl.chunk_forward(a.q, a.k, a.v, a.g, a.slopes, a.scale, a.initial_state, a.cu_seqlens,
                                   a.output_final_state, a.reverse)
-    return o, _empty_like_none(final, a.q.new_empty(0, dtype=torch.float32))
+    return o, _empty_like_none(final, a.q.new_empty(0, dtype=compute_dtype(a.q.dtype)))
 
 
 def _state_heads(k: Tensor, slopes: Optional[Tensor]) -> int:
@@ -106,11 +128,12 @@ def _state_heads(k: Tensor, slopes: Optional[Tensor]) -> int:
 
 
 def _states_fake(a, output: bool) -> Tensor:
+    state_dtype = compute_dtype(a.q.dtype)
     if not output:
-        return a.q.new_empty(0, dtype=torch.float32)
+        return a.q.new_empty(0, dtype=state_dtype)
     q, v = a.q, a.v
     shape = (_num_states(q, a.cu_seqlens), _state_heads(a.k, getattr(a, "slopes", None)), q.shape[3], v.shape[3])
-    return q.new_empty(shape, dtype=torch.float32)
+    return q.new_empty(shape, dtype=state_dtype)
 
 
 def _outputs_fake(a) -> tuple[Tensor, Tensor]:
@@ -160,7 +183,7 @@ _chunk = register_autograd(_chunk_fwd, _chunk_fwd_impl, _chunk_backward, _chunk_
 def _run_noncausal_fwd(a) -> tuple[Tensor, Tensor]:
     impl: NoncausalBackend = _backend(NONCAUSAL, a.backend)
     o, final = impl.noncausal_forward(a.q, a.k, a.v, a.scale, a.initial_state, a.cu_seqlens, a.output_final_state)
-    return o, _empty_like_none(final, a.q.new_empty(0, dtype=torch.float32))
+    return o, _empty_like_none(final, a.q.new_empty(0, dtype=compute_dtype(a.q.dtype)))
 
 
 def _run_noncausal_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -202,7 +225,7 @@ def _run_step_fwd(a) -> tuple[Tensor, Tensor]:
 def _step_fwd_fake(a) -> tuple[Tensor, Tensor]:
     b, heads, d_k = a.q.shape
     return (a.q.new_empty((b, heads, a.v.shape[-1])),
-            a.q.new_empty((b, _state_heads(a.k, a.slopes), d_k, a.v.shape[-1]), dtype=torch.float32))
+            a.q.new_empty((b, _state_heads(a.k, a.slopes), d_k, a.v.shape[-1]), dtype=compute_dtype(a.q.dtype)))
 
 
 def _run_step_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -270,10 +293,10 @@ def _check_scale(scale, head_dim: int) -> float:
 
 def _check_varlen(q, cu_seqlens):
     if cu_seqlens is None:
-        return
+        return None
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens the inputs must be packed as [1, total_T, H, D], got q {tuple(q.shape)}")
-    check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[1], q.device)
+    return check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[1], q.device)
 
 
 def _check_state(name, state, n: int, heads: int, d_k: int, d_v: int, device, what="sequences"):
@@ -295,6 +318,8 @@ def _check_gates(name, g, k):
                          f"per kv head), got {tuple(g.shape)}")
     if g.device != k.device:
         raise ValueError(f"{name} is on device {g.device} but k is on {k.device}")
+    if values_on_host(g):
+        check_values(name, g, g <= 0, "<= 0 (a log-gate; -inf forgets everything), not NaN")
     return g
 
 
@@ -323,10 +348,9 @@ def _check_slopes(slopes, heads: int, kv_heads: int, device):
         raise ValueError(f"slopes is on device {slopes.device} but q is on {device}")
     if slopes.requires_grad:
         raise ValueError("slopes is a constant of the op (no gradient is computed for it): pass slopes.detach()")
-    # Value check only where it is free: on an accelerator it would sync the host on every call.
-    if slopes.device.type == "cpu" and not torch.compiler.is_compiling() and bool((slopes < 0).any()):
-        raise ValueError(f"slopes must be >= 0 (decay exp(-slope) <= 1), got {slopes.tolist()}")
-    return slopes.float().contiguous()
+    if values_on_host(slopes):
+        check_values("slopes", slopes, slopes >= 0, ">= 0 (decay exp(-slope) <= 1; inf forgets everything), not NaN")
+    return slopes.to(compute_dtype(slopes.dtype)).contiguous()
 
 
 def _select(op: str, q: Tensor, v: Tensor, backend: Optional[str], **features) -> str:
@@ -373,17 +397,19 @@ def lightning_attention(
 
     Args:
         q: ``[B, T, H, K]``; k: ``[B, T, H_kv, K]``; v: ``[B, T, H_kv, V]``. H_kv divides H (GQA/MQA: query
-            head h reads kv head ``h // (H / H_kv)``, as in flash-attn). fp16, bf16 or fp32 (same dtype);
-            K, V in 1..256; stride(-1) == 1. Any T (0 included).
+            head h reads kv head ``h // (H / H_kv)``, as in flash-attn). fp16, bf16 or fp32 (fp64 on the torch
+            backend; same dtype); K, V in 1..256; stride(-1) == 1. Any T (0 included).
         slopes: decay rates ``[H]`` (one per query head) or ``[H_kv]`` (one per kv head, shared by its group),
-            >= 0, treated as constants (no gradient; the sign is checked for CPU tensors only, a check on a GPU
-            would sync every call). The state has one head per slope. Default :func:`lightning_slopes` ``(H)``.
+            >= 0 (inf forgets everything), treated as constants (no gradient). The state has one head per slope.
+            Default :func:`lightning_slopes` ``(H)``. CPU tensors are checked (ValueError on a NaN or negative
+            slope); elsewhere a check would sync the host every call, so it is skipped and such a slope makes
+            its head's outputs and state NaN on every backend.
         scale: multiplies q; default ``1/sqrt(K)`` (Lightning's published models use ``scale=1.0``).
         initial_state: fp32 ``[N, H_state, K, V]`` (N = B, or the number of sequences with cu_seqlens;
             H_state = len(slopes)); it gets a gradient.
         output_final_state: also return the state after the last position, fp32 ``[N, H_state, K, V]``.
-        cu_seqlens: int32 ``[N + 1]`` for packed sequences ``[1, total_T, H, D]`` (empty sequences allowed);
-            each sequence starts from its own initial state (or zeros).
+        cu_seqlens: int32 or int64 ``[N + 1]`` for packed sequences ``[1, total_T, H, D]`` (empty sequences
+            allowed); each sequence starts from its own initial state (or zeros).
         reverse: run the recurrence from each sequence's last position to its first (fla's ``reverse``):
             ``S_t = exp(-slope) S_{t+1} + k_t^T v_t``; the initial state enters after the last position and the
             final state is the one at the first.
@@ -404,7 +430,7 @@ def lightning_attention(
 
 def _lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, reverse, backend):
     """lightning_attention after the q, k, v and slopes checks."""
-    _check_varlen(q, cu_seqlens)
+    cu_seqlens = _check_varlen(q, cu_seqlens)
     d_k = q.shape[3]
     initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), slopes.shape[0], d_k,
                                  v.shape[-1], q.device)
@@ -432,6 +458,9 @@ def gated_linear_attention(
         g: log-gates ``[B, T, H_kv, K]`` (they follow k: with GQA the state is shared by a group), <= 0 (e.g.
             ``logsigmoid(x) / 16``); any float dtype, computed in fp32, gets a gradient. Values below -30 act as
             -30 (a decay of ~1e-13; their gradient is 0): this keeps ``g = -inf`` (forget everything) free of NaN.
+            CPU tensors are checked (ValueError on a NaN or positive entry); elsewhere the check is skipped (it
+            would sync the host) and such an entry makes the outputs at and after it, and the final state, NaN
+            in its (sequence, head) on every backend.
         initial_state: fp32 ``[N, H_kv, K, V]``; gets a gradient. output_final_state: return the final state
             ``[N, H_kv, K, V]``.
         scale, cu_seqlens, reverse, backend: as in :func:`lightning_attention`.
@@ -440,7 +469,7 @@ def gated_linear_attention(
         ``(o, final_state)``.
     """
     _check_qkv(q, k, v)
-    _check_varlen(q, cu_seqlens)
+    cu_seqlens = _check_varlen(q, cu_seqlens)
     d_k = q.shape[3]
     g = _check_gates("g", g, k)
     initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), k.shape[2], d_k,
@@ -472,7 +501,7 @@ def linear_attention(
     if causal:
         slopes = torch.zeros(k.shape[2], dtype=torch.float32, device=q.device)
         return _lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, reverse, backend)
-    _check_varlen(q, cu_seqlens)
+    cu_seqlens = _check_varlen(q, cu_seqlens)
     d_k = q.shape[3]
     initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), k.shape[2], d_k,
                                  v.shape[-1], q.device)
@@ -493,33 +522,51 @@ def _check_step(q_t, k_t, v_t, state, state_heads: int):
                         what="batch rows (B)")
 
 
+def _old_step_order(op: str, decay: str, legacy: bool, first, second):
+    """The step ops take (decay, state) in the order of the chunked ops; until 0.1.0 they took (state, decay).
+    Shapes tell the two apart (a state is 4-D), so old positional calls keep working, with a warning."""
+    if not legacy:
+        return first, second
+    warnings.warn(f"{op}(q_t, k_t, v_t, state, {decay}) is the old argument order: pass {decay} before state, "
+                  f"as in the chunked op ({op}(q_t, k_t, v_t, {decay}, state)), or both by keyword",
+                  DeprecationWarning, stacklevel=3)
+    return second, first
+
+
+def _is_state(t) -> bool:
+    return isinstance(t, Tensor) and t.dim() == 4
+
+
 def lightning_attention_step(
-    q_t: Tensor, k_t: Tensor, v_t: Tensor, state: Optional[Tensor] = None, slopes: Optional[Tensor] = None, *,
+    q_t: Tensor, k_t: Tensor, v_t: Tensor, slopes: Optional[Tensor] = None, state: Optional[Tensor] = None, *,
     scale: Optional[float] = None, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """One decoding step of :func:`lightning_attention`: q_t ``[B, H, K]``, k_t ``[B, H_kv, K]``, v_t
-    ``[B, H_kv, V]``, slopes ``[H]`` or ``[H_kv]``, state fp32 ``[B, H_state, K, V]`` (one head per slope;
-    None = zeros). Returns ``(o_t [B, H, V], new_state fp32)``; differentiable. Feeding a sequence token by token
-    gives the chunked op's outputs and final state."""
+    ``[B, H_kv, V]``, slopes ``[H]`` or ``[H_kv]`` (None = :func:`lightning_slopes`), state fp32
+    ``[B, H_state, K, V]`` (one head per slope; None = zeros). Returns ``(o_t [B, H, V], new_state fp32)``;
+    differentiable. Feeding a sequence token by token gives the chunked op's outputs and final state."""
+    legacy = _is_state(slopes) or (slopes is None and isinstance(state, Tensor) and state.dim() == 1)
+    slopes, state = _old_step_order(LIGHTNING_STEP, "slopes", legacy, slopes, state)
     _check_qkv(q_t, k_t, v_t, layout=_STEP_LAYOUT, ndim=3)
     slopes = _check_slopes(slopes, q_t.shape[1], k_t.shape[1], q_t.device)
     state = _check_step(q_t, k_t, v_t, state, slopes.shape[0])
     scale = _check_scale(scale, q_t.shape[-1])
-    name = _select(LIGHTNING_STEP, q_t, v_t, backend)
+    name = _select(LIGHTNING_STEP, q_t, v_t, backend, gqa=not k_t.shape[1] == slopes.shape[0] == q_t.shape[1])
     return _step(*STEP_ARGS.values(q=q_t, k=k_t, v=v_t, g=None, slopes=slopes, state=state, scale=scale, backend=name))
 
 
 def gated_linear_attention_step(
-    q_t: Tensor, k_t: Tensor, v_t: Tensor, state: Optional[Tensor], g_t: Tensor, *, scale: Optional[float] = None,
-    backend: Optional[str] = None,
+    q_t: Tensor, k_t: Tensor, v_t: Tensor, g_t: Tensor, state: Optional[Tensor] = None, *,
+    scale: Optional[float] = None, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """One decoding step of :func:`gated_linear_attention`: q_t ``[B, H, K]``, k_t, g_t ``[B, H_kv, K]``, v_t
     ``[B, H_kv, V]``, state fp32 ``[B, H_kv, K, V]`` (None = zeros). Returns ``(o_t, new_state)``;
     differentiable."""
+    g_t, state = _old_step_order(GLA_STEP, "g_t", g_t is None or _is_state(g_t), g_t, state)
     state = _check_step(q_t, k_t, v_t, state, k_t.shape[1])
     g_t = _check_gates("g_t", g_t, k_t)
     scale = _check_scale(scale, q_t.shape[-1])
-    name = _select(GLA_STEP, q_t, v_t, backend)
+    name = _select(GLA_STEP, q_t, v_t, backend, gqa=k_t.shape[1] != q_t.shape[1])
     return _step(*STEP_ARGS.values(q=q_t, k=k_t, v=v_t, g=g_t, slopes=None, state=state, scale=scale, backend=name))
 
 

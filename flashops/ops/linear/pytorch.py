@@ -12,10 +12,13 @@ per decay: Lightning's slopes [H] give S = H / H_kv, otherwise S = 1) and query 
 fill all three, k and v only the first ([B, H_kv, 1, 1, ...]), gates and states the first two; products
 broadcast, so GQA never copies k or v, and the gradients of shared tensors are sums over the broadcast axes.
 Gates are [B, H_kv, 1, 1, NT, C, K] (GLA) or [1, H_kv, S, 1, NT, C, 1] (a scalar per-head decay, Lightning).
-Everything is computed in fp32 and returned in the input dtype.
+Everything is computed in fp32 (fp64 for fp64 inputs) and returned in the input dtype. Future positions never
+enter a row's arithmetic: the causal masks are selects, and when an input holds a NaN/Inf the intra-chunk
+product with v keeps it to the rows at or after it (``flashops._numerics``). Out-of-domain gates (a positive
+log-gate, a negative or NaN slope) act as NaN from where they apply.
 
 ``reverse=True`` flips each sequence in time, runs forward and flips the results back: this path copies every
-input into the padded chunked fp32 layout anyway, so the flip is one more pass over the inputs (measured in
+input into the padded chunked layout anyway, so the flip is one more pass over the inputs (measured in
 docs/linear.md), small beside the intra-chunk products.
 """
 
@@ -26,6 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..._numerics import all_finite, compute_dtype, masked_matmul
 from .common import LOG_GATE_FLOOR
 
 CHUNK = 64
@@ -59,11 +63,11 @@ def _kv_side(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, None, None]
 
 
-def _to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """[B, T, H, D] -> [B, H, NT, C, D] (fp32, zero padded to a multiple of the chunk)."""
+def _to_chunks(x: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, NT, C, D] (in ``dtype``, zero padded to a multiple of the chunk)."""
     b, t, h, d = x.shape
     n_chunks = -(-t // chunk)
-    x = F.pad(x.float(), (0, 0, 0, 0, 0, n_chunks * chunk - t))
+    x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, n_chunks * chunk - t))
     return x.reshape(b, n_chunks, chunk, h, d).permute(0, 3, 1, 2, 4)
 
 
@@ -74,16 +78,28 @@ def _from_chunks(x: torch.Tensor, t: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1, 4).reshape(b, n * c, h, d)[:, :t].contiguous()
 
 
-def _gate_cumsum(g, slopes, t: int, chunk: int, groups: _Groups, device):
+def _log_gates(g: torch.Tensor, dtype) -> torch.Tensor:
+    """Log-gates as used: floored at LOG_GATE_FLOOR, and NaN where out of domain (> 0) or NaN."""
+    g = g.to(dtype)
+    g = torch.where(g < LOG_GATE_FLOOR, torch.full_like(g, LOG_GATE_FLOOR), g)
+    return torch.where(g > 0, torch.full_like(g, float("nan")), g)
+
+
+def _decay_rates(slopes: torch.Tensor, dtype) -> torch.Tensor:
+    """Slopes as used: capped at -LOG_GATE_FLOOR, and NaN where out of domain (< 0) or NaN."""
+    slopes = torch.clamp(slopes.to(dtype), max=-LOG_GATE_FLOOR)  # clamp keeps NaN
+    return torch.where(slopes < 0, torch.full_like(slopes, float("nan")), slopes)
+
+
+def _gate_cumsum(g, slopes, t: int, chunk: int, groups: _Groups, device, dtype):
     """Chunk-local inclusive cumulative log-gates. Padded positions get log-gate 0 so that they leave the
     state untouched. Vector gates: [B, H_kv, 1, 1, NT, C, K]; scalar: [1, H_kv, S, 1, NT, C, 1]."""
     if g is not None:
-        g = torch.where(g < LOG_GATE_FLOOR, torch.full_like(g, LOG_GATE_FLOOR), g.float())
-        return _kv_side(_to_chunks(g, chunk)).cumsum(-2)
+        return _kv_side(_to_chunks(_log_gates(g, dtype), chunk, dtype)).cumsum(-2)
     n_chunks = -(-t // chunk)
-    decay = torch.clamp(slopes.float(), max=-LOG_GATE_FLOOR).to(device)
-    valid = (torch.arange(n_chunks * chunk, device=device) < t).float()
-    per_position = -decay[:, None] * valid[None, :]  # [H_state, Tp]
+    decay = _decay_rates(slopes, dtype).to(device)
+    valid = torch.arange(n_chunks * chunk, device=device)[None, :] < t
+    per_position = torch.where(valid, -decay[:, None], torch.zeros((), dtype=dtype, device=device))  # [Hs, Tp]
     return groups.state_side(per_position.reshape(1, decay.shape[0], n_chunks, chunk, 1)).cumsum(-2)
 
 
@@ -108,7 +124,8 @@ def _intra_scores(q, k, gc):
     tril = _tril(c, q.device)
     if gc.shape[-1] == 1:
         gs = gc[..., 0]
-        return (q @ k.transpose(-1, -2)) * _causal_exp(gs[..., :, None] - gs[..., None, :], tril)
+        scores = (q @ k.transpose(-1, -2)) * _causal_exp(gs[..., :, None] - gs[..., None, :], tril)
+        return torch.where(tril, scores, torch.zeros((), dtype=scores.dtype, device=q.device))  # no 0 * NaN
     scores = q.new_zeros(*_batch_shape(q, k, gc), c, c)
     for i in range(c // SUB):
         rows = slice(i * SUB, (i + 1) * SUB)
@@ -121,9 +138,10 @@ def _intra_scores(q, k, gc):
     q_sub, k_sub, g_sub = (x.unflatten(-2, (c // SUB, SUB)) for x in (q, k, gc))
     diag = q.new_zeros(*_batch_shape(q, k, gc), c // SUB, SUB, SUB)
     row_idx = torch.arange(SUB, device=q.device)[:, None]
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
     for j in range(SUB):
         weight = _causal_exp(g_sub - g_sub[..., j : j + 1, :], row_idx >= j)
-        diag[..., j] = (q_sub * k_sub[..., j : j + 1, :] * weight).sum(-1)
+        diag[..., j] = torch.where(row_idx[:, 0] >= j, (q_sub * k_sub[..., j : j + 1, :] * weight).sum(-1), zero)
     for i in range(c // SUB):
         rows = slice(i * SUB, (i + 1) * SUB)
         scores[..., rows, rows] = diag[..., i, :, :]
@@ -137,7 +155,7 @@ def _states(k, v, gc, initial_state):
     last = gc[..., -1:, :]  # [.., NT, 1, K|1]
     contrib = (k * (last - gc).exp()).transpose(-1, -2) @ v  # [..., NT, K, V]
     chunk_decay = last.transpose(-1, -2).exp()  # [.., NT, K|1, 1]
-    state = (initial_state.float().clone() if initial_state is not None
+    state = (initial_state.to(k.dtype).clone() if initial_state is not None
              else k.new_zeros(*contrib.shape[:-3], *contrib.shape[-2:]))
     states = []
     for n in range(n_chunks):
@@ -149,25 +167,31 @@ def _states(k, v, gc, initial_state):
 
 # --------------------------------------------------------------------------------------------- dense API
 def _chunked(q, k, v, g, slopes, chunk):
-    """q [B, H_kv, S, Q, NT, C, K], k, v [B, H_kv, 1, 1, ...], the gate cumsums and the head counts."""
+    """q [B, H_kv, S, Q, NT, C, K], k, v [B, H_kv, 1, 1, ...] (fp32, fp64 for fp64 inputs), the gate cumsums and
+    the head counts."""
+    dt = compute_dtype(q.dtype)
     groups = _Groups.of(q.shape[2], k.shape[2], slopes)
-    qc = groups.query_side(_to_chunks(q, chunk))
-    kc, vc = _kv_side(_to_chunks(k, chunk)), _kv_side(_to_chunks(v, chunk))
-    return qc, kc, vc, _gate_cumsum(g, slopes, q.shape[1], chunk, groups, q.device), groups
+    qc = groups.query_side(_to_chunks(q, chunk, dt))
+    kc, vc = _kv_side(_to_chunks(k, chunk, dt)), _kv_side(_to_chunks(v, chunk, dt))
+    return qc, kc, vc, _gate_cumsum(g, slopes, q.shape[1], chunk, groups, q.device, dt), groups
 
 
 def _forward_dense(q, k, v, g, slopes, scale, initial_state, chunk):
     qc, kc, vc, gc, groups = _chunked(q, k, v, g, slopes, chunk)
     h0 = groups.state_side(initial_state) if initial_state is not None else None
     hs, final = _states(kc, vc, gc, h0)
-    o = (qc * gc.exp()) @ hs + _intra_scores(qc, kc, gc) @ vc
+    scores = _intra_scores(qc, kc, gc)
+    # A NaN/Inf value of a later position must not reach earlier rows of its chunk through 0 * v.
+    intra = scores @ vc if all_finite(v) else masked_matmul(scores, vc, _tril(qc.shape[-2], q.device))
+    o = (qc * gc.exp()) @ hs + intra
     return _from_chunks(o * scale, q.shape[1]), final.squeeze(3).flatten(1, 2)
 
 
 def _backward_dense(do, dht, q, k, v, g, slopes, scale, initial_state, chunk):
     t = q.shape[1]
     qc, kc, vc, gc, groups = _chunked(q, k, v, g, slopes, chunk)
-    doc = groups.query_side(_to_chunks(do, chunk))
+    dt = qc.dtype
+    doc = groups.query_side(_to_chunks(do, chunk, dt))
     hs, _ = _states(kc, vc, gc, groups.state_side(initial_state) if initial_state is not None else None)
     c = qc.shape[-2]
     last = gc[..., -1:, :]
@@ -176,7 +200,7 @@ def _backward_dense(do, dht, q, k, v, g, slopes, scale, initial_state, chunk):
     k_decayed = kc * (last - gc).exp()  # k_c exp(gl - gc_c)
 
     # Reverse sweep over chunks: dhs[n] = dL/d(state after chunk n), one per state (its query heads summed).
-    d_state = groups.state_side(dht.float()) if dht is not None else qc.new_zeros(hs.shape[:-3] + hs.shape[-2:])
+    d_state = groups.state_side(dht.to(dt)) if dht is not None else qc.new_zeros(hs.shape[:-3] + hs.shape[-2:])
     contrib = (scale * q_decayed.transpose(-1, -2) @ doc).sum(3, keepdim=True)  # [B, H_kv, S, 1, NT, K, V]
     dhs = []
     for n in reversed(range(qc.shape[-3])):
@@ -189,7 +213,8 @@ def _backward_dense(do, dht, q, k, v, g, slopes, scale, initial_state, chunk):
     # Sums over the head axes, term by term (a term without a query axis must not be counted once per query head).
     heads = (2, 3)
     dv = (scale * scores.transpose(-1, -2) @ doc).sum(heads, keepdim=True) + (k_decayed @ dhs).sum(heads, keepdim=True)
-    d_scores = scale * (doc @ vc.transpose(-1, -2)) * _tril(c, q.device)
+    tril = _tril(c, q.device)
+    d_scores = torch.where(tril, scale * (doc @ vc.transpose(-1, -2)), torch.zeros((), dtype=dt, device=q.device))
     dq_inter = scale * gc.exp() * (doc @ hs.transpose(-1, -2))
     dk_inter = ((last - gc).exp() * (vc @ dhs.transpose(-1, -2))).sum(heads, keepdim=True)
     dq_intra, dk_intra = _intra_grads(d_scores, qc, kc, gc)
@@ -312,31 +337,33 @@ def chunk_backward(do, dht, q, k, v, g, slopes, scale, initial_state, cu_seqlens
 def noncausal_forward(q, k, v, scale, initial_state, cu_seqlens, output_final_state):
     """o = scale * q (S_0 + K^T V) per sequence, one state per kv head; returns (o, final state or None)."""
     states = _noncausal_states(k, v, initial_state, cu_seqlens)
-    o = scale * _apply_per_sequence(q.float(), states, cu_seqlens)
+    o = scale * _apply_per_sequence(q.to(states.dtype), states, cu_seqlens)
     return o.to(q.dtype).contiguous(), (states if output_final_state else None)
 
 
 def noncausal_backward(do, dht, q, k, v, scale, initial_state, cu_seqlens):
     states = _noncausal_states(k, v, initial_state, cu_seqlens)
-    dq = scale * _apply_per_sequence(do.float(), states.transpose(-1, -2), cu_seqlens)
+    dt = states.dtype
+    dq = scale * _apply_per_sequence(do.to(dt), states.transpose(-1, -2), cu_seqlens)
     d_state = scale * _noncausal_states(q, do, None, cu_seqlens)
     d_state = d_state.unflatten(1, (k.shape[2], -1)).sum(2)  # a state's gradient sums its query heads'
     if dht is not None:
-        d_state = d_state + dht.float()
-    dk = _apply_per_sequence(v.float(), d_state.transpose(-1, -2), cu_seqlens)
-    dv = _apply_per_sequence(k.float(), d_state, cu_seqlens)
+        d_state = d_state + dht.to(dt)
+    dk = _apply_per_sequence(v.to(dt), d_state.transpose(-1, -2), cu_seqlens)
+    dv = _apply_per_sequence(k.to(dt), d_state, cu_seqlens)
     dh0 = None if initial_state is None else d_state.to(initial_state.dtype)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dh0
 
 
 def _noncausal_states(a, b, initial_state, cu_seqlens):
-    """sum over each sequence of a_t^T b_t: [N, H, Da, Db] fp32 (plus the initial state)."""
+    """sum over each sequence of a_t^T b_t: [N, H, Da, Db] in the compute dtype (plus the initial state)."""
+    dt = compute_dtype(a.dtype)
     if cu_seqlens is None:
-        states = torch.einsum("bthk,bthv->bhkv", a.float(), b.float())
+        states = torch.einsum("bthk,bthv->bhkv", a.to(dt), b.to(dt))
     else:
-        states = torch.stack([torch.einsum("thk,thv->hkv", a[0, s:e].float(), b[0, s:e].float())
+        states = torch.stack([torch.einsum("thk,thv->hkv", a[0, s:e].to(dt), b[0, s:e].to(dt))
                               for s, e in _split(cu_seqlens)])
-    return states if initial_state is None else states + initial_state.float()
+    return states if initial_state is None else states + initial_state.to(dt)
 
 
 def _apply_per_sequence(x, states, cu_seqlens):
@@ -350,24 +377,26 @@ def _apply_per_sequence(x, states, cu_seqlens):
 
 def step_forward(q, k, v, g, slopes, state, scale):
     """One decoding step: q [B, H, K], k [B, H_kv, K], v [B, H_kv, V], g [B, H_kv, K] or slopes [H_state]; state
-    [B, H_state, K, V] or None (zeros). Returns (o [B, H, V], new state fp32 [B, H_state, K, V])."""
+    [B, H_state, K, V] or None (zeros). Returns (o [B, H, V], new state fp32 [B, H_state, K, V]; fp64 for fp64
+    inputs)."""
     groups, decay, prev = _step_inputs(q, k, v, g, slopes, state)
-    new = decay[..., None] * prev + _step_outer(k, v)
-    o = scale * torch.einsum("bjsqk,bjskv->bjsqv", groups.query_side(q.float()), new)
+    new = decay[..., None] * prev + _step_outer(k, v, prev.dtype)
+    o = scale * torch.einsum("bjsqk,bjskv->bjsqv", groups.query_side(q.to(prev.dtype)), new)
     new = new.expand(-1, -1, groups.states, -1, -1).flatten(1, 2)
     return o.flatten(1, 3).to(q.dtype).contiguous(), new.contiguous()
 
 
 def step_backward(do, d_new, q, k, v, g, slopes, state, scale):
     groups, decay, prev = _step_inputs(q, k, v, g, slopes, state)
-    new = decay[..., None] * prev + _step_outer(k, v)
-    q_g, do_g = groups.query_side(q.float()), groups.query_side(do.float())
+    dt = prev.dtype
+    new = decay[..., None] * prev + _step_outer(k, v, dt)
+    q_g, do_g = groups.query_side(q.to(dt)), groups.query_side(do.to(dt))
     dq = scale * torch.einsum("bjsqv,bjskv->bjsqk", do_g, new)
     d_total = scale * torch.einsum("bjsqk,bjsqv->bjskv", q_g, do_g)  # per state: its query heads summed
     if d_new is not None:
-        d_total = d_total + groups.state_side(d_new.float()).squeeze(3)
-    dk = torch.einsum("bjskv,bjv->bjk", d_total, v.float())
-    dv = torch.einsum("bjskv,bjk->bjv", d_total, k.float())
+        d_total = d_total + groups.state_side(d_new.to(dt)).squeeze(3)
+    dk = torch.einsum("bjskv,bjv->bjk", d_total, v.to(dt))
+    dv = torch.einsum("bjskv,bjk->bjv", d_total, k.to(dt))
     d_state = None if state is None else (decay[..., None] * d_total).flatten(1, 2).to(state.dtype)
     dg = None
     if g is not None:  # gates: one state per kv head
@@ -378,18 +407,20 @@ def step_backward(do, d_new, q, k, v, g, slopes, state, scale):
 
 
 def _step_inputs(q, k, v, g, slopes, state):
-    """The head groups, the decay [B|1, H_kv, S, K|1] and the previous state [B, H_kv, S|1, K, V] of a step."""
+    """The head groups, the decay [B|1, H_kv, S, K|1] and the previous state [B, H_kv, S|1, K, V] of a step, in
+    the compute dtype."""
     b, d_k, d_v = q.shape[0], q.shape[2], v.shape[2]
+    dt = compute_dtype(q.dtype)
     groups = _Groups.of(q.shape[1], k.shape[1], slopes)
     if g is not None:
-        decay = torch.where(g < LOG_GATE_FLOOR, torch.full_like(g, LOG_GATE_FLOOR), g.float()).exp()[:, :, None]
+        decay = _log_gates(g, dt).exp()[:, :, None]
     else:
-        decay = torch.exp(-torch.clamp(slopes.float(), max=-LOG_GATE_FLOOR)).reshape(1, groups.kv, groups.states, 1)
-    prev = (groups.state_side(state.float()).squeeze(3) if state is not None
-            else q.new_zeros((b, groups.kv, 1, d_k, d_v), dtype=torch.float32))
+        decay = torch.exp(-_decay_rates(slopes, dt)).reshape(1, groups.kv, groups.states, 1)
+    prev = (groups.state_side(state.to(dt)).squeeze(3) if state is not None
+            else q.new_zeros((b, groups.kv, 1, d_k, d_v), dtype=dt))
     return groups, decay, prev
 
 
-def _step_outer(k, v):
+def _step_outer(k, v, dtype):
     """k^T v per kv head: [B, H_kv, 1, K, V]."""
-    return (k.float()[..., :, None] * v.float()[..., None, :])[:, :, None]
+    return (k.to(dtype)[..., :, None] * v.to(dtype)[..., None, :])[:, :, None]

@@ -104,12 +104,20 @@ def linear_attention_recurrence(q, k, v, log_gates, *, scale=None, initial_state
                    reverse)
         outs.append(o)
         finals.append(s)
+    return _gather(outs, finals, cu_seqlens, vf.new_zeros(b, t_len, h, d_v), qf.new_zeros(0, state_heads, d_k, d_v),
+                   q.dtype, output_final_state)
+
+
+def _gather(outs, finals, cu_seqlens, empty_out, empty_final, out_dtype, output_final_state):
+    """Per-sequence outputs and final states -> (o [B, T, H, V], final [N, H_state, K, V] or None); the empty
+    tensors stand in for a batch without sequences."""
     if cu_seqlens is not None:
-        o = torch.cat(outs, dim=0)[None] if outs else vf.new_zeros(1, 0, h, d_v)
+        o = torch.cat(outs, dim=0)[None] if outs else empty_out
     else:
-        o = torch.stack(outs)
-    final = torch.stack(finals).to(torch.float32 if dtype != torch.float64 else dtype) if output_final_state else None
-    return o.to(q.dtype), final
+        o = torch.stack(outs) if outs else empty_out
+    final = torch.stack(finals) if finals else empty_final
+    final = final.to(torch.float32 if final.dtype != torch.float64 else final.dtype)
+    return o.to(out_dtype), (final if output_final_state else None)
 
 
 def lightning_attention(q, k, v, slopes, *, scale=None, initial_state=None, output_final_state=False,
@@ -147,9 +155,8 @@ def noncausal_linear_attention(q, k, v, *, scale=None, initial_state=None, outpu
         s = s + torch.einsum("thk,thv->hkv", kf[row, start:end], vf[row, start:end])
         outs.append(scale * torch.einsum("thk,hkv->thv", qf[row, start:end], _repeat_heads(s, h, 0)))
         finals.append(s)
-    o = torch.cat(outs, dim=0)[None] if cu_seqlens is not None else torch.stack(outs)
-    final = torch.stack(finals).to(torch.float32 if dtype != torch.float64 else dtype) if output_final_state else None
-    return o.to(q.dtype), final
+    return _gather(outs, finals, cu_seqlens, vf.new_zeros(b, t_len, h, d_v), qf.new_zeros(0, k.shape[2], d_k, d_v),
+                   q.dtype, output_final_state)
 
 
 def recurrent_step(q, k, v, log_gate, state, *, scale=None, upcast=True):

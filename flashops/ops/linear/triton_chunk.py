@@ -101,8 +101,11 @@ def chunk_launch_options(configs: list, *extra_key: str, key: tuple = ("K_DIM", 
 # ---------------------------------------------------------------------------------------------- helpers
 @triton.jit
 def decay_slope(SLOPES, h):
-    # Capped like the log-gates so that exp(-slope * distance) stays finite and never inf * 0.
-    return tl.minimum(tl.load(SLOPES + h).to(tl.float32), -FLOOR)
+    # Capped like the log-gates so that exp(-slope * distance) stays finite and never inf * 0; a NaN or
+    # negative (out of domain) slope is NaN (selects: tl.minimum would turn NaN into the cap).
+    slope = tl.load(SLOPES + h).to(tl.float32)
+    slope = tl.where(slope > -FLOOR, -FLOOR, slope)
+    return tl.where(slope < 0, float("nan"), slope)
 
 
 # ------------------------------------------------------------------------------------------- state walks

@@ -31,6 +31,7 @@ from ..common.chunks import (
     tile_mask,
     tile_mask_t,
 )
+from ..common.triton_numerics import masked_dot
 from .triton_chunk import (
     CHUNK,
     DSCORES_CONFIGS,
@@ -108,7 +109,8 @@ def gla_intra_fwd_kernel(
         k = load_tile(k_base, stride_kt, rows, r_ok, offs_k, k_ok, EVEN_K).to(tl.float32)
         g = load_tile(gc_base, gc_stride, rows, r_ok, offs_k, k_ok, EVEN_K)
         weight = tl.exp(tl.where(causal[:, :, None], g[:, None, :] - g[None, :, :], float("-inf")))
-        acc += tl.sum(q[:, None, :] * k[None, :, :] * weight, axis=2)
+        # a select, not 0 * k: a NaN/Inf key of a later row must not reach earlier rows
+        acc += tl.sum(tl.where(causal[:, :, None], q[:, None, :] * k[None, :, :] * weight, 0.0), axis=2)
     tl.store(a_ptrs + s * BC, acc * scale, mask=r_ok[:, None])
     zeros = tl.zeros([BC, BC], dtype=tl.float32)
     for j in range(s + 1, BT // BC):
@@ -155,7 +157,8 @@ def gla_output_fwd_kernel(
                        offs_t, t_ok, offs_t, offs_t < BT, True)
     v = load_tile(row_base(V, b, origin, t0, kv, stride_vb, stride_vt, stride_vh), stride_vt,
                   offs_t, t_ok, offs_v, v_ok, EVEN_V)
-    out = acc * scale + tl.dot(scores.to(v.dtype), v, input_precision=DOT_PRECISION)
+    # scores are 0 above the diagonal; a NaN/Inf v of a later row must still not reach earlier rows
+    out = masked_dot(scores, v, offs_t[:, None] >= offs_t[None, :], acc * scale, DOT_PRECISION)
     o_base = row_base(O, b, origin, t0, h, stride_ob, stride_ot, stride_oh)
     tl.store(o_base + offs_t[:, None] * stride_ot + offs_v[None, :], out.to(O.dtype.element_ty),
              mask=tile_mask(t_ok, v_ok, EVEN_V))

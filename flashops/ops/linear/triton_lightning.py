@@ -23,6 +23,7 @@ from ..common.chunks import (
     tile_mask,
     tile_mask_t,
 )
+from ..common.triton_numerics import masked_dot
 from .triton_chunk import (
     CHUNK,
     GRAD_CONFIGS,
@@ -82,7 +83,8 @@ def lightning_output_fwd_kernel(
     v = load_tile(row_base(V, b, origin, t0, kv, stride_vb, stride_vt, stride_vh), stride_vt,
                   offs_t, t_ok, offs_v, v_ok, EVEN_V)
     out = acc * (tl.exp(-slope * (rows + 1.0)) * scale)[:, None]
-    out += tl.dot((scores * decay * scale).to(v.dtype), v, input_precision=DOT_PRECISION)
+    # Selects, not products with a 0 mask: a NaN/Inf k or v of a later row must not reach earlier rows.
+    out = masked_dot(tl.where(causal, scores * decay * scale, 0.0), v, causal, out, DOT_PRECISION)
     o_base = row_base(O, b, origin, t0, h, stride_ob, stride_ot, stride_oh)
     tl.store(o_base + offs_t[:, None] * stride_ot + offs_v[None, :], out.to(O.dtype.element_ty),
              mask=tile_mask(t_ok, v_ok, EVEN_V))

@@ -31,6 +31,7 @@ def _step_decay(G, SLOPES, b, h, stride_gb, stride_gh, offs_k, k_ok, SCALAR: tl.
         g = tl.zeros_like(offs_k.to(tl.float32)) - decay_slope(SLOPES, h)
     else:
         g = tl.load(G + b * stride_gb + h * stride_gh + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        g = tl.where(g > 0, float("nan"), g)  # out of domain, as in the chunked kernels
     return tl.exp(tl.where(g < FLOOR, FLOOR, g)), g
 
 

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from ... import _dispatch
 from ..._custom_ops import BACKEND, OpArgs, eager, register_autograd
+from ..._numerics import compute_dtype
 from ..._triton_utils import triton_reasons
-from ..._validation import check_attention_inputs, check_tensor
+from ..._validation import check_attention_inputs, check_tensor, pick_scale
 from .args import LLAArgs, LLABackend, LLADecodeBackend
 
 OP = "local_linear_attention"
@@ -29,7 +30,7 @@ MAX_HEAD_DIM = 256
 TRITON_MAX_HEAD_DIM = 128
 _LAYOUT = "[B, T, H, D]"
 # CG tolerance (relative residual) when none is given: about the accuracy the input dtype can carry.
-DEFAULT_CG_TOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+DEFAULT_CG_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 
 
 # ----------------------------------------------------------------------------------------------- backends
@@ -74,8 +75,9 @@ def _run_lla_fwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def _lla_fwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     b, t_q, h, _ = a.q.shape
-    stats = a.q.new_empty(a.q.shape, dtype=torch.float32)
-    return torch.empty_like(a.q), a.q.new_empty((b, h, t_q), dtype=torch.float32), stats, torch.empty_like(stats)
+    dt = compute_dtype(a.q.dtype)
+    stats = a.q.new_empty(a.q.shape, dtype=dt)
+    return torch.empty_like(a.q), a.q.new_empty((b, h, t_q), dtype=dt), stats, torch.empty_like(stats)
 
 
 def _run_lla_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -88,7 +90,7 @@ def _run_lla_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def _lla_bwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     b, t_q, h, _ = a.q.shape
     return (torch.empty_like(a.q), torch.empty_like(a.k), torch.empty_like(a.v),
-            a.q.new_empty((b, t_q, h), dtype=torch.float32))
+            a.q.new_empty((b, t_q, h), dtype=compute_dtype(a.q.dtype)))
 
 
 _lla_fwd, _lla_fwd_impl = FWD_ARGS.custom_op("flashops::lla_fwd", _run_lla_fwd, fake=_lla_fwd_fake,
@@ -137,8 +139,9 @@ def _can_inspect(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
-def _ridge(ridge_lambda, b: int, t_q: int, h: int, device) -> Tensor:
-    """ridge_lambda as an fp32 view broadcast to [B, Tq, H] (differentiable when it is a tensor)."""
+def _ridge(ridge_lambda, b: int, t_q: int, h: int, device, dtype) -> Tensor:
+    """ridge_lambda as a view broadcast to [B, Tq, H] in the compute dtype of the inputs ``dtype`` (fp32; fp64
+    for fp64), differentiable when it is a tensor."""
     if isinstance(ridge_lambda, Tensor):
         check_tensor("ridge_lambda", ridge_lambda, dtypes=(torch.float16, torch.bfloat16, torch.float32,
                                                            torch.float64))
@@ -153,12 +156,12 @@ def _ridge(ridge_lambda, b: int, t_q: int, h: int, device) -> Tensor:
             if not bool(((ridge_lambda > 0) & torch.isfinite(ridge_lambda)).all()):
                 raise ValueError(f"ridge_lambda must be finite and > 0 everywhere, got min "
                                  f"{float(ridge_lambda.min())}")
-        return ridge_lambda.to(torch.float32).expand(b, t_q, h)
+        return ridge_lambda.to(compute_dtype(dtype)).expand(b, t_q, h)
     if isinstance(ridge_lambda, bool) or not isinstance(ridge_lambda, (int, float)):
         raise TypeError(f"ridge_lambda must be a float or a tensor, got {type(ridge_lambda).__name__}")
     if not (math.isfinite(ridge_lambda) and ridge_lambda > 0):
         raise ValueError(f"ridge_lambda must be finite and > 0, got {ridge_lambda!r}")
-    return torch.full((1, 1, 1), float(ridge_lambda), device=device, dtype=torch.float32).expand(b, t_q, h)
+    return torch.full((1, 1, 1), float(ridge_lambda), device=device, dtype=compute_dtype(dtype)).expand(b, t_q, h)
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
@@ -186,8 +189,8 @@ def _solver(cg_max_iters, cg_tol, cg_preconditioner, dtype) -> tuple[int, float,
 # ------------------------------------------------------------------------------------------ public API
 def local_linear_attention(
     q: Tensor, k: Tensor, v: Tensor, *, ridge_lambda: Union[float, Tensor], softmax_scale: Optional[float] = None,
-    causal: bool = True, cg_max_iters: int = 32, cg_tol: Optional[float] = None, cg_preconditioner: bool = False,
-    backend: Optional[str] = None,
+    scale: Optional[float] = None, causal: bool = True, cg_max_iters: int = 32, cg_tol: Optional[float] = None,
+    cg_preconditioner: bool = False, backend: Optional[str] = None,
 ) -> Tensor:
     """Local Linear Attention: per query, the intercept of a softmax-kernel-weighted local ridge regression.
 
@@ -200,11 +203,11 @@ def local_linear_attention(
     ``ridge_lambda`` gives softmax attention; small gives a local linear fit (docs/lla.md for conventions).
 
     Args:
-        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA). fp16, bf16 or fp32;
-            D up to 256 (128 on the Triton backend); stride(-1) == 1.
+        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA/MQA). fp16, bf16 or fp32
+            (fp64 on the torch backend); D up to 256 (128 on the Triton backend); stride(-1) == 1.
         ridge_lambda: > 0; a float or a tensor broadcastable to ``[B, Tq, H]`` (e.g. ``[H]`` per head). A
             tensor that requires grad gets its exact gradient.
-        softmax_scale: multiplies q.k; default ``1/sqrt(D)``.
+        softmax_scale: multiplies q.k; default ``1/sqrt(D)``. ``scale=`` is the same argument.
         causal: query i sees keys j <= i + Tk - Tq (bottom-right aligned, as flash-attn). Otherwise all keys.
         cg_max_iters, cg_tol, cg_preconditioner: the matrix-free conjugate-gradient solve of the Triton
             backend (forward and backward): at most ``cg_max_iters`` iterations, stopping per query when the
@@ -225,9 +228,9 @@ def local_linear_attention(
     b, t_q, h, d = q.shape
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    scale = _scale(softmax_scale, d)
+    scale = _scale(pick_scale(softmax_scale, scale), d)
     iters, tol, precond = _solver(cg_max_iters, cg_tol, cg_preconditioner, q.dtype)
-    ridge = _ridge(ridge_lambda, b, t_q, h, q.device)
+    ridge = _ridge(ridge_lambda, b, t_q, h, q.device, q.dtype)
     chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
     out, _, _, _ = _lla(*FWD_ARGS.values(q=q, k=k, v=v, ridge=ridge, softmax_scale=scale, causal=causal,
                                          cg_max_iters=iters, cg_tol=tol, cg_preconditioner=precond,
@@ -237,7 +240,8 @@ def local_linear_attention(
 
 def local_linear_attention_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, *, ridge_lambda: Union[float, Tensor],
-    cache_seqlens: Optional[Tensor] = None, softmax_scale: Optional[float] = None, backend: Optional[str] = None,
+    cache_seqlens: Optional[Tensor] = None, softmax_scale: Optional[float] = None, scale: Optional[float] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """One decoding step of LLA: a single new query per sequence against its KV cache (inference only).
 
@@ -250,6 +254,7 @@ def local_linear_attention_decode(
         k_cache, v_cache: ``[B, Tmax, Hkv, D]``.
         cache_seqlens: optional int32 ``[B]``: sequence b uses keys ``[0, cache_seqlens[b])``; default Tmax.
         ridge_lambda: as in :func:`local_linear_attention` (broadcastable to ``[B, 1, H]``).
+        softmax_scale (or ``scale``), backend: as in :func:`local_linear_attention`.
 
     Returns:
         ``out`` ``[B, 1, H, D]`` in the input dtype.
@@ -272,11 +277,11 @@ def local_linear_attention_decode(
             if lo < 0 or hi > k_cache.shape[1]:
                 raise ValueError(f"cache_seqlens must be in [0, {k_cache.shape[1]}] (the cache length), "
                                  f"got values in [{lo}, {hi}]")
-    ridge = _ridge(ridge_lambda, b, 1, h, q.device)
+    ridge = _ridge(ridge_lambda, b, 1, h, q.device, q.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, ridge)):
         raise RuntimeError("local_linear_attention_decode is inference-only (no backward); call it under "
                            "torch.no_grad() or use local_linear_attention for training")
-    scale = _scale(softmax_scale, d)
+    scale = _scale(pick_scale(softmax_scale, scale), d)
     chosen = _dispatch.select(DECODE_OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
     return _lla_decode_call(*DECODE_ARGS.values(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
                                                 ridge=ridge, softmax_scale=scale, backend=chosen.name))

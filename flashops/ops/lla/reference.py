@@ -62,6 +62,8 @@ def softmax_weights(q, k, *, softmax_scale=None, causal=True, key_lengths=None):
     if key_lengths is not None:
         visible = visible & (j[None, None] < key_lengths.reshape(-1, 1, 1, 1))
     logits = logits.masked_fill(~visible, float("-inf"))
+    if t_k == 0:  # amax over no keys fails; every row sees nothing
+        return logits, visible
     row_max = logits.amax(dim=-1, keepdim=True)
     row_max = row_max.masked_fill(torch.isneginf(row_max), 0.0)
     w = torch.exp(logits - row_max)

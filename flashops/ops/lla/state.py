@@ -37,4 +37,4 @@ def combine_partials(q, m, l, k_sum, v_sum, kk, vk, lam, *, log2: bool = False):
     system = kk / norm[..., None] - k_bar[..., :, None] * k_bar[..., None, :] + lam[..., None, None] * eye
     z = torch.linalg.solve_ex(system, (k_bar - q)[..., None])[0][..., 0]
     out = v_bar * (1.0 + (k_bar * z).sum(-1, keepdim=True)) - torch.matmul(vk / norm[..., None], z[..., None])[..., 0]
-    return out * seen[..., None]
+    return torch.where(seen[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ..._triton_utils import config, dot_precision, launcher, strides
 from ..common.triton_math import LN2, LOG2E
+from ..common.triton_numerics import masked_dot
 from .args import LLAArgs
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -103,9 +104,10 @@ def _load_keys(k_base, shift, start, offs, offs_d, limit, stride, HEAD_DIM: tl.c
 
 @triton.jit
 def _key_origin(k_base, offs_d, seqlen_k, HEAD_DIM: tl.constexpr):
-    """The first key of the sequence (zeros if there is none), fp32 [BLOCK_D]."""
+    """The first key of the sequence (zeros if there is none, or where it is not finite), fp32 [BLOCK_D]."""
     width = tl.minimum(seqlen_k, 1) * HEAD_DIM  # 0 when there is no key
-    return tl.load(k_base + offs_d, mask=offs_d < width, other=0.0).to(tl.float32)
+    origin = tl.load(k_base + offs_d, mask=offs_d < width, other=0.0).to(tl.float32)
+    return tl.where(tl.abs(origin) < float("inf"), origin, 0.0)
 
 
 @triton.jit
@@ -161,10 +163,16 @@ def _stats_tile(m, l, k_sum, k_sq, q, k_base, shift, start_n, rows, offs_n, offs
     w = tl.exp2(x - m_ref[:, None]).to(k.dtype)
     alpha = tl.exp2(m - m_ref)
     l = l * alpha + tl.sum(w.to(tl.float32), 1)
-    k_sum = tl.dot(w, ks, k_sum * alpha[:, None], input_precision=DOT_PRECISION)
-    if PRECOND:
-        kf = ks.to(tl.float32)
-        k_sq = tl.dot(w, (kf * kf).to(k.dtype), k_sq * alpha[:, None], input_precision=DOT_PRECISION)
+    kf = ks.to(tl.float32)
+    if MASKED:  # a NaN/Inf key hidden from a row must not reach it through 0 * k
+        visible = x != float("-inf")
+        k_sum = masked_dot(w, ks, visible, k_sum * alpha[:, None], DOT_PRECISION)
+        if PRECOND:
+            k_sq = masked_dot(w, (kf * kf).to(k.dtype), visible, k_sq * alpha[:, None], DOT_PRECISION)
+    else:
+        k_sum = tl.dot(w, ks, k_sum * alpha[:, None], input_precision=DOT_PRECISION)
+        if PRECOND:
+            k_sq = tl.dot(w, (kf * kf).to(k.dtype), k_sq * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l, k_sum, k_sq
 
 
@@ -196,8 +204,13 @@ def _matvec_tile(y, y_sum, p_lo, p_kbar, q, lse2, k_base, shift, start_n, rows, 
     x = _logits2(q, k, rows, start_n + offs_n, seqlen_k, diag, qk_scale2, MASKED, CAUSAL, DOT_PRECISION)
     s = tl.exp2(x - lse2[:, None])
     t = tl.dot(p_lo, tl.trans(ks), input_precision=DOT_PRECISION) - p_kbar[:, None]
-    st = (s * t).to(k.dtype)
-    y = tl.dot(st, ks, y, input_precision=DOT_PRECISION)
+    if MASKED:  # hidden entries: selects, not 0 * (NaN key)
+        visible = x != float("-inf")
+        st = tl.where(visible, s * t, 0.0).to(k.dtype)
+        y = masked_dot(st, ks, visible, y, DOT_PRECISION)
+    else:
+        st = (s * t).to(k.dtype)
+        y = tl.dot(st, ks, y, input_precision=DOT_PRECISION)
     y_sum += tl.sum(st.to(tl.float32), 1)
     return y, y_sum
 
@@ -280,6 +293,9 @@ def _output_tile(acc, z_lo, z_kbar, z_scale, gain, q, lse2, k_base, shift, v_bas
     zy = _centred(z_lo, z_scale, z_kbar, ks, DOT_PRECISION)
     # l_ij / gain_i: bounded even when z is huge (tiny ridge), so it fits the dot operand's dtype.
     ell = s * (1.0 - zy) / gain[:, None]
+    if MASKED:  # hidden entries: selects, not 0 * (NaN key or value)
+        visible = x != float("-inf")
+        return masked_dot(tl.where(visible, ell, 0.0), v, visible, acc, DOT_PRECISION)
     return tl.dot(ell.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
 
 

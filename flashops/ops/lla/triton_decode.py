@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._numerics import finite_or_zero
 from ..._triton_utils import config, dot_precision, launcher, strides
 from ..common.triton_math import LOG2E
 from .args import LLAArgs
@@ -58,7 +59,10 @@ def lla_decode_fwd_kernel(
     q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
+    # The first key is the origin if the sequence has one and it is finite (a cache row past the length may
+    # hold anything), else 0: the same rule as the launcher's.
     shift = tl.load(k_base + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    shift = tl.where((length > 0) & (tl.abs(shift) < float("inf")), shift, 0.0)
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.zeros([], tl.float32)
     k_sum = tl.zeros([BLOCK_D], tl.float32)
@@ -131,7 +135,11 @@ def decode(q, k_cache, v_cache, cache_seqlens, ridge, a: LLAArgs):
         keys_per_split=keys_per_split, qk_scale2=a.softmax_scale * LOG2E.value,
         HEAD_DIM=d, BLOCK_D=block_d, HAS_LENGTHS=cache_seqlens is not None, DOT_PRECISION=dot_precision(q.dtype))
     lam = ridge[:, 0, :]
-    shift = k_cache[:, 0].float().repeat_interleave(h // h_kv, dim=1)  # the kernel's key origin, [B, H, D]
+    # the kernel's key origin [B, H, D]: the first key where the sequence has one and it is finite, else 0
+    origin = finite_or_zero(k_cache[:, 0].float())
+    if cache_seqlens is not None:
+        origin = torch.where((cache_seqlens > 0)[:, None, None], origin, torch.zeros((), device=q.device))
+    shift = origin.repeat_interleave(h // h_kv, dim=1)
     out = combine_partials(q_rows.float() - shift, m, l, k_sum[..., :d], v_sum[..., :d], kk[..., :d, :d],
                            vk[..., :d, :d], lam, log2=True)
     return out.unsqueeze(1).to(q.dtype)

@@ -34,6 +34,21 @@ class SelectiveScanBackend(Protocol):
         """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, d initial_state), None where the input is None."""
 
 
+class StateUpdateBackend(Protocol):
+    """``selective_state_update``: state [B, D, N], x, dt, z [B, D], A [D, N], B, C [B, N] or [B, G, N],
+    D, dt_bias [D]."""
+
+    def selective_state_update_fwd(self, state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                   D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                                   softplus: bool) -> tuple[Tensor, Tensor]:
+        """(y [B, D] in x's dtype, new state [B, D, N] in the state's dtype)."""
+
+    def selective_state_update_bwd(self, dy: Tensor, d_new_state: Optional[Tensor], state: Tensor, x: Tensor,
+                                   dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                                   z: Optional[Tensor], dt_bias: Optional[Tensor], softplus: bool) -> tuple:
+        """(d state, dx, ddt, dA, dB, dC, dD, dz, ddt_bias), None where the input is None."""
+
+
 class VandermondeBackend(Protocol):
     """``vandermonde_kernel``: x [H, N, 2], w [C, H, N, 2] fp32 (or fp64) pairs."""
 

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _dispatch
+from ... import _cuda, _dispatch
 from ..._custom_ops import BACKEND, OpArgs, eager, register_autograd
 from ..._triton_utils import triton_reasons
 from .args import CauchyBackend, VandermondeBackend
@@ -36,6 +36,11 @@ def _triton_supports(req: _dispatch.Request) -> list:
         return ["float64 / complex128 runs on the torch backend only (the Triton kernels compute in fp32)"]
     return triton_reasons(req.device, torch.float32)
 
+
+for _op, _what in ((VANDERMONDE, "powers by multiplication from an exact start every 8 steps, state sum in registers"),
+                   (CAUCHY, "reciprocals shared by 4 rows, state sum in registers; reductions over L split")):
+    _dispatch.register(_op, _dispatch.Backend("cuda", _dispatch.PRIORITY_CUDA_EXT, _cuda.supports,
+                                              f"{__package__}.cuda_conv", _what, forced_only=True))
 
 for _op, _module, _what in (
         (VANDERMONDE, "triton_vandermonde", "fused powers and state reduction, one program per (L tile, channel)"),
@@ -271,8 +276,6 @@ def dplr_kernel(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: 
     _check_tensor("P", P, (3,), "[r, H, N]")
     _check_tensor("C", C, (3,), "[C, H, N]")
     L = _check_length(L)
-    if L == 0:
-        raise ValueError("dplr_kernel needs L >= 1")
     shape = tuple(Lambda.shape)
     if tuple(P.shape[1:]) != shape or tuple(C.shape[1:]) != shape or tuple(torch.as_tensor(B).shape) != shape:
         raise ValueError(f"P [r, H, N], B [H, N] and C [C, H, N] must match Lambda {shape}, got P "
@@ -281,6 +284,8 @@ def dplr_kernel(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: 
         raise ValueError(f"dt must be a tensor of shape [H={shape[0]}]")
     cdt = _complex_dtype(Lambda, P, B, C, dt)
     rdt = torch.float64 if cdt == torch.complex128 else torch.float32
+    if L == 0 or 0 in shape or C.shape[0] == 0:  # the FFT below cannot take an empty size
+        return _empty_output((C.shape[0], shape[0], L), rdt, Lambda, P, torch.as_tensor(B), C, dt)
     Lambda, P, B, C = (t.to(cdt) for t in (Lambda, P, B, C))
     dt = dt.to(rdt)
     rank, n_c = P.shape[0], C.shape[0]
@@ -307,6 +312,13 @@ def dplr_kernel(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: 
         last = dt * (C * B).sum(-1).real  # [C, H]
         khat = torch.cat([khat, last[..., None].to(cdt)], dim=-1)
     return torch.fft.irfft(khat, n=L)
+
+
+def _empty_output(shape, dtype, *inputs) -> Tensor:
+    """A result of ``shape``, which holds no element, that still depends on ``inputs``: a backward through it
+    gives them zero gradients instead of failing."""
+    total = sum(x.real.sum() for x in inputs)
+    return total.to(dtype).expand(shape)
 
 
 # ------------------------------------------------------------------------------------------------ Krylov
@@ -389,6 +401,9 @@ def fft_conv(u: Tensor, K: Tensor, D: Optional[Tensor] = None, *, K_backward: Op
         if t is not None and t.device != u.device:
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if u.numel() == 0 or K3.shape[0] == 0:  # the FFT below cannot take an empty batch
+        y = _empty_output((batch, K3.shape[0], heads, length), u.dtype, u, K, *([] if D is None else [D]))
+        return y.squeeze(1) if squeeze else y
     taps = min(K3.shape[-1], length)
     k = K3[..., :taps].to(cdt)
     back = 0

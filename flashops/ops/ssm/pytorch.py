@@ -62,7 +62,7 @@ def _linear_scan(a, b, h0, reverse: bool):
         return _linear_scan(a.flip(-1), b.flip(-1), h0, False).flip(-1)
     batch, dim, length = b.shape
     out = torch.empty_like(b)
-    carry = torch.zeros_like(b[..., 0]) if h0 is None else h0.to(b.dtype)
+    carry = b.new_zeros(b.shape[:-1]) if h0 is None else h0.to(b.dtype)  # (b[..., 0] fails when L = 0)
     block = _time_block(batch * dim * 4, length)
     for t0 in range(0, length, block):
         t1 = min(t0 + block, length)
@@ -225,6 +225,69 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial
     return (du, ddelta, dA.to(A.dtype), dB, dC, dD.to(D.dtype) if D is not None else None, dz,
             dbias.to(delta_bias.dtype) if delta_bias is not None else None,
             mu.to(initial_state.dtype) if initial_state is not None else None)
+
+
+# ------------------------------------------------------------------------------- selective state update
+def _step_parts(state, x, dt, A, B, C, dt_bias, softplus: bool):
+    """The compute dtype and the pieces of one step: raw dt + bias, dt, x, state, A, the gates exp(dt A), B and C
+    per channel ([B, D, N], or [B, 1, N] when shared), the new state."""
+    cdt = torch.float64 if state.dtype == torch.float64 else torch.float32
+    dim = x.shape[1]
+    raw = dt.to(cdt) + (dt_bias.to(cdt) if dt_bias is not None else 0.0)
+    step = F.softplus(raw) if softplus else raw
+
+    def per_channel(t):
+        t = t.to(cdt)
+        return t[:, None] if t.dim() == 2 else t.repeat_interleave(dim // t.shape[1], dim=1)
+
+    x_c, s, a = x.to(cdt), state.to(cdt), A.to(cdt)
+    gates = torch.exp(step[..., None] * a)
+    b_c, c_c = per_channel(B), per_channel(C)
+    new_state = gates * s + (step * x_c)[..., None] * b_c
+    return cdt, raw, step, x_c, s, a, gates, b_c, c_c, new_state
+
+
+def selective_state_update_fwd(state, x, dt, A, B, C, D, z, dt_bias, softplus: bool):
+    """Returns (y [B, D] in x's dtype, new state [B, D, N] in the state's dtype); fp32 (fp64 for an fp64 state)."""
+    cdt, _, _, x_c, _, _, _, _, c_c, new_state = _step_parts(state, x, dt, A, B, C, dt_bias, softplus)
+    y = (new_state * c_c).sum(-1)
+    if D is not None:
+        y = y + D.to(cdt) * x_c
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y.to(x.dtype), new_state.to(state.dtype)
+
+
+def selective_state_update_bwd(dy, d_new_state, state, x, dt, A, B, C, D, z, dt_bias, softplus: bool):
+    """Gradients (d_state, dx, ddt, dA, dB, dC, dD, dz, d_dt_bias), None where an input is None."""
+    cdt, raw, step, x_c, s, a, gates, b_c, c_c, new_state = _step_parts(state, x, dt, A, B, C, dt_bias, softplus)
+    batch, dim, n_state = state.shape
+    skip = D.to(cdt) if D is not None else None
+    y0 = (new_state * c_c).sum(-1) + (skip * x_c if skip is not None else 0.0)
+    g = dy.to(cdt)
+    dz = None
+    if z is not None:
+        z_c = z.to(cdt)
+        sig = torch.sigmoid(z_c)
+        dz = (g * y0 * sig * (1 + z_c * (1 - sig))).to(z.dtype)
+        g = g * z_c * sig  # dL/dy before the gate
+    d_new = g[..., None] * c_c + (d_new_state.to(cdt) if d_new_state is not None else 0.0)
+    d_gate = d_new * s * gates  # through exp(dt A)
+    lam_b = (d_new * b_c).sum(-1)
+    d_step = (d_gate * a).sum(-1) + lam_b * x_c
+    d_raw = d_step * torch.sigmoid(raw) if softplus else d_step
+    dx = lam_b * step + (g * skip if skip is not None else 0.0)
+
+    def per_group(t, like):  # [B, D, N] channel shares -> the shape of B / C
+        groups = 1 if like.dim() == 2 else like.shape[1]
+        summed = t.reshape(batch, groups, dim // groups, n_state).sum(2)
+        return (summed[:, 0] if like.dim() == 2 else summed).to(like.dtype)
+
+    dA = (d_gate * step[..., None]).sum(0)
+    return ((gates * d_new).to(state.dtype), dx.to(x.dtype), d_raw.to(dt.dtype), dA.to(A.dtype),
+            per_group(d_new * (step * x_c)[..., None], B), per_group(g[..., None] * new_state, C),
+            (g * x_c).sum(0).to(D.dtype) if D is not None else None, dz,
+            d_raw.sum(0).to(dt_bias.dtype) if dt_bias is not None else None)
 
 
 # -------------------------------------------------------------------------------------- Vandermonde

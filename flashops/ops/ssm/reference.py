@@ -88,7 +88,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | 
                 reverse: bool = False) -> torch.Tensor:
     """``h_t = a_t h_{t-1} + b_t`` along the last dim (``reverse``: ``h_t = a_t h_{t+1} + b_t``), with
     ``h_{-1}`` (``h_L``) = initial_state ``[...]`` or 0; real or complex."""
-    h = torch.zeros_like(b[..., 0]) if initial_state is None else initial_state.to(b.dtype)
+    h = b.new_zeros(b.shape[:-1]) if initial_state is None else initial_state.to(b.dtype)
     steps = range(a.shape[-1] - 1, -1, -1) if reverse else range(a.shape[-1])
     out = [None] * a.shape[-1]
     for t in steps:
@@ -98,7 +98,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | 
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_last_state=False):
+                   return_last_state=False, initial_state=None):
     """Mamba's selective scan, step by step, in the dtype of ``u`` (pass float64 for ground truth).
 
     u, delta, z ``[B, D, L]``; A ``[D, N]``; B, C ``[B, N, L]`` or grouped ``[B, G, N, L]``; D, delta_bias

@@ -1,5 +1,5 @@
-"""Public scans: ``linear_scan`` and ``selective_scan`` (validated, dispatched, custom ops with autograd),
-and ``selective_state_update`` (one recurrent step, plain PyTorch).
+"""Public scans: ``linear_scan``, ``selective_scan`` and ``selective_state_update`` (one recurrent step):
+validated, dispatched, custom ops with autograd.
 
 Each scan funnels into a ``torch.library.custom_op`` pair (``flashops::<op>_fwd`` / ``_bwd``) that looks up
 the chosen backend by name, so ``torch.compile(fullgraph=True)`` traces through without a graph break; eager
@@ -11,18 +11,18 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ... import _dispatch, _ext
+from ... import _cuda, _dispatch, _ext
 from ..._custom_ops import BACKEND, OpArgs, eager, register_autograd
 from ..._triton_utils import triton_reasons
 from ..._validation import check_same, check_tensor
-from .args import LinearScanBackend, SelectiveScanBackend
+from .args import LinearScanBackend, SelectiveScanBackend, StateUpdateBackend
 from .common import contiguous_like, fresh, state_spacing
 
 LINEAR_SCAN = "linear_scan"
 SELECTIVE_SCAN = "selective_scan"
+SELECTIVE_STATE_UPDATE = "selective_state_update"
 _SEQ = "[B, D, L]"
 
 
@@ -41,6 +41,30 @@ def _cpp_supports(req: _dispatch.Request) -> list:
         return [f"CPU tensors only, got {req.device}"]
     return _ext.unavailable_reasons()  # builds the extension on first use
 
+
+def _cuda_selective_supports(req: _dispatch.Request) -> list:
+    reasons = _cuda.supports(req)
+    if torch.are_deterministic_algorithms_enabled():
+        reasons.append("its backward adds dB and dC over the channels with atomics, and deterministic algorithms "
+                       "are enabled")
+    return reasons
+
+
+for _op, _supports, _what in (
+    (LINEAR_SCAN, _cuda.supports, "block-wide chunked scan (warp shuffles), one block per row; fwd + bwd"),
+    (SELECTIVE_SCAN, _cuda_selective_supports,
+     "block per (batch, channel), chunks of 2048 steps, states recomputed per chunk in the backward"),
+):
+    _dispatch.register(_op, _dispatch.Backend("cuda", _dispatch.PRIORITY_CUDA_EXT, _supports,
+                                              f"{__package__}.cuda_scan", _what, forced_only=True))
+
+_dispatch.register(SELECTIVE_STATE_UPDATE, _dispatch.Backend(
+    "cuda", _dispatch.PRIORITY_CUDA_EXT, _cuda.supports, f"{__package__}.cuda_step",
+    "one read and one write of the state, a group of lanes per channel; fwd + bwd", forced_only=True))
+_dispatch.register(SELECTIVE_STATE_UPDATE, _dispatch.Backend(
+    "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__package__}.pytorch",
+    "PyTorch (fp32 state; fp64 for fp64 inputs), the backward written out"))
+_dispatch.register_probe(SELECTIVE_STATE_UPDATE, lambda device, dtype: _dispatch.Request(device, dtype, {}))
 
 for _op, _triton_module, _what in (
     (LINEAR_SCAN, "triton_linear_scan", "tl.associative_scan over time tiles with an fp32 carry"),
@@ -235,7 +259,7 @@ def _selective_scan_fwd_fake(a) -> tuple[Tensor, Tensor, Tensor]:
     n_state = a.A.shape[1]
     fp64 = a.u.dtype == torch.float64 and a.backend in _FP64_STATE_BACKENDS
     state_dtype = torch.float64 if fp64 else torch.float32
-    n_saved = -(-length // state_spacing(n_state))
+    n_saved = -(-length // state_spacing(n_state, a.backend))
     return (contiguous_like(a.u), a.u.new_empty(batch, dim, n_state, dtype=state_dtype),
             a.u.new_empty(batch, dim, n_state, n_saved, dtype=state_dtype))
 
@@ -286,10 +310,10 @@ def _check_shape(name, t, shape, layout):
 def selective_scan(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
     z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-    initial_state: Optional[Tensor] = None, return_last_state: bool = False, *, backend: Optional[str] = None,
+    return_last_state: bool = False, initial_state: Optional[Tensor] = None, *, backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Mamba-1 selective scan (same arguments and layout as ``mamba_ssm``'s ``selective_scan_fn``, plus
-    ``initial_state``)::
+    """Mamba-1 selective scan (same arguments, positions and layout as ``mamba_ssm``'s ``selective_scan_fn``,
+    plus ``initial_state``)::
 
         dt = softplus(delta + delta_bias) if delta_softplus else delta + delta_bias
         h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t        (per channel d, state n; ZOH-A / Euler-B)
@@ -359,38 +383,104 @@ def selective_scan(
     return (out, last) if return_last_state else out
 
 
+# ------------------------------------------------------------------------------- selective state update
+STATE_UPDATE_ARGS = (OpArgs(("state", Tensor), ("x", Tensor), ("dt", Tensor), ("A", Tensor), ("B", Tensor),
+                            ("C", Tensor), ("D", Optional[Tensor]), ("z", Optional[Tensor]),
+                            ("dt_bias", Optional[Tensor]), ("dt_softplus", bool)) + BACKEND)
+STATE_UPDATE_BWD_ARGS = OpArgs(("dy", Tensor), ("d_new_state", Optional[Tensor])) + STATE_UPDATE_ARGS
+# The inputs that get a gradient, in the order the backends return them.
+_STATE_UPDATE_GRADS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+
+def _state_update_backend(a) -> StateUpdateBackend:
+    return _dispatch.get(SELECTIVE_STATE_UPDATE, a.backend).load()
+
+
+def _run_state_update_fwd(a) -> tuple[Tensor, Tensor]:
+    y, new_state = _state_update_backend(a).selective_state_update_fwd(
+        a.state, a.x, a.dt, a.A, a.B, a.C, a.D, a.z, a.dt_bias, a.dt_softplus)
+    return fresh(y), fresh(new_state)
+
+
+def _run_state_update_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _state_update_backend(a).selective_state_update_bwd(
+        a.dy, a.d_new_state, a.state, a.x, a.dt, a.A, a.B, a.C, a.D, a.z, a.dt_bias, a.dt_softplus)
+    return tuple(fresh(_empty_if_none(g, a.x)) for g in grads)
+
+
+def _state_update_bwd_fake(a):
+    return tuple(contiguous_like(x) if x is not None else a.x.new_empty(0)
+                 for x in (getattr(a, name) for name in _STATE_UPDATE_GRADS))
+
+
+_state_update_fwd, _state_update_fwd_impl = STATE_UPDATE_ARGS.custom_op(
+    "flashops::selective_state_update_fwd", _run_state_update_fwd, returns=tuple[Tensor, Tensor],
+    fake=lambda a: (contiguous_like(a.x), contiguous_like(a.state)))
+_state_update_bwd, _state_update_bwd_impl = STATE_UPDATE_BWD_ARGS.custom_op(
+    "flashops::selective_state_update_bwd", _run_state_update_bwd, fake=_state_update_bwd_fake,
+    returns=tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor])
+_state_update_bwd_call = eager(_state_update_bwd, _state_update_bwd_impl)
+
+
+def _state_update_setup(ctx, inputs, output):
+    STATE_UPDATE_ARGS.save(ctx, inputs)
+
+
+def _state_update_backward(ctx, dy, d_new_state):
+    a, _ = STATE_UPDATE_ARGS.saved(ctx)
+    grads = _state_update_bwd_call(*STATE_UPDATE_BWD_ARGS.values(dy=dy.contiguous(), d_new_state=d_new_state,
+                                                                 **STATE_UPDATE_ARGS.pick(a)))
+    return STATE_UPDATE_ARGS.grads(**{name: g for name, g in zip(_STATE_UPDATE_GRADS, grads)
+                                      if getattr(a, name) is not None})
+
+
+_state_update = register_autograd(_state_update_fwd, _state_update_fwd_impl, _state_update_backward,
+                                  _state_update_setup)
+
+
 def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                            D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = False):
-    """One recurrent step of :func:`selective_scan` for generation (mamba's ``selective_state_update``).
+                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = False, *,
+                           backend: Optional[str] = None):
+    """One recurrent step of :func:`selective_scan` for generation (mamba's ``selective_state_update``)::
 
-    state ``[B, D, N]`` (fp32), x / dt / z ``[B, D]``, A ``[D, N]``, B / C ``[B, N]`` or ``[B, G, N]``,
-    D / dt_bias ``[D]``. Returns ``(y [B, D], new_state)`` (y in x's dtype); does not modify ``state``.
-    Running it over t = 0..L-1 from ``initial_state`` gives ``selective_scan``'s output and last state.
+        dt = softplus(dt + dt_bias) (or without softplus);  new_state = exp(dt A) state + dt x B
+        y = (sum_n C new_state + D x) * silu(z)
+
+    state ``[B, D, N]`` (fp32 usually), x / dt / z ``[B, D]``, A ``[D, N]``, B / C ``[B, N]`` or ``[B, G, N]``
+    (G groups of D/G channels), D / dt_bias ``[D]``. Returns ``(y [B, D], new_state)``: y in x's dtype, the new
+    state in the state's dtype; ``state`` is not modified. Differentiable in every tensor. Running it over
+    t = 0..L-1 from ``initial_state`` gives ``selective_scan``'s output and last state.
+    ``backend``: ``"cuda"`` (when forced: one read and one write of the state) or ``"torch"``.
     """
+    # Decode steps take slices of sequences (x = u[..., t]), so any strides are accepted here.
+    for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("dt_bias", dt_bias)):
+        if t is not None or name in ("state", "x", "dt", "A", "B", "C"):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in _FLOATS:
+                raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
     if state.dim() != 3 or x.dim() != 2 or tuple(state.shape[:2]) != tuple(x.shape):
         raise ValueError(f"state must be [B, D, N] and x [B, D] with matching B, D, got state "
                          f"{tuple(state.shape)} and x {tuple(x.shape)}")
     batch, dim, n_state = state.shape
+    for name, t, shape, layout in (("dt", dt, (batch, dim), "[B, D]"), ("z", z, (batch, dim), "[B, D]"),
+                                   ("A", A, (dim, n_state), "[D, N]"), ("D", D, (dim,), "[D]"),
+                                   ("dt_bias", dt_bias, (dim,), "[D]")):
+        _check_shape(name, t, shape, layout)
     for name, t in (("B", B), ("C", C)):
         if t.dim() not in (2, 3) or t.shape[0] != batch or t.shape[-1] != n_state:
             raise ValueError(f"{name} must be [B, N] or [B, G, N] with B={batch}, N={n_state}, got {tuple(t.shape)}")
-    cdt = torch.float64 if state.dtype == torch.float64 else torch.float32
-    step = dt.to(cdt)
-    if dt_bias is not None:
-        step = step + dt_bias.to(cdt)
-    if dt_softplus:
-        step = F.softplus(step)
-
-    def per_channel(t):
-        t = t.to(cdt)
-        return t[:, None] if t.dim() == 2 else t.repeat_interleave(dim // t.shape[1], dim=1)
-
-    new_state = torch.exp(step[..., None] * A.to(cdt)) * state.to(cdt) \
-        + (step * x.to(cdt))[..., None] * per_channel(B)
-    y = (new_state * per_channel(C)).sum(-1)
-    if D is not None:
-        y = y + D.to(cdt) * x.to(cdt)
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
-    return y.to(x.dtype), new_state.to(state.dtype)
+    if B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape, got {tuple(B.shape)} and {tuple(C.shape)}")
+    if B.dim() == 3 and (B.shape[1] < 1 or dim % B.shape[1]):
+        raise ValueError(f"the number of groups G={B.shape[1]} of B and C must divide D={dim}")
+    check_same((("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                ("dt_bias", dt_bias)), "device")
+    if not isinstance(dt_softplus, bool):
+        raise TypeError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
+    request = _dispatch.Request(x.device, torch.promote_types(x.dtype, state.dtype), {"state_size": n_state})
+    chosen = _dispatch.select(SELECTIVE_STATE_UPDATE, request, backend)
+    return _state_update(*STATE_UPDATE_ARGS.values(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z,
+                                                    dt_bias=dt_bias, dt_softplus=dt_softplus, backend=chosen.name))

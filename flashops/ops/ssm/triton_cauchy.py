@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..._triton_utils import launcher, programs_to_fill, strides
+from .common import cauchy_dz
 from .triton_vandermonde import warps_launch_options
 
 
@@ -187,9 +188,5 @@ def cauchy_bwd(dout, v, z, w, want_dz: bool):
         BLOCK_N=block_n, BLOCK_L=block_l)
     dv = dv.sum(0).reshape(n_m, n_groups, n_state, 2)
     dw = dw.sum(0).reshape(n_m, n_groups, n_state, 2).sum(0)
-    dz = None
-    if want_dz:
-        # dy/dz = -(sum_n v r1^2 + conj(v) r2^2); holomorphic, so dz = -conj(sum) G summed over (m, g).
-        deriv = torch.view_as_complex(_cauchy_launch_fwd(v, z, w, squared=True))
-        dz = torch.view_as_real(-(deriv.conj_physical() * torch.view_as_complex(dout)).sum((0, 1)))
+    dz = cauchy_dz(_cauchy_launch_fwd(v, z, w, squared=True), dout) if want_dz else None
     return dv, dz, dw

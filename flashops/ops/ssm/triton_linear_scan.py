@@ -14,11 +14,11 @@ loaded one step ahead (``GATE_SHIFT``) and the gate gradient fused in.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ..._triton_utils import config, launcher, strides
+from .common import linear_scan_backward, linear_scan_forward
 
 # (BLOCK_R, BLOCK_T, warps); the first entry is the default. The interpreter runs a generic scan element by
 # element over the whole tile, padding included: one row and a short tile waste the least.
@@ -159,30 +159,9 @@ def _scan(gate, x, init, out, *, reverse, gate_shift, conj_gate, prev=None, prev
 
 def linear_scan_fwd(a, b, initial_state, reverse: bool):
     """a, b: [B, D, L] real or [B, D, L, 2] complex pairs; initial_state [B, D] / [B, D, 2] or None."""
-    out = torch.empty(b.shape, dtype=b.dtype, device=b.device)
-    if b.numel() == 0:
-        return out
-    _scan(a, b, initial_state, out, reverse=reverse, gate_shift=0, conj_gate=False)
-    return out
+    return linear_scan_forward(_scan, a, b, initial_state, reverse)
 
 
 def linear_scan_bwd(dh, a, h, initial_state, reverse: bool):
     """Gradients (da, db, d_initial_state or None) of linear_scan_fwd."""
-    db = torch.empty(dh.shape, dtype=dh.dtype, device=dh.device)
-    da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-    if dh.numel() == 0:
-        dh0 = None if initial_state is None else torch.zeros_like(initial_state)
-        return da.zero_(), db, dh0
-    # Reverse of the forward direction; the adjoint of step t is carried through the gate of step t + 1.
-    _scan(a, dh, None, db, reverse=not reverse, gate_shift=-1 if reverse else 1, conj_gate=True,
-          prev=h, prev_init=initial_state, dgate=da)
-    dh0 = None
-    if initial_state is not None:
-        first = -1 if reverse else 0
-        if a.dim() == 4:
-            a0 = torch.view_as_complex(a[:, :, first].float().contiguous()).conj_physical()
-            g0 = torch.view_as_complex(db[:, :, first].float().contiguous())
-            dh0 = torch.view_as_real(a0 * g0).to(initial_state.dtype)
-        else:
-            dh0 = (a[:, :, first].float() * db[:, :, first].float()).to(initial_state.dtype)
-    return da, db, dh0
+    return linear_scan_backward(_scan, dh, a, h, initial_state, reverse)

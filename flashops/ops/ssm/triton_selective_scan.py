@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..._triton_utils import config, launcher, strides
 from ..common.triton_math import LOG2E, sigmoid, softplus
-from .common import state_spacing
+from .common import selective_scan_grads, state_spacing
 from .triton_linear_scan import affine_combine
 
 
@@ -332,11 +332,5 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial
             t.zero_()
         if dh0 is not None:
             dh0.copy_(dlast if dlast is not None else torch.zeros_like(dh0))
-    dB = db_part.sum(2)
-    dC = dc_part.sum(2)
-    if B.dim() == 3:
-        dB, dC = dB.squeeze(1), dC.squeeze(1)
-    return (du, ddelta, da_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            dd_part.sum(0).to(D.dtype) if D is not None else None, dz,
-            dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
-            dh0.to(initial_state.dtype) if dh0 is not None else None)
+    return selective_scan_grads(du, ddelta, dz, da_part, db_part.sum(2), dc_part.sum(2), dd_part, dbias_part, dh0,
+                                A, B, C, D, delta_bias, initial_state)

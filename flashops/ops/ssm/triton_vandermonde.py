@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ..._triton_utils import config, launcher, programs_to_fill, strides
 from ..common.triton_math import LOG2E
+from .common import vandermonde_grads
 
 
 def warps_launch_options(key: list, outputs: list) -> dict:
@@ -162,10 +163,4 @@ def vandermonde_bwd(dk, x, w, length: int, conj: bool):
         (n_nblocks, n_heads, splits), X=x, G=dk, S0=s0, S1=s1, **strides("x", x, "hn"), **strides("g", dk, "ch"),
         n_copies=n_copies, n_state=n_state, length=length, l_per_split=l_per_split, n_heads=n_heads,
         BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_L=block_l)
-    scale = 2.0 if conj else 1.0
-    s0 = torch.view_as_complex(s0.sum(0))
-    s1 = torch.view_as_complex(s1.sum(0))
-    wc = torch.view_as_complex(w.contiguous())
-    dw = scale * s0
-    dx = scale * (wc.conj_physical() * s1).sum(0)
-    return torch.view_as_real(dx), torch.view_as_real(dw)
+    return vandermonde_grads(s0, s1, w, conj)
