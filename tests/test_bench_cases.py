@@ -28,7 +28,9 @@ CPU = torch.device("cpu")
 QUICK = ["--quick", "--device", "cpu", "--provider", "flashops-torch,fla,lightning-attn", "--no-progress",
          "--warmup-ms", "0", "--rep-ms", "1", "--threads", "1"]
 NEW_OPS = {
-    "linear": {"lightning_attention", "gated_linear_attention", "linear_attention", "linear_vs_exact"},
+    "linear": {"lightning_attention", "gated_linear_attention", "linear_attention", "linear_vs_exact",
+               "lightning_attention_gqa", "gated_linear_attention_gqa", "lightning_attention_reverse",
+               "gated_linear_attention_reverse"},
     "lla": {"local_linear_attention", "lla_vs_exact", "local_linear_attention_decode"},
     "hyper": {"hyper_attention", "hyper_vs_exact"},
 }
@@ -48,9 +50,10 @@ def _forward_flops(row):
     """The FLOP formulas of the case files, written out again from docs/linear.md, docs/lla.md, docs/hyper.md."""
     b, t, h, d = (int(row[k]) for k in ("B", "T", "H", "D"))
     attention = 4 * b * h * t * t * d * (0.5 if row.get("causal") in ("1", None) else 1.0)
+    causal_linear = b * t * h * (2 * 64 * 2 * d + 4 * d * d)  # h: the query heads (GQA included)
     return {
-        "lightning_attention": b * t * h * (2 * 64 * 2 * d + 4 * d * d),
-        "gated_linear_attention": b * t * h * (2 * 64 * 2 * d + 4 * d * d),
+        **{f"{name}{variant}": causal_linear for name in ("lightning_attention", "gated_linear_attention")
+           for variant in ("", "_gqa", "_reverse")},
         "linear_attention": 4 * b * t * h * d * d,
         "local_linear_attention": 2 * b * h * t * t * d,
         "local_linear_attention_decode": b * h * t * (4 * d * d + 6 * d),
@@ -136,19 +139,23 @@ def _grads(out, leaves, seed=1):
 
 
 # ----------------------------------------------------------------------------------------------- linear
-@pytest.mark.parametrize("op_name", ["lightning_attention", "gated_linear_attention"])
+@pytest.mark.parametrize("op_name", ["lightning_attention", "gated_linear_attention", "lightning_attention_gqa",
+                                     "gated_linear_attention_reverse"])
 def test_linear_reference_in_pieces_equals_the_recurrence(op_name):
-    """The bench's reference (the quadratic form on 64-position pieces chained by their states) equals
-    reference.py's per-step recurrence over the whole sequence, output and gradients."""
-    c = case(op_name, torch.float64, B=2, T=130, H=2, D=8)
+    """The bench's reference (the quadratic form on 64-position pieces chained by their states, walked backwards
+    for the reverse ops) equals reference.py's per-step recurrence over the whole sequence, output and
+    gradients."""
+    c = case(op_name, torch.float64, B=2, T=130, H=2, HKV=1 if op_name.endswith("_gqa") else 2, D=8)
     op, inputs = _inputs(op_name, c)
     leaves = [inputs[n] for n in op.differentiable]
     got = op.reference(inputs, c, True)
-    if op_name == "lightning_attention":
+    reverse = op_name.endswith("_reverse")
+    if op_name.startswith("lightning_attention"):
         want, _ = linear_reference.lightning_attention(inputs["q"], inputs["k"], inputs["v"], inputs["slopes"],
-                                                       scale=linear_cases.LIGHTNING_SCALE)
+                                                       scale=linear_cases.LIGHTNING_SCALE, reverse=reverse)
     else:
-        want, _ = linear_reference.gated_linear_attention(inputs["q"], inputs["k"], inputs["v"], inputs["g"])
+        want, _ = linear_reference.gated_linear_attention(inputs["q"], inputs["k"], inputs["v"], inputs["g"],
+                                                          reverse=reverse)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     for a, b in zip(_grads(got, leaves), _grads(want, leaves)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -2,8 +2,9 @@
 
 Both map ``x [B, T, C]`` (or packed ``[1, total_T, C]`` / ``[total_T, C]`` with ``cu_seqlens``) to ``y`` of
 the same shape and follow the decoding convention of :mod:`flashops.modules.cache`: ``init_cache`` gives a
-:class:`RecurrentCache` holding the fp32 state ``[N, H, K, V]``, ``layer(x, cache)`` continues from it (a
-prompt in one or several pieces) and ``layer.step(x_t, cache)`` feeds one token through the recurrent op.
+:class:`RecurrentCache` holding the fp32 state ``[N, H_state, K, V]``, ``layer(x, cache)`` continues from it (a
+prompt in one or several pieces) and ``layer.step(x_t, cache)`` feeds one token through the recurrent op. Both
+take ``num_kv_heads`` (GQA/MQA: keys, values and GLA's gates projected to fewer heads than the queries).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ class _LinearAttentionLayer(KeepsFP32):
 
     embed_dim: int
     num_heads: int
-    state_dims: tuple[int, int]  # (K, V) of the state [N, H, K, V]
+    num_kv_heads: int
+    state_heads: int  # of the state [N, H_state, K, V]: one per decay
+    state_dims: tuple[int, int]  # (K, V) of the state
 
     def _project(self, x: Tensor) -> tuple:
         raise NotImplementedError
@@ -46,12 +49,12 @@ class _LinearAttentionLayer(KeepsFP32):
 
     def init_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
                    dtype=None) -> RecurrentCache:
-        """A zero state for ``batch_size`` sequences (fp32 ``[B, H, K, V]``, on the layer's device unless
+        """A zero state for ``batch_size`` sequences (fp32 ``[B, H_state, K, V]``, on the layer's device unless
         ``device`` is given). The state does not grow: ``max_seqlen`` and ``dtype`` are accepted so that a
         model can make every layer's cache with one call, and bound nothing."""
         del max_seqlen, dtype
         device = device if device is not None else next(self.parameters()).device
-        state = torch.zeros(batch_size, self.num_heads, *self.state_dims, device=device, dtype=torch.float32)
+        state = torch.zeros(batch_size, self.state_heads, *self.state_dims, device=device, dtype=torch.float32)
         return RecurrentCache(state)
 
     def forward(self, x: Tensor, cache: Optional[RecurrentCache] = None, *,
@@ -87,6 +90,16 @@ class _LinearAttentionLayer(KeepsFP32):
         return self._finish(o, projected)
 
 
+def _kv_heads(num_heads: int, num_kv_heads: Optional[int], cp_group) -> int:
+    """num_kv_heads checked: a divisor of num_heads (default: num_heads)."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+    if cp_group is not None and num_kv_heads != num_heads:
+        raise ValueError("cp_group (LASP-2) needs num_kv_heads == num_heads: the context-parallel op has no GQA")
+    return num_kv_heads
+
+
 def _lasp2(cp_group, cu_seqlens, q, k, v, **kwargs):
     """The layers' context-parallel path (torch.distributed is imported only when it is used)."""
     from ..distributed import lasp2_attention
@@ -105,7 +118,9 @@ class LightningAttention(_LinearAttentionLayer):
     The per-head decay is fixed (an fp32 buffer, no gradient): :func:`flashops.lightning_slopes` for this layer.
 
     Args:
-        embed_dim: model width C (``hidden_size=`` as in fla is accepted too). num_heads: heads.
+        embed_dim: model width C (``hidden_size=`` as in fla is accepted too). num_heads: query heads.
+        num_kv_heads: key/value heads (GQA/MQA; a divisor of num_heads, default num_heads; ``num_heads_kv=`` is
+            accepted too). The decay stays per query head, so the state keeps num_heads heads.
         head_dim: per-head width (default embed_dim / num_heads).
         layer_idx, num_layers: scale the decay per layer as TransNormerLLM does (later layers decay less).
         output_gate: multiply by ``x Wu`` before the output projection.
@@ -118,8 +133,9 @@ class LightningAttention(_LinearAttentionLayer):
 
     fp32_names = ("slopes",)
 
-    @accepts_aliases(hidden_size="embed_dim")
-    def __init__(self, embed_dim: int, num_heads: int, *, head_dim: Optional[int] = None, layer_idx: int = 0,
+    @accepts_aliases(hidden_size="embed_dim", num_heads_kv="num_kv_heads")
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, layer_idx: int = 0,
                  num_layers: int = 1, output_gate: bool = True, norm_eps: float = 1e-5, bias: bool = False,
                  backend: Optional[str] = None, cp_group=None, device=None, dtype=None):
         super().__init__()
@@ -133,23 +149,26 @@ class LightningAttention(_LinearAttentionLayer):
             head_dim = embed_dim // num_heads
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.num_kv_heads = _kv_heads(num_heads, num_kv_heads, cp_group)
+        self.state_heads = num_heads
         self.state_dims = (head_dim, head_dim)
         self.layer_idx, self.num_layers = layer_idx, num_layers
         self.output_gate = output_gate
         self.backend = backend
         inner = num_heads * head_dim
-        self.qkvu_proj = nn.Linear(embed_dim, (4 if output_gate else 3) * inner, bias=bias, **factory)
+        # q, k, v (k and v with num_kv_heads heads) and the output gate u, in one projection
+        self.split_sizes = (inner, *(2 * (self.num_kv_heads * head_dim,)), *((inner,) if output_gate else ()))
+        self.qkvu_proj = nn.Linear(embed_dim, sum(self.split_sizes), bias=bias, **factory)
         self.norm = nn.RMSNorm(inner, eps=norm_eps, **factory)
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias, **factory)
         self.register_buffer("slopes", lightning_slopes(num_heads, layer_idx=layer_idx, num_layers=num_layers,
                                                         device=device), persistent=False)
 
     def _project(self, x: Tensor):
-        parts = self.qkvu_proj(x).chunk(4 if self.output_gate else 3, dim=-1)
-        shape = (*x.shape[:-1], self.num_heads, self.head_dim)
-        q = F.silu(parts[0]).view(shape)
-        k = F.silu(parts[1]).view(shape)
-        v = parts[2].view(shape)
+        parts = self.qkvu_proj(x).split(self.split_sizes, dim=-1)
+        q = F.silu(parts[0]).unflatten(-1, (self.num_heads, self.head_dim))
+        k = F.silu(parts[1]).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = parts[2].unflatten(-1, (self.num_kv_heads, self.head_dim))
         return q, k, v, (parts[3] if self.output_gate else None)
 
     def _attend(self, projected, initial_state, output_final_state, cu_seqlens):
@@ -172,9 +191,9 @@ class LightningAttention(_LinearAttentionLayer):
         return self.out_proj(o)
 
     def extra_repr(self) -> str:
-        return describe(embed_dim=self.embed_dim, num_heads=self.num_heads, head_dim=self.head_dim,
-                        layer_idx=self.layer_idx, num_layers=self.num_layers, output_gate=self.output_gate,
-                        backend=self.backend)
+        return describe(embed_dim=self.embed_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                        head_dim=self.head_dim, layer_idx=self.layer_idx, num_layers=self.num_layers,
+                        output_gate=self.output_gate, backend=self.backend)
 
 
 class GatedLinearAttention(_LinearAttentionLayer):
@@ -186,17 +205,21 @@ class GatedLinearAttention(_LinearAttentionLayer):
     RMSNorm, the swish output gate ``silu(x Wr)`` and the output projection.
 
     Args:
-        embed_dim: model width C (``hidden_size=`` as in fla is accepted too). num_heads: heads (key and
+        embed_dim: model width C (``hidden_size=`` as in fla is accepted too). num_heads: query heads (key and
             value widths must divide by it).
-        expand_k, expand_v: key / value widths as fractions of embed_dim.
+        num_kv_heads: key, value and gate heads (GQA/MQA, as fla's ``num_kv_heads``: k, v and the gates are
+            projected to ``num_kv_heads`` heads of the same head dims; a divisor of num_heads, default
+            num_heads). The state follows the gates: ``[N, num_kv_heads, K, V]``.
+        expand_k, expand_v: key / value widths (of the queries) as fractions of embed_dim.
         gate_low_rank_dim: rank of the gate projection. gate_logit_normalizer: divides the log-gates (16 keeps
             the gates close to 1 at initialization).
         norm_eps: RMSNorm epsilon. backend: forwarded to the ops.
         cp_group: shard the sequence over this process group (LASP-2), as in :class:`LightningAttention`.
     """
 
-    @accepts_aliases(hidden_size="embed_dim")
-    def __init__(self, embed_dim: int, num_heads: int = 4, *, expand_k: float = 0.5, expand_v: float = 1.0,
+    @accepts_aliases(hidden_size="embed_dim", num_heads_kv="num_kv_heads")
+    def __init__(self, embed_dim: int, num_heads: int = 4, *, num_kv_heads: Optional[int] = None,
+                 expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-5,
                  backend: Optional[str] = None, cp_group=None, device=None, dtype=None):
         super().__init__()
@@ -209,26 +232,28 @@ class GatedLinearAttention(_LinearAttentionLayer):
             raise ValueError(f"gate_logit_normalizer must be > 0, got {gate_logit_normalizer}")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.num_kv_heads = self.state_heads = _kv_heads(num_heads, num_kv_heads, cp_group)
         self.head_k_dim, self.head_v_dim = key_dim // num_heads, value_dim // num_heads
         self.state_dims = (self.head_k_dim, self.head_v_dim)
+        kv_key_dim, kv_value_dim = self.num_kv_heads * self.head_k_dim, self.num_kv_heads * self.head_v_dim
         self.gate_low_rank_dim = gate_low_rank_dim
         self.gate_logit_normalizer = float(gate_logit_normalizer)
         self.backend = backend
         self.q_proj = nn.Linear(embed_dim, key_dim, bias=False, **factory)
-        self.k_proj = nn.Linear(embed_dim, key_dim, bias=False, **factory)
-        self.v_proj = nn.Linear(embed_dim, value_dim, bias=False, **factory)
+        self.k_proj = nn.Linear(embed_dim, kv_key_dim, bias=False, **factory)
+        self.v_proj = nn.Linear(embed_dim, kv_value_dim, bias=False, **factory)
         self.g_proj = nn.Linear(embed_dim, value_dim, bias=False, **factory)
         self.gk_proj = nn.Sequential(nn.Linear(embed_dim, gate_low_rank_dim, bias=False, **factory),
-                                     nn.Linear(gate_low_rank_dim, key_dim, bias=True, **factory))
+                                     nn.Linear(gate_low_rank_dim, kv_key_dim, bias=True, **factory))
         self.g_norm = nn.RMSNorm(self.head_v_dim, eps=norm_eps, **factory)
         self.o_proj = nn.Linear(value_dim, embed_dim, bias=False, **factory)
 
     def _project(self, x: Tensor):
-        heads = (*x.shape[:-1], self.num_heads)
-        q = self.q_proj(x).view(*heads, self.head_k_dim)
-        k = self.k_proj(x).view(*heads, self.head_k_dim)
-        v = self.v_proj(x).view(*heads, self.head_v_dim)
-        g = F.logsigmoid(self.gk_proj(x).float()).view(*heads, self.head_k_dim) / self.gate_logit_normalizer
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_k_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_k_dim))
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_v_dim))
+        g = F.logsigmoid(self.gk_proj(x).float()).unflatten(-1, (self.num_kv_heads, self.head_k_dim))
+        g = g / self.gate_logit_normalizer
         return q, k, v, g, x
 
     def _attend(self, projected, initial_state, output_final_state, cu_seqlens):
@@ -250,7 +275,8 @@ class GatedLinearAttention(_LinearAttentionLayer):
         return self.o_proj(o.flatten(-2))
 
     def extra_repr(self) -> str:
-        return describe(embed_dim=self.embed_dim, num_heads=self.num_heads, head_k_dim=self.head_k_dim,
+        return describe(embed_dim=self.embed_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                        head_k_dim=self.head_k_dim,
                         head_v_dim=self.head_v_dim, gate_low_rank_dim=self.gate_low_rank_dim,
                         gate_logit_normalizer=self.gate_logit_normalizer, backend=self.backend)
 

@@ -440,32 +440,36 @@ def _kvcache_cases():
 
 # ----------------------------------------------------------------------------------------------- linear
 def _linear_cases():
-    def make(gated=False, varlen=False):
+    def make(gated=False, varlen=False, heads=1, kv_heads=1):
+        """GQA (kv_heads < heads): Lightning's state follows its default slopes (one per query head), GLA's the
+        kv heads."""
         def build(b, t, dtype, device):
             g = _gen(5)
             if varlen:
                 cu = torch.tensor([0, *itertools.accumulate([t // 3, 0, t - t // 3])], dtype=torch.int32,
                                   device=device)
                 n, b = 3, 1
-            x = dict(q=randn(b, t, 1, 16, dtype=dtype, device=device, gen=g),
-                     k=randn(b, t, 1, 16, dtype=dtype, device=device, gen=g),
-                     v=randn(b, t, 1, 12, dtype=dtype, device=device, gen=g))
+            x = dict(q=randn(b, t, heads, 16, dtype=dtype, device=device, gen=g),
+                     k=randn(b, t, kv_heads, 16, dtype=dtype, device=device, gen=g),
+                     v=randn(b, t, kv_heads, 12, dtype=dtype, device=device, gen=g))
             states = n if varlen else b
-            x["h0"] = randn(states, 1, 16, 12, dtype=dtype, device=device, gen=g)
+            x["h0"] = randn(states, kv_heads if gated else heads, 16, 12, dtype=dtype, device=device, gen=g)
             if gated:
-                x["g"] = F.logsigmoid(randn(b, t, 1, 16, dtype=dtype, device=device, gen=g, scale=2.0)) / 4
+                x["g"] = F.logsigmoid(randn(b, t, kv_heads, 16, dtype=dtype, device=device, gen=g, scale=2.0)) / 4
             if varlen:
                 x["cu"] = cu
             return x
         return build
 
-    def lightning(x, backend):
-        return flashops.lightning_attention(x["q"], x["k"], x["v"], initial_state=x["h0"], output_final_state=True,
-                                            cu_seqlens=x.get("cu"), backend=backend)
+    def lightning(reverse=False):
+        return lambda x, backend: flashops.lightning_attention(
+            x["q"], x["k"], x["v"], initial_state=x["h0"], output_final_state=True, cu_seqlens=x.get("cu"),
+            reverse=reverse, backend=backend)
 
-    def gla(x, backend):
-        return flashops.gated_linear_attention(x["q"], x["k"], x["v"], x["g"], initial_state=x["h0"],
-                                               output_final_state=True, backend=backend)
+    def gla(reverse=False):
+        return lambda x, backend: flashops.gated_linear_attention(
+            x["q"], x["k"], x["v"], x["g"], initial_state=x["h0"], output_final_state=True, reverse=reverse,
+            backend=backend)
 
     def plain(causal):
         return lambda x, backend: flashops.linear_attention(x["q"], x["k"], x["v"], causal=causal,
@@ -474,6 +478,16 @@ def _linear_cases():
 
     def causal_sites(names):
         return lambda x: [future(x, names, 1, {0: 1, 1: None})] if x["q"].shape[1] > 2 else []
+
+    def reverse_sites(names):
+        """reverse=True: inputs before t0 reach only outputs before t0 (and the final state, taken at t = 0)."""
+        def sites(x):
+            t = x["q"].shape[1]
+            if t <= 2:
+                return []
+            past = along(1, slice(0, t // 2))
+            return [Site(f"past t<{t // 2} (reverse)", {n: past for n in names}, {0: past, 1: ...})]
+        return sites
 
     def varlen_sites(x):
         cu = x["cu"].tolist()
@@ -503,12 +517,17 @@ def _linear_cases():
                                                     backend=backend)
 
     return [
-        Case("lightning_attention", ATTENTION_BACKENDS, make(), lightning, causal_sites(("q", "k", "v")), length=70),
-        Case("lightning_attention[varlen]", ATTENTION_BACKENDS, make(varlen=True), lightning, varlen_sites,
+        Case("lightning_attention", ATTENTION_BACKENDS, make(), lightning(), causal_sites(("q", "k", "v")),
+             length=70),
+        Case("lightning_attention[varlen]", ATTENTION_BACKENDS, make(varlen=True), lightning(), varlen_sites,
              length=70, empty=("length",)),
+        Case("lightning_attention[gqa,reverse]", ATTENTION_BACKENDS, make(heads=4, kv_heads=2), lightning(True),
+             reverse_sites(("q", "k", "v")), length=70),
         # g is not poisoned here: a NaN log-gate is out of domain (tests/ops/test_linear.py covers it).
-        Case("gated_linear_attention", ATTENTION_BACKENDS, make(gated=True), gla,
+        Case("gated_linear_attention", ATTENTION_BACKENDS, make(gated=True), gla(),
              causal_sites(("q", "k", "v")), length=27),
+        Case("gated_linear_attention[mqa,reverse]", ATTENTION_BACKENDS, make(gated=True, heads=2), gla(True),
+             reverse_sites(("q", "k", "v")), length=27),
         Case("linear_attention[causal]", ATTENTION_BACKENDS, make(), plain(True), causal_sites(("q", "k", "v")),
              length=70),
         Case("linear_attention[non-causal]", ATTENTION_BACKENDS, make(), plain(False), length=70),

@@ -1,5 +1,5 @@
 """LightningAttention and GatedLinearAttention layers: wiring against the reference ops, state hand-over,
-token-by-token generation, varlen packing, gradients and bad input."""
+token-by-token generation, varlen packing, gradients and bad input; with and without GQA (num_kv_heads)."""
 
 import pytest
 import torch
@@ -13,26 +13,28 @@ from flashops.testing import assert_close
 from ..helpers import BACKENDS, require
 
 
-def _layer(kind, backend, device):
+def _layer(kind, backend, device, num_kv_heads=None):
     torch.manual_seed(0)
     if kind == "lightning":
-        return LightningAttention(32, 2, layer_idx=1, num_layers=4, backend=backend, device=device)
-    return GatedLinearAttention(64, 2, backend=backend, device=device)
+        return LightningAttention(32, 2, num_kv_heads=num_kv_heads, layer_idx=1, num_layers=4, backend=backend,
+                                  device=device)
+    return GatedLinearAttention(64, 2, num_kv_heads=num_kv_heads, backend=backend, device=device)
 
 
 def _reference_forward(layer, x):
-    """The layer's math written out with the reference ops."""
+    """The layer's math written out with the reference ops (k, v and the gates with num_kv_heads heads)."""
     if isinstance(layer, LightningAttention):
-        q, k, v, u = layer.qkvu_proj(x).chunk(4, dim=-1)
-        shape = (*x.shape[:-1], layer.num_heads, layer.head_dim)
-        o, _ = ref.lightning_attention(F.silu(q).view(shape), F.silu(k).view(shape), v.view(shape), layer.slopes,
-                                       scale=1.0)
+        inner, kv_inner = layer.num_heads * layer.head_dim, layer.num_kv_heads * layer.head_dim
+        q, k, v, u = layer.qkvu_proj(x).split([inner, kv_inner, kv_inner, inner], dim=-1)
+        heads, kv_heads = (*x.shape[:-1], layer.num_heads, -1), (*x.shape[:-1], layer.num_kv_heads, -1)
+        o, _ = ref.lightning_attention(F.silu(q).view(heads), F.silu(k).view(kv_heads), v.view(kv_heads),
+                                       layer.slopes, scale=1.0)
         return layer.out_proj(layer.norm(o.flatten(-2)) * u)
-    heads = (*x.shape[:-1], layer.num_heads)
-    q = layer.q_proj(x).view(*heads, -1)
-    k = layer.k_proj(x).view(*heads, -1)
-    v = layer.v_proj(x).view(*heads, -1)
-    g = F.logsigmoid(layer.gk_proj(x)).view(*heads, -1) / 16
+    heads, kv_heads = (*x.shape[:-1], layer.num_heads, -1), (*x.shape[:-1], layer.num_kv_heads, -1)
+    q = layer.q_proj(x).view(heads)
+    k = layer.k_proj(x).view(kv_heads)
+    v = layer.v_proj(x).view(kv_heads)
+    g = F.logsigmoid(layer.gk_proj(x)).view(kv_heads) / 16
     o, _ = ref.gated_linear_attention(q, k, v, g, scale=layer.head_k_dim ** -0.5)
     o = layer.g_norm(o) * F.silu(layer.g_proj(x)).view(o.shape)
     return layer.o_proj(o.flatten(-2))
@@ -40,9 +42,10 @@ def _reference_forward(layer, x):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["lightning", "gla"])
-def test_layer_matches_reference_composition(backend, kind, device):
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_layer_matches_reference_composition(backend, kind, num_kv_heads, device):
     require(L.GLA, backend, device=device)
-    layer = _layer(kind, backend, device)
+    layer = _layer(kind, backend, device, num_kv_heads)
     x = torch.randn(2, 70, layer.embed_dim, device=device, requires_grad=True)
     y = layer(x)
     y_ref = _reference_forward(layer, x)
@@ -58,8 +61,10 @@ def test_layer_matches_reference_composition(backend, kind, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["lightning", "gla"])
 def test_cache_prefill_in_pieces_and_generation(backend, kind, device):
+    """With GQA (num_kv_heads=1 of 2): GLA's cached state has one head, Lightning's one per slope (2)."""
     require(L.GLA, backend, device=device)
-    layer = _layer(kind, backend, device)
+    layer = _layer(kind, backend, device, num_kv_heads=1)
+    assert layer.init_cache(2).state.shape[1] == (2 if kind == "lightning" else 1)
     x = torch.randn(2, 21, layer.embed_dim, device=device)
     with torch.no_grad():
         y = layer(x)
@@ -124,3 +129,7 @@ def test_bad_input(device):
         LightningAttention(30, 4)
     with pytest.raises(ValueError, match="layer_idx"):
         LightningAttention(32, 2, layer_idx=4, num_layers=4)
+    with pytest.raises(ValueError, match=r"num_heads \(2\) must be a positive multiple of num_kv_heads \(3\)"):
+        GatedLinearAttention(64, 2, num_kv_heads=3)
+    with pytest.raises(ValueError, match="cp_group"):
+        LightningAttention(32, 2, num_kv_heads=1, cp_group=object())

@@ -3,6 +3,7 @@
 Every backend is compared on outputs, final states and every gradient (q, k, v, g, initial_state) with the
 tolerance rule of flashops.testing; fp16 uses the reference run in fp16 as the baseline. Shapes stay tiny
 (the Triton kernels run under the interpreter on CPU) but cross chunk (64) and sub-chunk (16) boundaries.
+GQA/MQA (k, v, g with fewer heads than q) and ``reverse`` are checked the same way.
 """
 
 import pytest
@@ -25,12 +26,17 @@ def _gates(shape, device, strength=2.0):
     return F.logsigmoid(torch.randn(shape, device=device) * strength)
 
 
-def _make(b, t, h, d_k, d_v, device, dtype, *, gated, n_states=None, with_state=True):
+def _make(b, t, h, d_k, d_v, device, dtype, *, gated, n_states=None, with_state=True, kv_heads=None,
+          slope_heads=None):
+    """q [b, t, h, d_k]; k, v (and GLA's gates) with ``kv_heads`` heads (default h); Lightning's slopes have
+    ``slope_heads`` entries (default h); the initial state has one head per decay."""
+    kv_heads = kv_heads or h
     q = torch.randn(b, t, h, d_k, device=device, dtype=dtype)
-    k = torch.randn(b, t, h, d_k, device=device, dtype=dtype)
-    v = torch.randn(b, t, h, d_v, device=device, dtype=dtype)
-    gate = _gates((b, t, h, d_k), device) if gated else torch.rand(h, device=device)
-    h0 = torch.randn(n_states or b, h, d_k, d_v, device=device) if with_state else None
+    k = torch.randn(b, t, kv_heads, d_k, device=device, dtype=dtype)
+    v = torch.randn(b, t, kv_heads, d_v, device=device, dtype=dtype)
+    gate = _gates((b, t, kv_heads, d_k), device) if gated else torch.rand(slope_heads or h, device=device)
+    state_heads = kv_heads if gated else gate.shape[0]
+    h0 = torch.randn(n_states or b, state_heads, d_k, d_v, device=device) if with_state else None
     return q, k, v, gate, h0
 
 
@@ -82,13 +88,32 @@ def _compare(gated, q, k, v, gate, h0, backend, **kwargs):
 
 # ------------------------------------------------------------------------------------------- the oracle
 @pytest.mark.parametrize("gated", [True, False])
-def test_reference_recurrence_equals_quadratic_form(gated):
-    q, k, v, gate, h0 = _make(2, 37, 2, 8, 12, "cpu", torch.float64, gated=gated)
+@pytest.mark.parametrize("kv_heads,reverse", [(4, False), (2, True)])
+def test_reference_recurrence_equals_quadratic_form(gated, kv_heads, reverse):
+    q, k, v, gate, h0 = _make(2, 37, 4, 8, 12, "cpu", torch.float64, gated=gated, kv_heads=kv_heads)
     gate = gate.double()
-    rec = _oracle(gated)(q, k, v, gate, initial_state=h0.double(), output_final_state=True)
-    quad = _oracle(gated)(q, k, v, gate, initial_state=h0.double(), output_final_state=True, method="quadratic")
+    kw = dict(initial_state=h0.double(), output_final_state=True, reverse=reverse)
+    rec = _oracle(gated)(q, k, v, gate, **kw)
+    quad = _oracle(gated)(q, k, v, gate, method="quadratic", **kw)
     torch.testing.assert_close(rec[0], quad[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(rec[1], quad[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_reference_gqa_and_reverse_are_their_definitions(gated):
+    """GQA is the op on k, v (and gates) repeated per query head, with the state of a group read by each of its
+    heads; reverse is the op on the time-flipped sequence, its outputs flipped back."""
+    q, k, v, gate, h0 = _make(2, 21, 4, 8, 12, "cpu", torch.float64, gated=gated, kv_heads=2,
+                              slope_heads=2 if not gated else None)
+    gate = gate.double()
+    o, final = _oracle(gated)(q, k, v, gate, initial_state=h0, output_final_state=True, reverse=True)
+    k_full, v_full = (x.repeat_interleave(2, dim=2).flip(1) for x in (k, v))
+    gate_full = gate.repeat_interleave(2, dim=2).flip(1) if gated else gate.repeat_interleave(2)
+    o_full, final_full = _oracle(gated)(q.flip(1), k_full, v_full, gate_full,
+                                        initial_state=h0.repeat_interleave(2, dim=1), output_final_state=True)
+    torch.testing.assert_close(o, o_full.flip(1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, final_full[:, ::2], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, final_full[:, 1::2], rtol=1e-10, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------- chunked vs recurrence
@@ -107,6 +132,37 @@ def test_gla_matches_reference(backend, t, batch, device):
     require(L.GLA, backend, torch.float32, device)
     q, k, v, g, h0 = _make(batch, t, 2, 16, 32, device, torch.float32, gated=True)
     _compare(True, q, k, v, g, h0, backend)
+
+
+# GQA groups 1/2/4 (H_kv = 1: MQA), reverse with initial and final states, T across chunk boundaries.
+GQA_REVERSE_CASES = [(1, 4, 2, True), (17, 4, 1, False), (63, 2, 2, True), (129, 2, 1, True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("t,heads,kv_heads,reverse", GQA_REVERSE_CASES)
+def test_gqa_and_reverse_match_reference(backend, gated, t, heads, kv_heads, reverse, device):
+    require(L.GLA, backend, torch.float32, device)
+    q, k, v, gate, h0 = _make(2 if t < 60 else 1, t, heads, 16, 16, device, torch.float32, gated=gated,
+                              kv_heads=kv_heads)
+    _compare(gated, q, k, v, gate, h0, backend, reverse=reverse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lightning_slopes_per_kv_head(backend, reverse, device):
+    """slopes [H_kv]: a group shares its decay and its state ([N, H_kv, K, V]); plain causal linear attention
+    is this with zero slopes."""
+    require(L.LIGHTNING, backend, torch.float32, device)
+    q, k, v, slopes, h0 = _make(1, 70, 4, 16, 16, device, torch.float32, gated=False, kv_heads=2, slope_heads=2)
+    _, final, _ = _compare(False, q, k, v, slopes, h0, backend, reverse=reverse)
+    assert final.shape == (1, 2, 16, 16)
+    o, final = flashops.linear_attention(q, k, v, initial_state=h0, output_final_state=True, reverse=reverse,
+                                         backend=backend)
+    o_r, final_r = ref.lightning_attention(q, k, v, torch.zeros(2, device=device), initial_state=h0,
+                                           output_final_state=True, reverse=reverse)
+    assert_close("o", o, o_r)
+    assert_close("final_state", final, final_r)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,17 +242,19 @@ def test_empty_sequence_dimension(backend, gated, device):
 
 
 # ------------------------------------------------------------------------------------------------ varlen
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gated", [True, False])
-def test_varlen_equals_separate_sequences(backend, gated, device):
+@pytest.mark.parametrize("backend,kv_heads,reverse", [("triton", 1, True), ("torch", 2, False), ("torch", 1, True)])
+def test_varlen_equals_separate_sequences(backend, gated, kv_heads, reverse, device):
     require(L.GLA, backend, torch.float32, device)
     lengths = [17, 0, 70, 1]
     cu = torch.tensor([0, 17, 17, 87, 88], dtype=torch.int32, device=device)
-    q, k, v, gate, h0 = _make(1, sum(lengths), 2, 16, 16, device, torch.float32, gated=gated, n_states=4)
+    q, k, v, gate, h0 = _make(1, sum(lengths), 2, 16, 16, device, torch.float32, gated=gated, n_states=4,
+                              kv_heads=kv_heads)
     up = _upstream()
     o, final, grads = _run(_fast(gated), q, k, v, gate, h0, gated=gated, upstream=up, cu_seqlens=cu,
-                           backend=backend)
-    o_r, final_r, grads_r = _run(_oracle(gated), q, k, v, gate, h0, gated=gated, upstream=up, cu_seqlens=cu)
+                           reverse=reverse, backend=backend)
+    o_r, final_r, grads_r = _run(_oracle(gated), q, k, v, gate, h0, gated=gated, upstream=up, cu_seqlens=cu,
+                                 reverse=reverse)
     names = ["dq", "dk", "dv"] + (["dg"] if gated else []) + ["dh0"]
     assert_close("o", o, o_r)
     assert_close("final_state", final, final_r)
@@ -205,7 +263,8 @@ def test_varlen_equals_separate_sequences(backend, gated, device):
     # Each packed sequence equals the op run on it alone.
     for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         o_n, final_n = _fast(gated)(q[:, s:e], k[:, s:e], v[:, s:e], gate[:, s:e] if gated else gate,
-                                    initial_state=h0[n : n + 1], output_final_state=True, backend=backend)
+                                    initial_state=h0[n : n + 1], output_final_state=True, reverse=reverse,
+                                    backend=backend)
         torch.testing.assert_close(o[:, s:e], o_n, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(final[n : n + 1], final_n, rtol=1e-5, atol=1e-5)
 
@@ -218,9 +277,9 @@ def test_noncausal_matches_reference(backend, varlen, device):
     if varlen:
         cu = torch.tensor([0, 600, 600, 613], dtype=torch.int32, device=device)  # > one 512 segment, an empty one
         q, k, v, _, h0 = _make(1, 613, 2, 16, 24, device, torch.float32, gated=False, n_states=3)
-    else:
+    else:  # GQA: the state is per kv head, its gradient sums the group's query heads
         cu = None
-        q, k, v, _, h0 = _make(2, 45, 2, 16, 24, device, torch.float32, gated=False)
+        q, k, v, _, h0 = _make(2, 45, 4, 16, 24, device, torch.float32, gated=False, kv_heads=2, slope_heads=2)
     up = _upstream()
 
     def fast(q_, k_, v_, _, **kw):
@@ -242,7 +301,8 @@ def test_noncausal_matches_reference(backend, varlen, device):
 @pytest.mark.parametrize("gated", [True, False])
 def test_steps_reproduce_the_chunked_op(backend, gated, device):
     require(L.GLA_STEP, backend, torch.float32, device)
-    q, k, v, gate, h0 = _make(2, 19, 2, 16, 24, device, torch.float32, gated=gated)
+    kv_heads = 4 if backend == "cuda" else 2  # GQA, except for the CUDA step kernels (which have none)
+    q, k, v, gate, h0 = _make(2, 19, 4, 16, 24, device, torch.float32, gated=gated, kv_heads=kv_heads)
     chunked = None if backend == "cuda" else backend  # the chunked ops have no CUDA kernels
     o, final = _fast(gated)(q, k, v, gate, initial_state=h0, output_final_state=True, backend=chunked)
     state = h0
@@ -258,21 +318,23 @@ def test_steps_reproduce_the_chunked_op(backend, gated, device):
 
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("with_state", [True, False])
-def test_step_gradients(backend, gated, with_state, device):
-    require(L.GLA_STEP, backend, torch.float32, device)
+@pytest.mark.parametrize("with_state,kv_heads,slope_heads", [(True, 3, 3), (False, 1, 3), (True, 1, 1)])
+def test_step_gradients(backend, gated, with_state, kv_heads, slope_heads, device):
     b, h, d_k, d_v = 2, 3, 20, 40
-    q, k = (torch.randn(b, h, d_k, device=device) for _ in range(2))
-    v = torch.randn(b, h, d_v, device=device)
-    gate = _gates((b, h, d_k), device) if gated else torch.rand(h, device=device)
+    require(L.GLA_STEP, backend, torch.float32, device, gqa=kv_heads != h or (not gated and slope_heads != h))
+    q = torch.randn(b, h, d_k, device=device)
+    k = torch.randn(b, kv_heads, d_k, device=device)
+    v = torch.randn(b, kv_heads, d_v, device=device)
+    gate = _gates((b, kv_heads, d_k), device) if gated else torch.rand(slope_heads, device=device)
     if gated:
         gate[0, 0, :3] = float("-inf")
-    state = torch.randn(b, h, d_k, d_v, device=device) if with_state else None
+    state_heads = kv_heads if gated else slope_heads
+    state = torch.randn(b, state_heads, d_k, d_v, device=device) if with_state else None
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v) + ((gate,) if gated else ())
               + ((state,) if with_state else ())]
     gen = torch.Generator().manual_seed(3)
     do = torch.randn(b, h, d_v, generator=gen).to(device)
-    d_new = torch.randn(b, h, d_k, d_v, generator=gen).to(device)
+    d_new = torch.randn(b, state_heads, d_k, d_v, generator=gen).to(device)
 
     def grads(fast):
         q_, k_, v_ = leaves[:3]
@@ -321,15 +383,21 @@ def test_bad_inputs_raise_clear_errors(device):
         gla(q, k.to(torch.int32), v, g)
     with pytest.raises(ValueError, match="v has dtype"):
         gla(q, k, v.half(), g)
-    with pytest.raises(ValueError, match="q and k must have the same shape"):
+    with pytest.raises(ValueError, match=r"k must be \[B, T, H_kv, D\] with q"):
         gla(q, k[:, :4], v, g)
-    with pytest.raises(ValueError, match="v must match q"):
+    with pytest.raises(ValueError, match="v must match k"):
         gla(q, k, v[:, :, :1], g)
+    with pytest.raises(ValueError, match=r"query heads \(2\) must be a multiple .* key/value heads \(3\)"):
+        gla(q, torch.randn(2, 8, 3, 16, device=device), torch.randn(2, 8, 3, 16, device=device), g)
     with pytest.raises(ValueError, match="head dim 300"):
         light(torch.randn(1, 4, 1, 300, device=device), torch.randn(1, 4, 1, 300, device=device),
               torch.randn(1, 4, 1, 8, device=device))
-    with pytest.raises(ValueError, match="g must have the shape of q"):
+    with pytest.raises(ValueError, match="g must have the shape of k"):
         gla(q, k, v, g[..., :8])
+    with pytest.raises(ValueError, match="g must have the shape of k"):  # GQA: gates follow k
+        gla(q, k[:, :, :1], v[:, :, :1], g)
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[N, H, K, V\] = \(2, 1, 16, 16\)"):
+        gla(q, k[:, :, :1], v[:, :, :1], g[:, :, :1], initial_state=h0)
     with pytest.raises(ValueError, match="slopes must have shape"):
         light(q, k, v, torch.ones(3, device=device))
     if device.type == "cpu":  # checked on CPU only (a GPU check would sync every call)
@@ -367,9 +435,12 @@ def test_opcheck(device):
     slopes = torch.rand(2, device=device)
     req = [x.requires_grad_(True) for x in (q, k, v, g, h0)]
     torch.library.opcheck(torch.ops.flashops.linear_attention_chunk_fwd.default,
-                          (*req[:4], None, req[4], None, 0.25, True, "torch"))
+                          (*req[:4], None, req[4], None, 0.25, True, False, "torch"))
     torch.library.opcheck(torch.ops.flashops.linear_attention_chunk_fwd.default,
-                          (*req[:3], None, slopes, None, None, 0.25, False, "torch"))
+                          (*req[:3], None, slopes, None, None, 0.25, False, True, "torch"))
+    kv = [x[:, :, :1].detach().requires_grad_(True) for x in (k, v, g)]  # GQA: the state follows the kv heads
+    torch.library.opcheck(torch.ops.flashops.linear_attention_chunk_fwd.default,
+                          (req[0], *kv, None, None, None, 0.25, True, True, "torch"))
     torch.library.opcheck(torch.ops.flashops.linear_attention_noncausal_fwd.default,
                           (*req[:3], req[4], None, 0.25, True, "torch"))
     torch.library.opcheck(torch.ops.flashops.linear_attention_step_fwd.default,
@@ -384,7 +455,8 @@ def test_torch_compile_fullgraph(backend, device):
     def step(q, k, v, g, h0):
         o, final = flashops.gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True,
                                                    backend=backend)
-        o2, _ = flashops.lightning_attention(q, k, v, torch.full((2,), 0.1, device=q.device), backend=backend)
+        o2, _ = flashops.lightning_attention(q, k[:, :, :1], v[:, :, :1], torch.full((2,), 0.1, device=q.device),
+                                             reverse=True, backend=backend)
         o3, s = flashops.gated_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], h0, backend=backend)
         return o.sum() + final.sum() + o2.sum() + o3.sum() + s.sum()
 

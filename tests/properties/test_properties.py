@@ -226,30 +226,37 @@ def test_linear_attention(backend, gated):
     @st.composite
     def examples(draw):
         return dict(b=draw(st.sampled_from(BATCHES)), t=draw(st.sampled_from(lengths)),
-                    h=draw(st.sampled_from([1, 3])), d_k=draw(st.sampled_from([1, 5, 16])),
-                    d_v=draw(st.sampled_from([1, 7, 16])), with_state=draw(st.booleans()),
-                    dtype=draw(_dtypes(flashops.ops.linear.GLA, backend)), seed=draw(st.integers(0, 2**16)))
+                    h_kv=draw(st.sampled_from([1, 3])), group=draw(st.sampled_from([1, 2])),
+                    slopes_per_kv=draw(st.booleans()), reverse=draw(st.booleans()),
+                    d_k=draw(st.sampled_from([1, 5, 16])), d_v=draw(st.sampled_from([1, 7, 16])),
+                    with_state=draw(st.booleans()), dtype=draw(_dtypes(flashops.ops.linear.GLA, backend)),
+                    seed=draw(st.integers(0, 2**16)))
 
     def check(x):
         gen = torch.Generator().manual_seed(x["seed"])
-        b, t, h = x["b"], x["t"], x["h"]
-        q, k, v = _tensors(gen, x["dtype"], (b, t, h, x["d_k"]), (b, t, h, x["d_k"]), (b, t, h, x["d_v"]))
+        b, t, h_kv = x["b"], x["t"], x["h_kv"]
+        h = h_kv * x["group"]  # GQA: query head i reads kv head i // group
+        q, k, v = _tensors(gen, x["dtype"], (b, t, h, x["d_k"]), (b, t, h_kv, x["d_k"]), (b, t, h_kv, x["d_v"]))
         inputs = [q, k, v]
         if gated:
-            inputs.append(F.logsigmoid(torch.randn(b, t, h, x["d_k"], generator=gen) * 2).to(DEVICE) / 4)
-        slopes = None if gated else (torch.rand(h, generator=gen) * 0.3).to(DEVICE)
+            inputs.append(F.logsigmoid(torch.randn(b, t, h_kv, x["d_k"], generator=gen) * 2).to(DEVICE) / 4)
+        slope_heads = h_kv if x["slopes_per_kv"] else h
+        slopes = None if gated else (torch.rand(slope_heads, generator=gen) * 0.3).to(DEVICE)
+        state_heads = h_kv if gated else slope_heads
         if x["with_state"]:
-            inputs.append(torch.randn(b, h, x["d_k"], x["d_v"], generator=gen).to(DEVICE))
+            inputs.append(torch.randn(b, state_heads, x["d_k"], x["d_v"], generator=gen).to(DEVICE))
 
         def op(q, k, v, *rest):
             g, h0 = (rest[0], rest[1:]) if gated else (slopes, rest)
             fn = flashops.gated_linear_attention if gated else flashops.lightning_attention
-            return fn(q, k, v, g, initial_state=h0[0] if h0 else None, output_final_state=True, backend=backend)
+            return fn(q, k, v, g, initial_state=h0[0] if h0 else None, output_final_state=True,
+                      reverse=x["reverse"], backend=backend)
 
         def ref(q, k, v, *rest, upcast=True):
             g, h0 = (rest[0], rest[1:]) if gated else (slopes, rest)
             fn = linear_ref.gated_linear_attention if gated else linear_ref.lightning_attention
-            return fn(q, k, v, g, initial_state=h0[0] if h0 else None, output_final_state=True, upcast=upcast)
+            return fn(q, k, v, g, initial_state=h0[0] if h0 else None, output_final_state=True,
+                      reverse=x["reverse"], upcast=upcast)
 
         _compare("gated_linear_attention" if gated else "lightning_attention", op, ref, inputs, x["dtype"])
 

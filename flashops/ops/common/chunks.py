@@ -6,6 +6,13 @@ A sequence is cut into chunks of ``chunk`` positions; chunks never straddle sequ
 ``[B, T, H, D]`` have ``B * ceil(T / chunk)`` chunks, numbered sequence by sequence. Packed inputs
 ``[1, total, H, D]`` with ``cu_seqlens`` get a chunk table that maps a global chunk index to (sequence, chunk in
 sequence), and per-sequence offsets into it (:class:`ChunkLayout`).
+
+Processing order. Kernels index positions in the order a recurrence visits them (``t`` = 0, 1, ...). Run in
+reverse (the recurrence goes from a sequence's end to its start), position ``t`` is the sequence's token
+``len - 1 - t``: the launcher negates the ``t`` strides of the caller's tensors (:func:`processing_strides`) and
+kernels address them from :func:`sequence_origin`, so every tile load and store walks the sequence backwards
+with no copy. Chunks are then cut from the sequence's end (a short chunk holds its first tokens). Buffers the
+launchers allocate themselves (``buffer_base``) are kept in processing order.
 """
 
 from __future__ import annotations
@@ -76,14 +83,26 @@ def chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN: tl.constexpr
 
 
 @triton.jit
-def chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN: tl.constexpr, BT: tl.constexpr):
-    """(batch row, first token of the sequence, its length, first token of the chunk, tokens in the chunk,
-    row offsets [BT], row mask [BT]) of global chunk ``pid_c``."""
+def sequence_origin(bos, seqlen, REVERSE: tl.constexpr):
+    """The signed row at which a caller's tensor holds processing position 0 of the sequence starting at token
+    ``bos``: position t is at ``(origin + t) * stride_t``. Forward: ``bos``. REVERSE: the launcher negated
+    stride_t, and ``-(bos + seqlen - 1)`` puts position 0 on the sequence's last token."""
+    origin = bos
+    if REVERSE:
+        origin = -(bos + seqlen - 1)
+    return origin
+
+
+@triton.jit
+def chunk_rows(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+               BT: tl.constexpr):
+    """(batch row, first token of the sequence, its origin (:func:`sequence_origin`), its length, first position
+    of the chunk, positions in the chunk, row offsets [BT], row mask [BT]) of global chunk ``pid_c``."""
     n, b, bos, seqlen, i = chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
     length = tl.minimum(seqlen - t0, BT)
     offs_t = tl.arange(0, BT)
-    return b, bos, seqlen, t0, length, offs_t, offs_t < length
+    return b, bos, sequence_origin(bos, seqlen, REVERSE), seqlen, t0, length, offs_t, offs_t < length
 
 
 @triton.jit
@@ -105,16 +124,17 @@ def sequence_chunks(n, CU, CHUNK_OFF, seqlen, n_chunks, IS_VARLEN: tl.constexpr)
 
 # ---------------------------------------------------------------------------------------------- addressing
 @triton.jit
-def row_base(PTR, b, bos, t0, h, stride_b, stride_t, stride_h):
-    """Pointer to row t0 of the sequence starting at token ``bos`` of batch row b, head h (int64 offsets)."""
-    return (PTR + tl.cast(b, tl.int64) * stride_b + tl.cast(bos + t0, tl.int64) * stride_t
+def row_base(PTR, b, origin, t0, h, stride_b, stride_t, stride_h):
+    """Pointer to position t0 of the sequence whose position 0 is row ``origin`` (its first token ``bos``, or
+    :func:`sequence_origin`) of batch row b, head h (int64 offsets)."""
+    return (PTR + tl.cast(b, tl.int64) * stride_b + tl.cast(origin + t0, tl.int64) * stride_t
             + tl.cast(h, tl.int64) * stride_h)
 
 
 @triton.jit
 def buffer_base(PTR, b, bos, t0, h, seqlen, row_stride, head_stride):
-    """Row t0 of a buffer allocated here as contiguous [B, T, H, X] (row_stride = H * X, head_stride = X);
-    seqlen is T for dense inputs (varlen inputs have a single batch row)."""
+    """Row t0 of a buffer allocated here as contiguous [B, T, H, X] (row_stride = H * X, head_stride = X), in
+    processing order; seqlen is T for dense inputs (varlen inputs have a single batch row)."""
     return PTR + (tl.cast(b, tl.int64) * seqlen + tl.cast(bos + t0, tl.int64)) * row_stride + h * head_stride
 
 
@@ -180,11 +200,11 @@ def chunk_cumsum_fwd_kernel(
     # sizes
     seqlen, n_chunks, num_heads,
     # meta-parameters
-    K_DIM: tl.constexpr, FLOOR: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    K_DIM: tl.constexpr, FLOOR: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """gc = inclusive cumsum of max(g, FLOOR) from the start of each chunk (fp32, [B, T, H, K] contiguous); a
-    positive (out of domain) log-gate is NaN."""
+    """gc = inclusive cumsum of max(g, FLOOR) from the start of each chunk, in processing order (fp32,
+    [B, T, H, K] contiguous); a positive (out of domain) log-gate is NaN."""
     pid_c, pid_k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -192,8 +212,8 @@ def chunk_cumsum_fwd_kernel(
     offs_k = pid_k * BK + tl.arange(0, BK)
     t_ok = t0 + offs_t < seqlen
     k_ok = offs_k < K_DIM
-    g = load_tile(row_base(G, b, bos, t0, h, stride_gb, stride_gt, stride_gh), stride_gt, offs_t, t_ok, offs_k, k_ok,
-                  EVEN_K)
+    g = load_tile(row_base(G, b, sequence_origin(bos, seqlen, REVERSE), t0, h, stride_gb, stride_gt, stride_gh),
+                  stride_gt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
     g = g.to(tl.float32)
     g = tl.where(g < FLOOR, FLOOR, g)  # NaN stays NaN
     g = tl.where(g > 0, float("nan"), g)  # out of domain: NaN from here on, as on every backend
@@ -202,13 +222,23 @@ def chunk_cumsum_fwd_kernel(
     tl.store(gc_base + offs_t[:, None] * (num_heads * K_DIM) + offs_k[None, :], gc, mask=tile_mask(t_ok, k_ok, EVEN_K))
 
 
-def gate_cumsum(g: torch.Tensor, layout: ChunkLayout, chunk: int, floor: float) -> torch.Tensor:
-    """Chunk-local inclusive cumulative sums of the log-gates g [B, T, H, K], each gate floored at ``floor``
-    (fp32 [B, T, H, K])."""
+def processing_strides(name: str, t: torch.Tensor, reverse: bool) -> dict[str, int]:
+    """``strides(name, t, "bth")`` of a caller's [B, T, H, D] tensor, the t stride negated when the kernels
+    run in reverse (see :func:`sequence_origin`)."""
+    found = strides(name, t, "bth")
+    if reverse:
+        found[f"stride_{name}t"] = -found[f"stride_{name}t"]
+    return found
+
+
+def gate_cumsum(g: torch.Tensor, layout: ChunkLayout, chunk: int, floor: float, reverse: bool = False
+                ) -> torch.Tensor:
+    """Chunk-local inclusive cumulative sums of the log-gates g [B, T, H, K] in processing order, each gate
+    floored at ``floor`` (fp32 [B, T, H, K])."""
     heads, d_k = g.shape[2], g.shape[3]
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     chunk_cumsum_fwd_kernel.launch(
         lambda meta: (layout.total, triton.cdiv(d_k, meta["BK"]), heads),
-        G=g, GC=gc, **strides("g", g, "bth"), num_heads=heads, K_DIM=d_k, FLOOR=floor, BT=chunk,
-        **layout.chunk_args())
+        G=g, GC=gc, **processing_strides("g", g, reverse), num_heads=heads, K_DIM=d_k, FLOOR=floor,
+        REVERSE=reverse, BT=chunk, **layout.chunk_args())
     return gc

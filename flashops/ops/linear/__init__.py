@@ -3,9 +3,11 @@ and non-causal linear attention, and single-step decoding.
 
 Every causal op funnels into one custom-op pair (``flashops::linear_attention_chunk_fwd/bwd``), the
 non-causal op and the decode step into their own pairs, so ``torch.compile(fullgraph=True)`` traces
-through without graph breaks. Conventions: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log-gates g
-``[B, T, H, K]``, states fp32 ``[N, H, K, V]`` (N = B, or the number of packed sequences); every op
-returns ``(o, final_state)`` with ``final_state`` None unless ``output_final_state``.
+through without graph breaks. Conventions: q ``[B, T, H, K]``, k ``[B, T, H_kv, K]``, v ``[B, T, H_kv, V]``
+(GQA/MQA: H % H_kv == 0, query head h reads kv head h // (H / H_kv)), log-gates g ``[B, T, H_kv, K]`` (they
+follow k), states fp32 ``[N, H_state, K, V]`` (N = B, or the number of packed sequences; one state head per
+decay: Lightning's slopes, else the kv heads); every op returns ``(o, final_state)`` with ``final_state`` None
+unless ``output_final_state``.
 """
 
 from __future__ import annotations
@@ -64,9 +66,16 @@ for _op, (_module, _what) in _TRITON_MODULES.items():
         "chunked PyTorch (one Python iteration per 64-position chunk; CPU and fallback)"))
     _dispatch.register_probe(_op, lambda device, dtype: _dispatch.Request(
         device, dtype, {"head_dim_k": 128, "head_dim_v": 128}))
+def _cuda_step_supports(req: _dispatch.Request) -> list:
+    reasons = _cuda.supports(req)
+    if req.features.get("gqa"):
+        reasons = reasons + ["the CUDA step kernels need as many k/v heads (and state heads) as query heads (no GQA)"]
+    return reasons
+
+
 for _op in (LIGHTNING_STEP, GLA_STEP):
     _dispatch.register(_op, _dispatch.Backend(
-        "cuda", _dispatch.PRIORITY_CUDA_EXT, _cuda.supports, f"{__name__}.cuda_step",
+        "cuda", _dispatch.PRIORITY_CUDA_EXT, _cuda_step_supports, f"{__name__}.cuda_step",
         "CUDA kernel: one read and one write of the state, a block of 4 warps per (batch, head), fwd + bwd",
         forced_only=True))
 
@@ -97,9 +106,9 @@ def _num_states(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
 _QKV = OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor))
 _DECAY = OpArgs(("g", Optional[Tensor]), ("slopes", Optional[Tensor]))
 CHUNK_ARGS = _QKV + _DECAY + OpArgs(("initial_state", Optional[Tensor]), ("cu_seqlens", Optional[Tensor]),
-                                    ("scale", float), ("output_final_state", bool)) + BACKEND
+                                    ("scale", float), ("output_final_state", bool), ("reverse", bool)) + BACKEND
 CHUNK_BWD_ARGS = OpArgs(("do", Tensor), ("dht", Optional[Tensor])) + CHUNK_ARGS.without("output_final_state")
-NONCAUSAL_ARGS = CHUNK_ARGS.without("g", "slopes")
+NONCAUSAL_ARGS = CHUNK_ARGS.without("g", "slopes", "reverse")
 NONCAUSAL_BWD_ARGS = OpArgs(("do", Tensor), ("dht", Optional[Tensor])) + NONCAUSAL_ARGS.without("output_final_state")
 STEP_ARGS = _QKV + _DECAY + OpArgs(("state", Optional[Tensor]), ("scale", float)) + BACKEND
 STEP_BWD_ARGS = OpArgs(("do", Tensor), ("d_new", Optional[Tensor])) + STEP_ARGS
@@ -109,8 +118,13 @@ STEP_BWD_ARGS = OpArgs(("do", Tensor), ("d_new", Optional[Tensor])) + STEP_ARGS
 def _run_chunk_fwd(a) -> tuple[Tensor, Tensor]:
     impl: ChunkBackend = _backend(GLA if a.g is not None else LIGHTNING, a.backend)
     o, final = impl.chunk_forward(a.q, a.k, a.v, a.g, a.slopes, a.scale, a.initial_state, a.cu_seqlens,
-                                  a.output_final_state)
+                                  a.output_final_state, a.reverse)
     return o, _empty_like_none(final, a.q.new_empty(0, dtype=compute_dtype(a.q.dtype)))
+
+
+def _state_heads(k: Tensor, slopes: Optional[Tensor]) -> int:
+    """One state head per decay: Lightning's slopes [H] or [H_kv], else (gates, no decay) the kv heads."""
+    return slopes.shape[0] if slopes is not None else k.shape[-2]
 
 
 def _states_fake(a, output: bool) -> Tensor:
@@ -118,7 +132,8 @@ def _states_fake(a, output: bool) -> Tensor:
     if not output:
         return a.q.new_empty(0, dtype=state_dtype)
     q, v = a.q, a.v
-    return q.new_empty((_num_states(q, a.cu_seqlens), q.shape[2], q.shape[3], v.shape[3]), dtype=state_dtype)
+    shape = (_num_states(q, a.cu_seqlens), _state_heads(a.k, getattr(a, "slopes", None)), q.shape[3], v.shape[3])
+    return q.new_empty(shape, dtype=state_dtype)
 
 
 def _outputs_fake(a) -> tuple[Tensor, Tensor]:
@@ -128,7 +143,7 @@ def _outputs_fake(a) -> tuple[Tensor, Tensor]:
 def _run_chunk_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl: ChunkBackend = _backend(GLA if a.g is not None else LIGHTNING, a.backend)
     dq, dk, dv, dg, dh0 = impl.chunk_backward(a.do, a.dht, a.q, a.k, a.v, a.g, a.slopes, a.scale, a.initial_state,
-                                              a.cu_seqlens)
+                                              a.cu_seqlens, a.reverse)
     return dq, dk, dv, _empty_like_none(dg, a.q), _empty_like_none(dh0, a.q)
 
 
@@ -208,7 +223,9 @@ def _run_step_fwd(a) -> tuple[Tensor, Tensor]:
 
 
 def _step_fwd_fake(a) -> tuple[Tensor, Tensor]:
-    return a.q.new_empty(a.v.shape), a.q.new_empty((*a.q.shape, a.v.shape[-1]), dtype=compute_dtype(a.q.dtype))
+    b, heads, d_k = a.q.shape
+    return (a.q.new_empty((b, heads, a.v.shape[-1])),
+            a.q.new_empty((b, _state_heads(a.k, a.slopes), d_k, a.v.shape[-1]), dtype=compute_dtype(a.q.dtype)))
 
 
 def _run_step_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -246,15 +263,22 @@ _LAYOUT = "[B, T, H, D]"
 
 
 def _check_qkv(q, k, v, layout=_LAYOUT, ndim=4):
+    """q [..., H, K], k [..., H_kv, K], v [..., H_kv, V] with H % H_kv == 0 (GQA/MQA)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=ndim, layout=layout)
     check_same((("q", q), ("k", k), ("v", v)), "device")
     check_same((("q", q), ("k", k), ("v", v)), "dtype")
-    if k.shape != q.shape:
-        raise ValueError(f"q and k must have the same shape, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"v must match q in every dimension but the last, got q {tuple(q.shape)} and "
+    kv_layout = layout.replace("H,", "H_kv,")
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must be {kv_layout} with q {layout} (same dimensions but the heads), got q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v must match k in every dimension but the last, got k {tuple(k.shape)} and "
                          f"v {tuple(v.shape)}")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"the number of query heads ({heads}) must be a multiple of the number of key/value heads "
+                         f"({kv_heads}) (GQA/MQA)")
     check_dim("q", q.shape[-1], 1, MAX_HEAD_DIM)
     check_dim("v", v.shape[-1], 1, MAX_HEAD_DIM)
 
@@ -287,13 +311,13 @@ def _check_state(name, state, n: int, heads: int, d_k: int, d_v: int, device, wh
     return state
 
 
-def _check_gates(name, g, q, gate_shape):
-    check_tensor(name, g, ndim=len(gate_shape), dtypes=FLOAT_DTYPES)
-    if tuple(g.shape) != tuple(gate_shape):
-        raise ValueError(f"{name} must have the shape of q {tuple(gate_shape)} (log-gates per key dim), "
-                         f"got {tuple(g.shape)}")
-    if g.device != q.device:
-        raise ValueError(f"{name} is on device {g.device} but q is on {q.device}")
+def _check_gates(name, g, k):
+    check_tensor(name, g, ndim=k.dim(), dtypes=FLOAT_DTYPES)
+    if g.shape != k.shape:
+        raise ValueError(f"{name} must have the shape of k {tuple(k.shape)} (log-gates per key dim; with GQA one "
+                         f"per kv head), got {tuple(g.shape)}")
+    if g.device != k.device:
+        raise ValueError(f"{name} is on device {g.device} but k is on {k.device}")
     if values_on_host(g):
         check_values(name, g, g <= 0, "<= 0 (a log-gate; -inf forgets everything), not NaN")
     return g
@@ -313,12 +337,13 @@ def _default_slopes(heads: int, device) -> Tensor:
     return _DEFAULT_SLOPES[key]
 
 
-def _check_slopes(slopes, heads: int, device):
+def _check_slopes(slopes, heads: int, kv_heads: int, device):
     if slopes is None:
         return _default_slopes(heads, device)
     check_tensor("slopes", slopes, ndim=1, dtypes=FLOAT_DTYPES)
-    if slopes.shape[0] != heads:
-        raise ValueError(f"slopes must have shape [H] = ({heads},), got {tuple(slopes.shape)}")
+    if slopes.shape[0] not in (heads, kv_heads):
+        shapes = f"[H] = ({heads},)" + (f" or [H_kv] = ({kv_heads},)" if kv_heads != heads else "")
+        raise ValueError(f"slopes must have shape {shapes}, got {tuple(slopes.shape)}")
     if slopes.device != device:
         raise ValueError(f"slopes is on device {slopes.device} but q is on {device}")
     if slopes.requires_grad:
@@ -362,7 +387,7 @@ def lightning_slopes(num_heads: int, *, layer_idx: int = 0, num_layers: int = 1,
 def lightning_attention(
     q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor] = None, *, scale: Optional[float] = None,
     initial_state: Optional[Tensor] = None, output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
-    backend: Optional[str] = None,
+    reverse: bool = False, backend: Optional[str] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Causal linear attention with a constant per-head decay (Lightning Attention-2, TransNormerLLM, RetNet).
 
@@ -371,45 +396,57 @@ def lightning_attention(
     with the fp32 state carried across chunks. ``slopes = 0`` is plain (non-decayed) linear attention.
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``. fp16, bf16 or fp32 (fp64 on the torch backend; same
-            dtype); K, V in 1..256; stride(-1) == 1. Any T (0 included).
-        slopes: decay rates ``[H]``, >= 0 (inf forgets everything), treated as constants (no gradient).
+        q: ``[B, T, H, K]``; k: ``[B, T, H_kv, K]``; v: ``[B, T, H_kv, V]``. H_kv divides H (GQA/MQA: query
+            head h reads kv head ``h // (H / H_kv)``, as in flash-attn). fp16, bf16 or fp32 (fp64 on the torch
+            backend; same dtype); K, V in 1..256; stride(-1) == 1. Any T (0 included).
+        slopes: decay rates ``[H]`` (one per query head) or ``[H_kv]`` (one per kv head, shared by its group),
+            >= 0 (inf forgets everything), treated as constants (no gradient). The state has one head per slope.
             Default :func:`lightning_slopes` ``(H)``. CPU tensors are checked (ValueError on a NaN or negative
             slope); elsewhere a check would sync the host every call, so it is skipped and such a slope makes
             its head's outputs and state NaN on every backend.
         scale: multiplies q; default ``1/sqrt(K)`` (Lightning's published models use ``scale=1.0``).
-        initial_state: fp32 ``[N, H, K, V]`` (N = B, or the number of sequences with cu_seqlens); it gets a
-            gradient.
-        output_final_state: also return the state after the last position, fp32 ``[N, H, K, V]``.
+        initial_state: fp32 ``[N, H_state, K, V]`` (N = B, or the number of sequences with cu_seqlens;
+            H_state = len(slopes)); it gets a gradient.
+        output_final_state: also return the state after the last position, fp32 ``[N, H_state, K, V]``.
         cu_seqlens: int32 or int64 ``[N + 1]`` for packed sequences ``[1, total_T, H, D]`` (empty sequences
             allowed); each sequence starts from its own initial state (or zeros).
+        reverse: run the recurrence from each sequence's last position to its first (fla's ``reverse``):
+            ``S_t = exp(-slope) S_{t+1} + k_t^T v_t``; the initial state enters after the last position and the
+            final state is the one at the first.
         backend: ``"triton"`` or ``"torch"``; default: the first that supports the inputs.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in the input dtype, final_state fp32 or None.
 
     Example:
-        >>> q, k, v = (torch.randn(2, 4096, 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> q = torch.randn(2, 4096, 8, 64, device="cuda", dtype=torch.bfloat16)
+        >>> k, v = (torch.randn(2, 4096, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         >>> o, _ = flashops.lightning_attention(q, k, v, flashops.lightning_slopes(8, device="cuda"))
     """
     _check_qkv(q, k, v)
+    slopes = _check_slopes(slopes, q.shape[2], k.shape[2], q.device)
+    return _lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, reverse, backend)
+
+
+def _lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, reverse, backend):
+    """lightning_attention after the q, k, v and slopes checks."""
     cu_seqlens = _check_varlen(q, cu_seqlens)
-    b, t, h, d_k = q.shape
-    slopes = _check_slopes(slopes, h, q.device)
-    initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), h, d_k, v.shape[-1],
-                                 q.device)
+    d_k = q.shape[3]
+    initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), slopes.shape[0], d_k,
+                                 v.shape[-1], q.device)
     scale = _check_scale(scale, d_k)
     name = _select(LIGHTNING, q, v, backend, varlen=cu_seqlens is not None)
     o, final = _chunk(*CHUNK_ARGS.values(q=q, k=k, v=v, g=None, slopes=slopes, initial_state=initial_state,
                                          cu_seqlens=cu_seqlens, scale=scale,
-                                         output_final_state=bool(output_final_state), backend=name))
+                                         output_final_state=bool(output_final_state), reverse=bool(reverse),
+                                         backend=name))
     return o, (final if output_final_state else None)
 
 
 def gated_linear_attention(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: Optional[float] = None,
     initial_state: Optional[Tensor] = None, output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
-    backend: Optional[str] = None,
+    reverse: bool = False, backend: Optional[str] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Gated linear attention (GLA): data-dependent per-key decay.
 
@@ -417,53 +454,57 @@ def gated_linear_attention(
     cumulative sums re-anchored at chunk and 16-row sub-chunk boundaries so that every exponential is <= 1.
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (as in :func:`lightning_attention`).
-        g: log-gates ``[B, T, H, K]``, <= 0 (e.g. ``logsigmoid(x) / 16``); any float dtype, computed in fp32,
-            gets a gradient. Values below -30 act as -30 (a decay of ~1e-13; their gradient is 0): this keeps
-            ``g = -inf`` (forget everything) free of NaN. CPU tensors are checked (ValueError on a NaN or
-            positive entry); elsewhere the check is skipped (it would sync the host) and such an entry makes
-            the outputs at and after it, and the final state, NaN in its (sequence, head) on every backend.
-        scale, initial_state, output_final_state, cu_seqlens, backend: as in :func:`lightning_attention`.
+        q: ``[B, T, H, K]``; k: ``[B, T, H_kv, K]``; v: ``[B, T, H_kv, V]`` (as in :func:`lightning_attention`).
+        g: log-gates ``[B, T, H_kv, K]`` (they follow k: with GQA the state is shared by a group), <= 0 (e.g.
+            ``logsigmoid(x) / 16``); any float dtype, computed in fp32, gets a gradient. Values below -30 act as
+            -30 (a decay of ~1e-13; their gradient is 0): this keeps ``g = -inf`` (forget everything) free of NaN.
+            CPU tensors are checked (ValueError on a NaN or positive entry); elsewhere the check is skipped (it
+            would sync the host) and such an entry makes the outputs at and after it, and the final state, NaN
+            in its (sequence, head) on every backend.
+        initial_state: fp32 ``[N, H_kv, K, V]``; gets a gradient. output_final_state: return the final state
+            ``[N, H_kv, K, V]``.
+        scale, cu_seqlens, reverse, backend: as in :func:`lightning_attention`.
 
     Returns:
         ``(o, final_state)``.
     """
     _check_qkv(q, k, v)
     cu_seqlens = _check_varlen(q, cu_seqlens)
-    b, t, h, d_k = q.shape
-    g = _check_gates("g", g, q, q.shape)
-    initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), h, d_k, v.shape[-1],
-                                 q.device)
+    d_k = q.shape[3]
+    g = _check_gates("g", g, k)
+    initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), k.shape[2], d_k,
+                                 v.shape[-1], q.device)
     scale = _check_scale(scale, d_k)
     name = _select(GLA, q, v, backend, varlen=cu_seqlens is not None)
     o, final = _chunk(*CHUNK_ARGS.values(q=q, k=k, v=v, g=g, slopes=None, initial_state=initial_state,
                                          cu_seqlens=cu_seqlens, scale=scale,
-                                         output_final_state=bool(output_final_state), backend=name))
+                                         output_final_state=bool(output_final_state), reverse=bool(reverse),
+                                         backend=name))
     return o, (final if output_final_state else None)
 
 
 def linear_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
     initial_state: Optional[Tensor] = None, output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
-    backend: Optional[str] = None,
+    reverse: bool = False, backend: Optional[str] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Plain linear attention (no decay, no normalization).
 
     ``causal=True``: ``o_t = scale * q_t (S_0 + sum_{s<=t} k_s^T v_s)``, i.e. :func:`lightning_attention`
-    with zero slopes. ``causal=False`` (encoders): ``o_t = scale * q_t (S_0 + K^T V)`` with the sum over the
-    whole sequence (per packed sequence with cu_seqlens); the final state is ``S_0 + K^T V``. Feature maps
-    (e.g. elu + 1) and normalization are the caller's (see ``flashops.nn.LightningAttention``).
-    Arguments as in :func:`lightning_attention`.
+    with zero slopes ``[H_kv]`` (without a decay the query heads of a group share one state). ``causal=False``
+    (encoders): ``o_t = scale * q_t (S_0 + K^T V)`` with the sum over the whole sequence (per packed sequence
+    with cu_seqlens); the final state is ``S_0 + K^T V``, and ``reverse`` changes nothing. States are fp32
+    ``[N, H_kv, K, V]``. Feature maps (e.g. elu + 1) and normalization are the caller's (see
+    ``flashops.nn.LightningAttention``). Arguments as in :func:`lightning_attention`.
     """
     _check_qkv(q, k, v)
     if causal:
-        slopes = torch.zeros(q.shape[2], dtype=torch.float32, device=q.device)
-        return lightning_attention(q, k, v, slopes, scale=scale, initial_state=initial_state,
-                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
+        slopes = torch.zeros(k.shape[2], dtype=torch.float32, device=q.device)
+        return _lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, reverse, backend)
     cu_seqlens = _check_varlen(q, cu_seqlens)
-    b, t, h, d_k = q.shape
-    initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), h, d_k, v.shape[-1],
-                                 q.device)
+    d_k = q.shape[3]
+    initial_state = _check_state("initial_state", initial_state, _num_states(q, cu_seqlens), k.shape[2], d_k,
+                                 v.shape[-1], q.device)
     scale = _check_scale(scale, d_k)
     name = _select(NONCAUSAL, q, v, backend, varlen=cu_seqlens is not None)
     o, final = _noncausal(*NONCAUSAL_ARGS.values(q=q, k=k, v=v, initial_state=initial_state, cu_seqlens=cu_seqlens,
@@ -475,10 +516,10 @@ def linear_attention(
 _STEP_LAYOUT = "[B, H, D]"
 
 
-def _check_step(q_t, k_t, v_t, state):
+def _check_step(q_t, k_t, v_t, state, state_heads: int):
     _check_qkv(q_t, k_t, v_t, layout=_STEP_LAYOUT, ndim=3)
-    b, h, d_k = q_t.shape
-    return _check_state("state", state, b, h, d_k, v_t.shape[-1], q_t.device, what="batch rows (B)")
+    return _check_state("state", state, q_t.shape[0], state_heads, q_t.shape[-1], v_t.shape[-1], q_t.device,
+                        what="batch rows (B)")
 
 
 def _old_step_order(op: str, decay: str, legacy: bool, first, second):
@@ -500,16 +541,17 @@ def lightning_attention_step(
     q_t: Tensor, k_t: Tensor, v_t: Tensor, slopes: Optional[Tensor] = None, state: Optional[Tensor] = None, *,
     scale: Optional[float] = None, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
-    """One decoding step of :func:`lightning_attention`: q_t, k_t ``[B, H, K]``, v_t ``[B, H, V]``, slopes ``[H]``
-    (None = :func:`lightning_slopes`), state fp32 ``[B, H, K, V]`` (None = zeros). Returns
-    ``(o_t [B, H, V], new_state fp32)``; differentiable. Feeding a sequence token by token gives the chunked
-    op's outputs and final state."""
+    """One decoding step of :func:`lightning_attention`: q_t ``[B, H, K]``, k_t ``[B, H_kv, K]``, v_t
+    ``[B, H_kv, V]``, slopes ``[H]`` or ``[H_kv]`` (None = :func:`lightning_slopes`), state fp32
+    ``[B, H_state, K, V]`` (one head per slope; None = zeros). Returns ``(o_t [B, H, V], new_state fp32)``;
+    differentiable. Feeding a sequence token by token gives the chunked op's outputs and final state."""
     legacy = _is_state(slopes) or (slopes is None and isinstance(state, Tensor) and state.dim() == 1)
     slopes, state = _old_step_order(LIGHTNING_STEP, "slopes", legacy, slopes, state)
-    state = _check_step(q_t, k_t, v_t, state)
-    slopes = _check_slopes(slopes, q_t.shape[1], q_t.device)
+    _check_qkv(q_t, k_t, v_t, layout=_STEP_LAYOUT, ndim=3)
+    slopes = _check_slopes(slopes, q_t.shape[1], k_t.shape[1], q_t.device)
+    state = _check_step(q_t, k_t, v_t, state, slopes.shape[0])
     scale = _check_scale(scale, q_t.shape[-1])
-    name = _select(LIGHTNING_STEP, q_t, v_t, backend)
+    name = _select(LIGHTNING_STEP, q_t, v_t, backend, gqa=not k_t.shape[1] == slopes.shape[0] == q_t.shape[1])
     return _step(*STEP_ARGS.values(q=q_t, k=k_t, v=v_t, g=None, slopes=slopes, state=state, scale=scale, backend=name))
 
 
@@ -517,13 +559,14 @@ def gated_linear_attention_step(
     q_t: Tensor, k_t: Tensor, v_t: Tensor, g_t: Tensor, state: Optional[Tensor] = None, *,
     scale: Optional[float] = None, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
-    """One decoding step of :func:`gated_linear_attention`: q_t, k_t, g_t ``[B, H, K]``, v_t ``[B, H, V]``,
-    state fp32 ``[B, H, K, V]`` (None = zeros). Returns ``(o_t, new_state)``; differentiable."""
+    """One decoding step of :func:`gated_linear_attention`: q_t ``[B, H, K]``, k_t, g_t ``[B, H_kv, K]``, v_t
+    ``[B, H_kv, V]``, state fp32 ``[B, H_kv, K, V]`` (None = zeros). Returns ``(o_t, new_state)``;
+    differentiable."""
     g_t, state = _old_step_order(GLA_STEP, "g_t", g_t is None or _is_state(g_t), g_t, state)
-    state = _check_step(q_t, k_t, v_t, state)
-    g_t = _check_gates("g_t", g_t, q_t, q_t.shape)
+    state = _check_step(q_t, k_t, v_t, state, k_t.shape[1])
+    g_t = _check_gates("g_t", g_t, k_t)
     scale = _check_scale(scale, q_t.shape[-1])
-    name = _select(GLA_STEP, q_t, v_t, backend)
+    name = _select(GLA_STEP, q_t, v_t, backend, gqa=k_t.shape[1] != q_t.shape[1])
     return _step(*STEP_ARGS.values(q=q_t, k=k_t, v=v_t, g=g_t, slopes=None, state=state, scale=scale, backend=name))
 
 

@@ -1,6 +1,7 @@
 """The backend contracts of the linear-attention family: what a module registered as a backend of its ops
-implements (``_dispatch.Backend.module``). Shapes: q, k, g [B, T, H, K], v [B, T, H, V], states fp32
-[N, H, K, V] (N = B, or the number of packed sequences with cu_seqlens); steps drop T."""
+implements (``_dispatch.Backend.module``). Shapes: q [B, T, H, K], k, g [B, T, H_kv, K], v [B, T, H_kv, V]
+(H_kv divides H: query head h reads kv head h // (H / H_kv)), states fp32 [N, H_state, K, V] (N = B, or the
+number of packed sequences with cu_seqlens; H_state = len(slopes) for Lightning, else H_kv); steps drop T."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ class ChunkBackend(Protocol):
 
     def chunk_forward(self, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], slopes: Optional[Tensor],
                       scale: float, initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
-                      output_final_state: bool) -> tuple[Tensor, Optional[Tensor]]:
-        """(o [B, T, H, V] in q's dtype, final state fp32 or None)."""
+                      output_final_state: bool, reverse: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """(o [B, T, H, V] in q's dtype, final state fp32 or None). ``reverse``: the recurrence runs from each
+        sequence's last position to its first."""
 
     def chunk_backward(self, do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                        g: Optional[Tensor], slopes: Optional[Tensor], scale: float, initial_state: Optional[Tensor],
-                       cu_seqlens: Optional[Tensor]
+                       cu_seqlens: Optional[Tensor], reverse: bool = False
                        ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         """(dq, dk, dv, dg or None, d initial_state or None)."""
 
@@ -38,7 +40,8 @@ class NoncausalBackend(Protocol):
 
 
 class StepBackend(Protocol):
-    """``lightning_attention_step`` and ``gated_linear_attention_step``: q, k, g [B, H, K], v [B, H, V]."""
+    """``lightning_attention_step`` and ``gated_linear_attention_step``: q [B, H, K], k, g [B, H_kv, K],
+    v [B, H_kv, V], state [B, H_state, K, V]."""
 
     def step_forward(self, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], slopes: Optional[Tensor],
                      state: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:

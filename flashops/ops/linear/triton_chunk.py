@@ -22,26 +22,40 @@ atomics: the backward is deterministic.
 
 Varlen: sequences are packed ([1, total, H, D], ``cu_seqlens``); ``ops/common/chunks.ChunkLayout`` maps the
 global chunk index to (sequence, chunk in sequence), and chunks never straddle sequences.
+
+GQA/MQA: k, v (and GLA's gates) may have fewer heads than q (:class:`Heads`); query head h reads kv head
+h // (H / H_kv), as in flash-attn and fla's layers. The state has one head per decay: Lightning's slopes (H, or
+H_kv when a group shares its decay), else the kv heads. Kernels that produce a per-query-head quantity run one
+program per query head; kernels that produce a gradient of a shared tensor (dk, dv, dg, the state gradients) run
+one program per kv (state) head and loop over the query heads that read it, so the group's sum is formed in
+registers: no atomics, no per-query-head gradient buffers, and the shared k/v/gate tiles are loaded once per
+group rather than once per query head.
+
+Reverse (``reverse=True``, fla's option: the recurrence runs from each sequence's end to its start): the
+kernels index positions in processing order and the launchers negate the t strides of the caller's tensors
+(``ops/common/chunks.sequence_origin``), so the same kernels walk the sequence backwards without a copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..._triton_utils import config, dot_precision, launcher, strides
+from ..._triton_utils import config, dot_precision, launcher
 from ..common.chunks import (
     ChunkLayout,
     buffer_base,
     gate_cumsum,
     load_tile,
     load_tile_t,
+    processing_strides,
     row_base,
     sequence_chunks,
+    sequence_origin,
     state_ptrs,
     tile_mask,
 )
@@ -105,15 +119,21 @@ def linear_state_fwd_kernel(
     # sizes
     seqlen, n_chunks, num_heads,
     # meta-parameters
+    GROUP: tl.constexpr, HEADS_PER_STATE: tl.constexpr,
     K_DIM: tl.constexpr, V_DIM: tl.constexpr, SCALAR: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr, EVEN_V: tl.constexpr,
 ):
-    """hs[chunk] = state before the chunk; ht = final state (fp32). S <- decay(chunk) S + (k * decay_to_end)^T v."""
-    pid_nh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = pid_nh // num_heads
-    h = pid_nh % num_heads
+    """hs[chunk] = state before the chunk; ht = final state (fp32). S <- decay(chunk) S + (k * decay_to_end)^T v.
+    One program per state head s, which reads kv head s // (GROUP / HEADS_PER_STATE)."""
+    pid_ns, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_kv_heads = num_heads // GROUP
+    num_state_heads = num_heads // HEADS_PER_STATE
+    n = pid_ns // num_state_heads
+    s = pid_ns % num_state_heads
+    kv = s // (GROUP // HEADS_PER_STATE)
     b, bos, seqlen, first, count = sequence_chunks(n, CU, CHUNK_OFF, seqlen, n_chunks, IS_VARLEN)
+    origin = sequence_origin(bos, seqlen, REVERSE)
     offs_t = tl.arange(0, BT)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
@@ -121,31 +141,31 @@ def linear_state_fwd_kernel(
     v_ok = offs_v < V_DIM
     kv_ok = tile_mask(k_ok, v_ok, EVEN_V)
     state_off = offs_k[:, None] * V_DIM + offs_v[None, :]
-    seq_state = tl.cast(n * num_heads + h, tl.int64) * (K_DIM * V_DIM)
+    seq_state = tl.cast(n * num_state_heads + s, tl.int64) * (K_DIM * V_DIM)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         state = tl.load(H0 + seq_state + state_off, mask=kv_ok, other=0.0).to(tl.float32)
     slope = 0.0
     if SCALAR:
-        slope = decay_slope(SLOPES, h)
+        slope = decay_slope(SLOPES, s)
     for i in range(count):
-        tl.store(state_ptrs(HS, first + i, h, num_heads, offs_k, offs_v, K_DIM, V_DIM),
+        tl.store(state_ptrs(HS, first + i, s, num_state_heads, offs_k, offs_v, K_DIM, V_DIM),
                  state.to(HS.dtype.element_ty), mask=kv_ok)
         t0 = i * BT
         length = tl.minimum(seqlen - t0, BT)
         t_ok = offs_t < length
-        k_t = load_tile_t(row_base(K, b, bos, t0, h, stride_kb, stride_kt, stride_kh), stride_kt,
-                           offs_t, t_ok, offs_k, k_ok, EVEN_K)  # [BK, BT]
-        v = load_tile(row_base(V, b, bos, t0, h, stride_vb, stride_vt, stride_vh), stride_vt,
-                       offs_t, t_ok, offs_v, v_ok, EVEN_V)
+        k_t = load_tile_t(row_base(K, b, origin, t0, kv, stride_kb, stride_kt, stride_kh), stride_kt,
+                          offs_t, t_ok, offs_k, k_ok, EVEN_K)  # [BK, BT]
+        v = load_tile(row_base(V, b, origin, t0, kv, stride_vb, stride_vt, stride_vh), stride_vt,
+                      offs_t, t_ok, offs_v, v_ok, EVEN_V)
         if SCALAR:
             to_end = tl.exp(tl.where(t_ok, -slope * (length - 1 - offs_t).to(tl.float32), float("-inf")))
             k_dec = k_t * to_end[None, :]
             state = state * tl.exp(-slope * length.to(tl.float32))
         else:
-            gc_base = buffer_base(GC, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM)
-            gc_t = load_tile_t(gc_base, num_heads * K_DIM, offs_t, t_ok, offs_k, k_ok, EVEN_K)
-            g_last = tl.load(gc_base + (length - 1) * (num_heads * K_DIM) + offs_k, mask=k_ok, other=0.0)
+            gc_base = buffer_base(GC, b, bos, t0, kv, seqlen, num_kv_heads * K_DIM, K_DIM)
+            gc_t = load_tile_t(gc_base, num_kv_heads * K_DIM, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+            g_last = tl.load(gc_base + (length - 1) * (num_kv_heads * K_DIM) + offs_k, mask=k_ok, other=0.0)
             k_dec = k_t * tl.exp(g_last[:, None] - gc_t)
             state = state * tl.exp(g_last)[:, None]
         state += tl.dot(k_dec.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -163,16 +183,22 @@ def linear_state_bwd_kernel(
     # sizes and scalars
     scale, seqlen, n_chunks, num_heads,
     # meta-parameters
+    GROUP: tl.constexpr, HEADS_PER_STATE: tl.constexpr,
     K_DIM: tl.constexpr, V_DIM: tl.constexpr, SCALAR: tl.constexpr, HAS_DHT: tl.constexpr,
-    STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr, EVEN_V: tl.constexpr,
 ):
     """Reverse walk: dhs[chunk] = dL/d(state after the chunk); dh0 = dL/d(initial state).
-    D <- decay(chunk) D + scale * (q * decay_from_start)^T do."""
-    pid_nh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = pid_nh // num_heads
-    h = pid_nh % num_heads
+    D <- decay(chunk) D + scale * sum over the query heads h reading the state of (q_h * decay_from_start)^T do_h
+    (one program per state head: the sum over a GQA group stays inside it, no atomics)."""
+    pid_ns, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_kv_heads = num_heads // GROUP
+    num_state_heads = num_heads // HEADS_PER_STATE
+    n = pid_ns // num_state_heads
+    s = pid_ns % num_state_heads
+    kv = s // (GROUP // HEADS_PER_STATE)
     b, bos, seqlen, first, count = sequence_chunks(n, CU, CHUNK_OFF, seqlen, n_chunks, IS_VARLEN)
+    origin = sequence_origin(bos, seqlen, REVERSE)
     offs_t = tl.arange(0, BT)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
@@ -180,112 +206,153 @@ def linear_state_bwd_kernel(
     v_ok = offs_v < V_DIM
     kv_ok = tile_mask(k_ok, v_ok, EVEN_V)
     state_off = offs_k[:, None] * V_DIM + offs_v[None, :]
-    seq_state = tl.cast(n * num_heads + h, tl.int64) * (K_DIM * V_DIM)
+    seq_state = tl.cast(n * num_state_heads + s, tl.int64) * (K_DIM * V_DIM)
     d_state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         d_state = tl.load(DHT + seq_state + state_off, mask=kv_ok, other=0.0).to(tl.float32)
     slope = 0.0
     if SCALAR:
-        slope = decay_slope(SLOPES, h)
+        slope = decay_slope(SLOPES, s)
     for j in range(count):
         i = count - 1 - j
-        tl.store(state_ptrs(DHS, first + i, h, num_heads, offs_k, offs_v, K_DIM, V_DIM),
+        tl.store(state_ptrs(DHS, first + i, s, num_state_heads, offs_k, offs_v, K_DIM, V_DIM),
                  d_state.to(DHS.dtype.element_ty), mask=kv_ok)
         t0 = i * BT
         length = tl.minimum(seqlen - t0, BT)
         t_ok = offs_t < length
-        q_t = load_tile_t(row_base(Q, b, bos, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
-                           offs_t, t_ok, offs_k, k_ok, EVEN_K)  # [BK, BT]
-        do = load_tile(row_base(DO, b, bos, t0, h, stride_dob, stride_dot, stride_doh), stride_dot,
-                        offs_t, t_ok, offs_v, v_ok, EVEN_V)
+        gc_base = buffer_base(GC, b, bos, t0, kv, seqlen, num_kv_heads * K_DIM, K_DIM)
         if SCALAR:
-            from_start = tl.exp(-slope * (offs_t + 1).to(tl.float32)) * scale
-            q_dec = q_t * from_start[None, :]
             d_state = d_state * tl.exp(-slope * length.to(tl.float32))
         else:
-            gc_base = buffer_base(GC, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM)
-            gc_t = load_tile_t(gc_base, num_heads * K_DIM, offs_t, t_ok, offs_k, k_ok, EVEN_K)
-            g_last = tl.load(gc_base + (length - 1) * (num_heads * K_DIM) + offs_k, mask=k_ok, other=0.0)
-            q_dec = q_t * (tl.exp(gc_t) * scale)
+            g_last = tl.load(gc_base + (length - 1) * (num_kv_heads * K_DIM) + offs_k, mask=k_ok, other=0.0)
             d_state = d_state * tl.exp(g_last)[:, None]
-        d_state += tl.dot(q_dec.to(do.dtype), do, input_precision=DOT_PRECISION)
+        for r in range(HEADS_PER_STATE):  # one iteration (folded away) unless a state serves several query heads
+            h = s * HEADS_PER_STATE + r
+            q_t = load_tile_t(row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
+                              offs_t, t_ok, offs_k, k_ok, EVEN_K)  # [BK, BT]
+            if SCALAR:
+                q_dec = q_t * (tl.exp(-slope * (offs_t + 1).to(tl.float32)) * scale)[None, :]
+            else:  # the decay is reloaded per query head rather than held in registers across them
+                q_dec = q_t * (tl.exp(load_tile_t(gc_base, num_kv_heads * K_DIM, offs_t, t_ok, offs_k, k_ok, EVEN_K))
+                               * scale)
+            do = load_tile(row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh), stride_dot,
+                           offs_t, t_ok, offs_v, v_ok, EVEN_V)
+            d_state += tl.dot(q_dec.to(do.dtype), do, input_precision=DOT_PRECISION)
     if STORE_DH0:
         tl.store(DH0 + seq_state + state_off, d_state, mask=kv_ok)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
+class Heads(NamedTuple):
+    """Head counts of a call: query heads (q, do, o), kv heads (k, v, GLA's g) and state heads (one per decay:
+    Lightning's slopes, else the kv heads). Query head h reads kv head h // (q / kv) and state h // (q / state)."""
+
+    q: int
+    kv: int
+    state: int
+
+    @classmethod
+    def of(cls, q, k, slopes) -> Heads:
+        return cls(q.shape[2], k.shape[2], slopes.shape[0] if slopes is not None else k.shape[2])
+
+    def args(self) -> dict:
+        """The kernels' head arguments: query heads and, as compile-time constants, the group sizes (query heads per
+        kv head, per state head): the group loops of a call without GQA have one iteration and compile away."""
+        return dict(num_heads=self.q, GROUP=self.q // self.kv, HEADS_PER_STATE=self.q // self.state)
+
+
 def contiguous_states(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float().contiguous()
 
 
-def forward_states(k, v, gc, slopes, initial_state, layout: ChunkLayout, store_final: bool):
-    """(hs: the state before every chunk [chunks, H, K, V] in the input dtype (as fla, fp32 stays fp32), final
-    state fp32 [N, H, K, V] or None)."""
-    heads, d_k, d_v = k.shape[2], k.shape[3], v.shape[3]
-    hs = torch.empty((layout.total, heads, d_k, d_v), dtype=k.dtype, device=k.device)
-    ht = torch.empty((layout.n_seq, heads, d_k, d_v), dtype=torch.float32, device=k.device) if store_final else hs
+def forward_states(k, v, gc, slopes, initial_state, layout: ChunkLayout, heads: Heads, store_final: bool,
+                   reverse: bool):
+    """(hs: the state before every chunk [chunks, Hs, K, V] in the input dtype (as fla, fp32 stays fp32), final
+    state fp32 [N, Hs, K, V] or None)."""
+    d_k, d_v = k.shape[3], v.shape[3]
+    hs = torch.empty((layout.total, heads.state, d_k, d_v), dtype=k.dtype, device=k.device)
+    ht = (torch.empty((layout.n_seq, heads.state, d_k, d_v), dtype=torch.float32, device=k.device) if store_final
+          else hs)
     linear_state_fwd_kernel.launch(
-        lambda m: (layout.n_seq * heads, triton.cdiv(d_k, m["BK"]), triton.cdiv(d_v, m["BV"])),
+        lambda m: (layout.n_seq * heads.state, triton.cdiv(d_k, m["BK"]), triton.cdiv(d_v, m["BV"])),
         K=k, V=v, GC=gc if gc is not None else hs, SLOPES=slopes if slopes is not None else hs,
         H0=initial_state if initial_state is not None else hs, HS=hs, HT=ht, **layout.sequence_args(),
-        **strides("k", k, "bth"), **strides("v", v, "bth"), num_heads=heads,
-        K_DIM=d_k, V_DIM=d_v, SCALAR=gc is None, HAS_H0=initial_state is not None, STORE_FINAL=store_final,
-        DOT_PRECISION=dot_precision(k.dtype), BT=CHUNK)
+        **processing_strides("k", k, reverse), **processing_strides("v", v, reverse), **heads.args(),
+        K_DIM=d_k, V_DIM=d_v, SCALAR=gc is None, HAS_H0=initial_state is not None,
+        STORE_FINAL=store_final, REVERSE=reverse, DOT_PRECISION=dot_precision(k.dtype), BT=CHUNK)
     return hs, (ht if store_final else None)
 
 
-def backward_states(q, do, gc, slopes, dht, scale, layout: ChunkLayout, store_dh0: bool):
-    """(dhs: the gradient of the state after every chunk [chunks, H, K, V], dh0 fp32 [N, H, K, V] or None)."""
-    heads, d_k, d_v = q.shape[2], q.shape[3], do.shape[3]
-    dhs = torch.empty((layout.total, heads, d_k, d_v), dtype=q.dtype, device=q.device)
-    dh0 = torch.empty((layout.n_seq, heads, d_k, d_v), dtype=torch.float32, device=q.device) if store_dh0 else dhs
+def backward_states(q, do, gc, slopes, dht, scale, layout: ChunkLayout, heads: Heads, store_dh0: bool,
+                    reverse: bool):
+    """(dhs: the gradient of the state after every chunk [chunks, Hs, K, V], dh0 fp32 [N, Hs, K, V] or None)."""
+    d_k, d_v = q.shape[3], do.shape[3]
+    dhs = torch.empty((layout.total, heads.state, d_k, d_v), dtype=q.dtype, device=q.device)
+    dh0 = (torch.empty((layout.n_seq, heads.state, d_k, d_v), dtype=torch.float32, device=q.device) if store_dh0
+           else dhs)
     linear_state_bwd_kernel.launch(
-        lambda m: (layout.n_seq * heads, triton.cdiv(d_k, m["BK"]), triton.cdiv(d_v, m["BV"])),
+        lambda m: (layout.n_seq * heads.state, triton.cdiv(d_k, m["BK"]), triton.cdiv(d_v, m["BV"])),
         Q=q, DO=do, GC=gc if gc is not None else dhs, SLOPES=slopes if slopes is not None else dhs,
         DHT=dht if dht is not None else dhs, DHS=dhs, DH0=dh0, **layout.sequence_args(),
-        **strides("q", q, "bth"), **strides("do", do, "bth"), scale=scale, num_heads=heads,
-        K_DIM=d_k, V_DIM=d_v, SCALAR=gc is None, HAS_DHT=dht is not None, STORE_DH0=store_dh0,
-        DOT_PRECISION=dot_precision(q.dtype), BT=CHUNK)
+        **processing_strides("q", q, reverse), **processing_strides("do", do, reverse), scale=scale,
+        **heads.args(), K_DIM=d_k, V_DIM=d_v, SCALAR=gc is None, HAS_DHT=dht is not None, STORE_DH0=store_dh0,
+        REVERSE=reverse, DOT_PRECISION=dot_precision(q.dtype), BT=CHUNK)
     return dhs, (dh0 if store_dh0 else None)
 
 
-def run_forward(q, k, v, g, slopes, scale, initial_state, cu_seqlens, output_final_state, outputs: Callable):
-    """The chunked forward: (gate cumsum,) state walk, then ``outputs(o, q, k, v, gc, slopes, hs, scale,
-    layout)`` fills o [B, T, H, V] chunk by chunk. Returns (o, final state or None)."""
-    heads, d_k, d_v = q.shape[2], q.shape[3], v.shape[3]
-    layout = ChunkLayout(q, cu_seqlens, CHUNK)
+class Call(NamedTuple):
+    """What the per-chunk kernels of a call share: its chunk layout, head counts and direction."""
+
+    layout: ChunkLayout
+    heads: Heads
+    reverse: bool
+
+    def strides(self, **tensors) -> dict:
+        """The stride arguments of caller tensors by kernel name (``q=q``: stride_qb, stride_qt, stride_qh), in
+        processing order."""
+        return {key: value for name, t in tensors.items()
+                for key, value in processing_strides(name, t, self.reverse).items()}
+
+
+def run_forward(q, k, v, g, slopes, scale, initial_state, cu_seqlens, output_final_state, reverse,
+                outputs: Callable):
+    """The chunked forward: (gate cumsum,) state walk, then ``outputs(o, q, k, v, gc, slopes, hs, scale, call)``
+    fills o [B, T, H, V] chunk by chunk. Returns (o, final state or None)."""
+    d_k, d_v = q.shape[3], v.shape[3]
+    call = Call(ChunkLayout(q, cu_seqlens, CHUNK), Heads.of(q, k, slopes), reverse)
     o = torch.empty((*q.shape[:3], d_v), dtype=q.dtype, device=q.device)
     initial_state = contiguous_states(initial_state)
-    if layout.total == 0:
+    if call.layout.total == 0:
         if not output_final_state:
             return o, None
         final = initial_state.clone() if initial_state is not None else q.new_zeros(
-            (layout.n_seq, heads, d_k, d_v), dtype=torch.float32)
+            (call.layout.n_seq, call.heads.state, d_k, d_v), dtype=torch.float32)
         return o, final
-    gc = gate_cumsum(g, layout, CHUNK, LOG_GATE_FLOOR) if g is not None else None
-    hs, final = forward_states(k, v, gc, slopes, initial_state, layout, output_final_state)
-    outputs(o, q, k, v, gc, slopes, hs, scale, layout)
+    gc = gate_cumsum(g, call.layout, CHUNK, LOG_GATE_FLOOR, reverse) if g is not None else None
+    hs, final = forward_states(k, v, gc, slopes, initial_state, call.layout, call.heads, output_final_state, reverse)
+    outputs(o, q, k, v, gc, slopes, hs, scale, call)
     return o, final
 
 
-def run_backward(do, dht, q, k, v, g, slopes, scale, initial_state, cu_seqlens, grads: Callable):
+def run_backward(do, dht, q, k, v, g, slopes, scale, initial_state, cu_seqlens, reverse, grads: Callable):
     """The chunked backward: states recomputed, the reverse walk for their gradients, then ``grads(dq, dk, dv,
-    dg, do, q, k, v, g, gc, slopes, hs, dhs, scale, layout)`` fills the input gradients chunk by chunk.
+    dg, do, q, k, v, g, gc, slopes, hs, dhs, scale, call)`` fills the input gradients chunk by chunk.
     Returns (dq, dk, dv, dg or None, dh0 or None)."""
-    layout = ChunkLayout(q, cu_seqlens, CHUNK)
+    call = Call(ChunkLayout(q, cu_seqlens, CHUNK), Heads.of(q, k, slopes), reverse)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dg = torch.empty(g.shape, dtype=g.dtype, device=g.device) if g is not None else None
     initial_state = contiguous_states(initial_state)
     dht = contiguous_states(dht)
-    if layout.total == 0:
+    if call.layout.total == 0:
         dh0 = None
         if initial_state is not None:
             dh0 = (dht.clone() if dht is not None else torch.zeros_like(initial_state))
         return dq, dk, dv, dg, dh0
-    gc = gate_cumsum(g, layout, CHUNK, LOG_GATE_FLOOR) if g is not None else None
-    hs, _ = forward_states(k, v, gc, slopes, initial_state, layout, False)
-    dhs, dh0 = backward_states(q, do, gc, slopes, dht, scale, layout, initial_state is not None)
-    grads(dq, dk, dv, dg, do, q, k, v, g, gc, slopes, hs, dhs, scale, layout)
+    gc = gate_cumsum(g, call.layout, CHUNK, LOG_GATE_FLOOR, reverse) if g is not None else None
+    hs, _ = forward_states(k, v, gc, slopes, initial_state, call.layout, call.heads, False, reverse)
+    dhs, dh0 = backward_states(q, do, gc, slopes, dht, scale, call.layout, call.heads, initial_state is not None,
+                               reverse)
+    grads(dq, dk, dv, dg, do, q, k, v, g, gc, slopes, hs, dhs, scale, call)
     return dq, dk, dv, dg, dh0

@@ -2,7 +2,9 @@
 
 Two passes: partial states ``x^T y`` summed over segments of 512 positions in parallel, reduced per sequence in
 segment order (deterministic), then applied to every chunk of 64 rows. The backward runs the same kernels on
-the transposed problem (dS = scale * Q^T dO; dq = scale * dO S^T, dk = V dS^T, dv = K dS).
+the transposed problem (dS = scale * Q^T dO; dq = scale * dO S^T, dk = V dS^T, dv = K dS). GQA: the state is
+per kv head; query head h reads state h // (H / H_kv), and dS sums the partial products of a group's query heads
+in the reduction (no atomics).
 """
 
 from __future__ import annotations
@@ -64,15 +66,17 @@ def noncausal_reduce_fwd_kernel(
     # pointers
     PART, EXTRA, S, SEG_OFF,
     # sizes and scalars
-    n_segments, num_heads, scale,
+    n_segments, num_heads, num_state_heads, scale,
     # meta-parameters
     X_DIM: tl.constexpr, Y_DIM: tl.constexpr, HAS_EXTRA: tl.constexpr, IS_VARLEN: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, EVEN_V: tl.constexpr,
 ):
-    """S[n, h] = scale * sum of the sequence's partial states + extra[n, h] (fp32), in segment order."""
-    pid_nh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = pid_nh // num_heads
-    h = pid_nh % num_heads
+    """S[n, s] = scale * sum of the sequence's partial states of the heads of group s (GQA: the query heads
+    that share state s; else s alone) + extra[n, s] (fp32), in segment and head order."""
+    pid_ns, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n = pid_ns // num_state_heads
+    s = pid_ns % num_state_heads
+    group = num_heads // num_state_heads
     if IS_VARLEN:
         first = tl.load(SEG_OFF + n)
         count = tl.load(SEG_OFF + n + 1) - first
@@ -84,11 +88,13 @@ def noncausal_reduce_fwd_kernel(
     kv_ok = tile_mask(offs_k < X_DIM, offs_v < Y_DIM, EVEN_V)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
     for j in range(count):
-        acc += tl.load(state_ptrs(PART, first + j, h, num_heads, offs_k, offs_v, X_DIM, Y_DIM), mask=kv_ok, other=0.0)
+        for r in range(group):
+            acc += tl.load(state_ptrs(PART, first + j, s * group + r, num_heads, offs_k, offs_v, X_DIM, Y_DIM),
+                           mask=kv_ok, other=0.0)
     acc = acc * scale
-    ptrs = state_ptrs(S, n, h, num_heads, offs_k, offs_v, X_DIM, Y_DIM)
+    ptrs = state_ptrs(S, n, s, num_state_heads, offs_k, offs_v, X_DIM, Y_DIM)
     if HAS_EXTRA:
-        acc += tl.load(state_ptrs(EXTRA, n, h, num_heads, offs_k, offs_v, X_DIM, Y_DIM), mask=kv_ok,
+        acc += tl.load(state_ptrs(EXTRA, n, s, num_state_heads, offs_k, offs_v, X_DIM, Y_DIM), mask=kv_ok,
                        other=0.0).to(tl.float32)
     tl.store(ptrs, acc, mask=kv_ok)
 
@@ -101,12 +107,13 @@ def noncausal_apply_fwd_kernel(
     # strides
     stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh, stride_sn, stride_sh, stride_sr, stride_sc,
     # sizes and scalars
-    scale, seqlen, n_chunks,
+    scale, seqlen, n_chunks, group,
     # meta-parameters
     X_DIM: tl.constexpr, Y_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr, EVEN_V: tl.constexpr,
 ):
-    """y_t = scale * x_t M_n with M_n [X, Y] a (possibly transposed, by its strides) fp32 state of sequence n."""
+    """y_t = scale * x_t M_n with M_n [X, Y] a (possibly transposed, by its strides) fp32 state of sequence n;
+    head h of x reads state head h // group (GQA)."""
     pid_c, pid_v, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, b, bos, seqlen, i = chunk_coords(pid_c, CU, CHUNK_IDX, seqlen, n_chunks, IS_VARLEN)
     t0 = i * BT
@@ -115,7 +122,7 @@ def noncausal_apply_fwd_kernel(
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < Y_DIM
     x_base = row_base(X, b, bos, t0, h, stride_xb, stride_xt, stride_xh)
-    s_base = S + tl.cast(n, tl.int64) * stride_sn + h * stride_sh
+    s_base = S + tl.cast(n, tl.int64) * stride_sn + (h // group) * stride_sh
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     for kt in range(tl.cdiv(X_DIM, BK)):
         offs_k = kt * BK + tl.arange(0, BK)
@@ -130,10 +137,11 @@ def noncausal_apply_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _outer_sum(x, y, extra, scale, segments: ChunkLayout):
-    """Per sequence: scale * sum_t x_t^T y_t + extra -> fp32 [N, H, X, Y]."""
+def _outer_sum(x, y, extra, scale, segments: ChunkLayout, group: int = 1):
+    """Per sequence: scale * sum_t x_t^T y_t + extra -> fp32 [N, H / group, X, Y], the heads of each group of
+    ``group`` consecutive heads summed (the query heads of a GQA state)."""
     heads, d_x, d_y = x.shape[2], x.shape[3], y.shape[3]
-    out = torch.empty((segments.n_seq, heads, d_x, d_y), dtype=torch.float32, device=x.device)
+    out = torch.empty((segments.n_seq, heads // group, d_x, d_y), dtype=torch.float32, device=x.device)
     if segments.total == 0:
         return out.copy_(extra) if extra is not None else out.zero_()
     part = torch.empty((segments.total, heads, d_x, d_y), dtype=torch.float32, device=x.device)
@@ -144,15 +152,17 @@ def _outer_sum(x, y, extra, scale, segments: ChunkLayout):
         X_DIM=d_x, Y_DIM=d_y, IS_VARLEN=segments.varlen, DOT_PRECISION=dot_precision(x.dtype), SEGMENT=SEGMENT,
         BT=CHUNK)
     noncausal_reduce_fwd_kernel.launch(
-        lambda m: (segments.n_seq * heads, triton.cdiv(d_x, m["BK"]), triton.cdiv(d_y, m["BV"])),
+        lambda m: (segments.n_seq * (heads // group), triton.cdiv(d_x, m["BK"]), triton.cdiv(d_y, m["BV"])),
         PART=part, EXTRA=extra if extra is not None else part, S=out, SEG_OFF=segments.offsets,
-        n_segments=segments.n_chunks, num_heads=heads, scale=scale, X_DIM=d_x, Y_DIM=d_y,
+        n_segments=segments.n_chunks, num_heads=heads, num_state_heads=heads // group, scale=scale, X_DIM=d_x,
+        Y_DIM=d_y,
         HAS_EXTRA=extra is not None, IS_VARLEN=segments.varlen)
     return out
 
 
 def _apply(x, states, scale, layout: ChunkLayout, transpose: bool, out_dim: int, out_dtype):
-    """y_t = scale * x_t S_n (or S_n^T) for each sequence n."""
+    """y_t = scale * x_t S_n (or S_n^T) for each sequence n; head h of x reads state head h // (heads of x /
+    heads of the states)."""
     heads, d_x = x.shape[2], x.shape[3]
     y = torch.empty((*x.shape[:3], out_dim), dtype=out_dtype, device=x.device)
     if layout.total == 0:
@@ -161,7 +171,8 @@ def _apply(x, states, scale, layout: ChunkLayout, transpose: bool, out_dim: int,
         lambda m: (layout.total, triton.cdiv(out_dim, m["BV"]), heads),
         X=x, S=states, Y=y, CU=layout.cu, CHUNK_IDX=layout.index, **strides("x", x, "bth"), **strides("y", y, "bth"),
         **strides("s", states.transpose(2, 3) if transpose else states, "nhrc"), scale=scale,
-        seqlen=layout.seqlen, n_chunks=layout.n_chunks, X_DIM=d_x, Y_DIM=out_dim, IS_VARLEN=layout.varlen,
+        seqlen=layout.seqlen, n_chunks=layout.n_chunks, group=heads // states.shape[1], X_DIM=d_x, Y_DIM=out_dim,
+        IS_VARLEN=layout.varlen,
         DOT_PRECISION=dot_precision(x.dtype), BT=CHUNK)
     return y
 
@@ -178,7 +189,7 @@ def noncausal_backward(do, dht, q, k, v, scale, initial_state, cu_seqlens):
     segments = ChunkLayout(q, cu_seqlens, SEGMENT)
     layout = ChunkLayout(q, cu_seqlens, CHUNK)
     states = _outer_sum(k, v, contiguous_states(initial_state), 1.0, segments)
-    d_states = _outer_sum(q, do, contiguous_states(dht), scale, segments)
+    d_states = _outer_sum(q, do, contiguous_states(dht), scale, segments, group=q.shape[2] // k.shape[2])
     dq = _apply(do, states, scale, layout, True, q.shape[3], q.dtype)
     dk = _apply(v, d_states, 1.0, layout, True, k.shape[3], k.dtype)
     dv = _apply(k, d_states, 1.0, layout, False, v.shape[3], v.dtype)
