@@ -203,18 +203,19 @@ def forward(q, k, v, ridge, a: LLAArgs):
     lse = torch.full((n, g, t_q, 1), float("-inf"), device=dev, dtype=dt)
     k_bar = torch.zeros_like(out)
     z = torch.zeros_like(out)
+    zero = torch.zeros((), dtype=dt, device=dev)
     chunk = p.query_chunk()
     for i0 in range(0, t_q, chunk):
         i1 = min(i0 + chunk, t_q)
         if p.key_end(i1) == 0:
             continue
         c = _Chunk(p, i0, i1)
-        z_c = c.solve(torch.where(c.seen, c.k_bar - c.q_shifted, torch.zeros((), dtype=dt, device=dev)), "fwd")
+        z_c = c.solve(torch.where(c.seen, c.k_bar - c.q_shifted, zero), "fwd")
         ell = c.select(c.centred(z_c, out=c._scratch).neg_().add_(1.0).mul_(c.s))
         part = (n, g, i1 - i0)
         out[:, :, i0:i1] = c.weighted(ell, p.v[:, :c.hi]).view(*part, d)
         lse[:, :, i0:i1] = c.lse.view(*part, 1)
-        k_bar[:, :, i0:i1] = torch.where(c.seen, c.k_bar + p.shift, torch.zeros((), dtype=dt, device=dev)).view(*part, d)
+        k_bar[:, :, i0:i1] = torch.where(c.seen, c.k_bar + p.shift, zero).view(*part, d)
         z[:, :, i0:i1] = z_c.view(*part, d)
     return (_like(q, _ungroup(out, p.sizes)), lse[..., 0].reshape(b, h, t_q), _ungroup(k_bar, p.sizes).contiguous(),
             _ungroup(z, p.sizes).contiguous())
