@@ -130,15 +130,19 @@ class _Chunk:
         """w @ x over the keys; a hidden non-finite key reaches no row."""
         return torch.bmm(w, x) if self.visible is None else masked_matmul(w, x, self.visible)
 
-    def centred(self, x, out=None):
-        """x_i . y_ij = x_i . (k'_j - k_bar_i) for every row and key: [N, R, hi]."""
-        return torch.baddbmm(-(x * self.k_bar).sum(-1, keepdim=True), x, self.ks_t, out=out)
+    def linear_factor(self, z, out=None):
+        """1 - z_i . y_ij = 1 - z_i . (k'_j - k_bar_i) for every row and key, [N, R, hi]: the factor of the
+        softmax weight in the equivalent kernel l_ij = s_ij (1 - z_i . y_ij)."""
+        return torch.baddbmm(1.0 + _dot(z, self.k_bar), z, self.ks_t, alpha=-1.0, out=out)
 
     def apply(self, p):
-        """A p = sum_j s_ij (p . y_ij) y_ij + lambda p for every row (two products over the kept weights)."""
-        t = self.select(self.centred(p, out=self._scratch).mul_(self.s))
-        # sum_j s t y_j = sum_j s t k'_j - k_bar sum_j s t: the second sum is ~0 but not exactly in floating point
-        return self.weighted(t, self.ks) - t.sum(-1, keepdim=True) * self.k_bar + self.lam * p
+        """A p = sum_j s_ij (p . y_ij) y_ij + lambda p for every row: two products over the kept weights.
+
+        With u_ij = s_ij (p . k'_j): sum_j s (p . y) y = sum_j u k'_j - k_bar sum_j u, since sum_j s k'_j = k_bar
+        and sum_j s = 1 (the centring of p . k'_j cancels). Centring t = p . y first costs a pass over the tile
+        and is no more precise: t is formed from p . k'_j either way."""
+        u = self.select(torch.bmm(p, self.ks_t, out=self._scratch).mul_(self.s))
+        return self.weighted(u, self.ks).addcmul_(u.sum(-1, keepdim=True), self.k_bar, value=-1.0).addcmul_(self.lam, p)
 
     def inverse_diagonal(self):
         """Jacobi preconditioner 1 / diag(A) = 1 / (E_s[k'^2] - k_bar^2 + lambda), guarded against rounding."""
@@ -152,33 +156,39 @@ class _Chunk:
         depend on which rows share a chunk."""
         a = self.p.a
         inv_diag = self.inverse_diagonal() if a.cg_preconditioner else None
-        precondition = (lambda r: r * inv_diag) if inv_diag is not None else (lambda r: r)
         x = torch.zeros_like(rhs)
         res = rhs
-        direction = pre = precondition(res)
-        rz = (res * pre).sum(-1, keepdim=True)
-        threshold = a.cg_tol * a.cg_tol * (rhs * rhs).sum(-1, keepdim=True)
-        active = self.seen & ((res * res).sum(-1, keepdim=True) > threshold)
+        direction = pre = res if inv_diag is None else res * inv_diag
+        rr = _dot(res, res)
+        rz = rr if inv_diag is None else _dot(res, pre)
+        threshold = a.cg_tol * a.cg_tol * rr
+        active = self.seen & (rr > threshold)
         zero = torch.zeros((), dtype=rhs.dtype, device=rhs.device)
         iterations = 0
         while iterations < a.cg_max_iters and bool(active.any()):
             ap = self.apply(direction)
-            curvature = (direction * ap).sum(-1, keepdim=True)
+            curvature = _dot(direction, ap)
             step_ok = active & (curvature > 0)
-            alpha = torch.where(step_ok, rz / torch.where(step_ok, curvature, 1.0), zero)
+            alpha = torch.where(step_ok, rz / curvature, zero)
             # where, not a zero step: a row stopped on an inf/NaN product must not pick up 0 * inf
-            x = torch.where(step_ok, x + alpha * direction, x)
-            res = torch.where(step_ok, res - alpha * ap, res)
-            active = step_ok & ((res * res).sum(-1, keepdim=True) > threshold)
-            pre = precondition(res)
-            rz_new = (res * pre).sum(-1, keepdim=True)
-            beta = torch.where(active, rz_new / torch.where(rz > 0, rz, 1.0), zero)
-            direction = pre + beta * direction
+            x = torch.where(step_ok, x.addcmul(alpha, direction), x)
+            res = torch.where(step_ok, res.addcmul(alpha, ap, value=-1.0), res)
+            rr = _dot(res, res)
+            active = step_ok & (rr > threshold)
+            pre = res if inv_diag is None else res * inv_diag
+            rz_new = rr if inv_diag is None else _dot(res, pre)
+            # rz > 0 on an active row (its residual is above the threshold, >= 0)
+            direction = torch.addcmul(pre, torch.where(active, rz_new / rz, zero), direction)
             rz = rz_new
             iterations += 1
         if cg_stats.recording():
             cg_stats.report(stage, BACKEND, iterations, self.p.pairs(*self.span))
         return x
+
+
+def _dot(x, y):
+    """Row-wise x . y over the last dimension, kept as a [..., 1] column."""
+    return torch.linalg.vecdot(x, y).unsqueeze(-1)
 
 
 def _ungroup(x, sizes):
@@ -211,7 +221,7 @@ def forward(q, k, v, ridge, a: LLAArgs):
             continue
         c = _Chunk(p, i0, i1)
         z_c = c.solve(torch.where(c.seen, c.k_bar - c.q_shifted, zero), "fwd")
-        ell = c.select(c.centred(z_c, out=c._scratch).neg_().add_(1.0).mul_(c.s))
+        ell = c.select(c.linear_factor(z_c, out=c._scratch).mul_(c.s))
         part = (n, g, i1 - i0)
         out[:, :, i0:i1] = c.weighted(ell, p.v[:, :c.hi]).view(*part, d)
         lse[:, :, i0:i1] = c.lse.view(*part, 1)
@@ -252,16 +262,16 @@ def backward(dout, q, k, v, out, lse, k_bar, z, ridge, a: LLAArgs):
         r_z = (r * z_c).sum(-1, keepdim=True)
         phi_bar = ((do_c * rows(o_all, i0, i1)).sum(-1, keepdim=True)
                    + (r * (c.k_bar - c.q_shifted)).sum(-1, keepdim=True) - c.lam * r_z)
-        zy = c.centred(z_c)
-        ry = c.centred(r)
-        ell = c.select(s * (1.0 - zy))
-        # dL/dlogit_ij and the coefficient of z_i in the direct (non-logit) dependence of the loss on k_j.
-        dlogit = c.select(ell * gv + s * (g_bar * zy - ry + ry * zy - phi_bar))
-        coef_z = c.select(s * (g_bar - gv + ry))
-        # sum_j dlogit_ij = 0 (softmax), so sum_j dlogit_ij k_j = sum_j dlogit_ij k'_j: the shifted keys lose less.
+        # With w = 1 - z.y (so l = s w) and e = G - r.y - g_bar, the closed-form gradient (docs/lla.md) reads
+        # dL/dlogit = s (e w + g_bar - phi_bar) and the coefficient of z_i in the direct dependence of the loss
+        # on k_j is -s e: three [rows, keys] tiles, each formed in place where it can be.
+        w = c.linear_factor(z_c)
+        se = c.select(gv.add_(_dot(r, c.k_bar) - g_bar).baddbmm_(r, c.ks_t, alpha=-1.0).mul_(s))
+        ell = c.select(s * w)
+        dlogit = c.select(torch.addcmul(s * (g_bar - phi_bar), se, w))
         dq[:, :, i0:i1] = (r + scale * c.weighted(dlogit, c.ks)).view(n, g, i1 - i0, d)
         dk_c = torch.bmm(dlogit.transpose(1, 2), c.q).mul_(scale)
-        dk_c.baddbmm_(coef_z.transpose(1, 2), z_c).baddbmm_(ell.transpose(1, 2), r, alpha=-1.0)
+        dk_c.baddbmm_(se.transpose(1, 2), z_c, alpha=-1.0).baddbmm_(ell.transpose(1, 2), r, alpha=-1.0)
         dk[:, :hi] += dk_c
         dv[:, :hi].baddbmm_(ell.transpose(1, 2), do_c)
         dlam[:, :, i0:i1] = r_z.view(n, g, i1 - i0, 1)
