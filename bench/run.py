@@ -184,7 +184,11 @@ def check_case(op: Op, case: Case, providers: list, modes: list, device, seed: i
                     wrong.append(m)
                     continue
                 call = measure.mode_fn(op, provider, case, inputs, checked.douts, m)
-                checked.calls[(provider.name, m)] = (provider, call, dict(extra=extra, **errors))
+                metrics = dict(extra=extra, **errors)
+                if op.measured_work is not None:
+                    work = dict(op.measured_work(call, case, m))
+                    metrics.update(flops=work.pop("flops", None), extra={**extra, **work})
+                checked.calls[(provider.name, m)] = (provider, call, metrics)
         except ReferenceFailed:
             raise
         except Exception as error:  # a peer that rejects an input is a skip; a flashops failure is an error
@@ -225,7 +229,8 @@ def _time_checked(op: Op, case: Case, timed: dict, device, timing, graphs: bool,
         if (*key, "graph") in failures:
             graph_notes[key] = f"graph replay failed: {_error_text(failures[(*key, 'graph')])}"
         ms = samples[key].median
-        flops = op.flops(case, mode)
+        metrics = dict(metrics)
+        flops = metrics.pop("flops") if "flops" in metrics else op.flops(case, mode)
         moved = op.bytes_moved(case, mode) if op.bytes_moved is not None else None
         record(provider, mode, OK, note, samples=samples[key], graph_samples=samples.get((*key, "graph")),
                graph_note=graph_notes.get(key) or "", mem_mib=measure.peak_memory_mib(fn, device),

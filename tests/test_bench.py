@@ -211,6 +211,51 @@ def test_a_new_case_file_needs_no_framework_change(tmp_path, monkeypatch):
     assert {v for (p, _, _), v in status.items() if p == "toy-off"} == {"WRONG"}
 
 
+_TOY_MEASURED = '''
+import torch
+from bench.registry import Op, Provider, case
+
+CALLS = []
+
+def _work(call, c, mode):
+    call()
+    CALLS.append(mode)
+    return {"flops": 7.0 * c["T"] if mode == "fwd" else None, "steps": 3.0}
+
+OPS = [Op(
+    name="toy_measured", family="toy_measured",
+    cases=lambda sweep, device: [case("toy_measured", torch.float32, ("fwd", "bwd"), T=16)],
+    make_inputs=lambda c, device, g: {"x": torch.randn(c["T"], generator=g, device=device)},
+    reference=lambda inputs, c, upcast: inputs["x"] * 2,
+    flops=lambda c, mode: 1.0,
+    flop_formula="measured",
+    providers=[Provider("toy-mul", lambda inputs, c: inputs["x"] * 2, peer=False)],
+    differentiable=("x",),
+    measured_work=_work,
+)]
+'''
+
+
+def test_measured_work_replaces_the_flop_formula(tmp_path, monkeypatch):
+    """An op whose work depends on the data (measured_work) gets its rate from what one call did, and the other
+    things measured as metrics; a measured "flops" of None means no rate."""
+    cases_dir = tmp_path / "cases"
+    cases_dir.mkdir()
+    (cases_dir / "toy_measured.py").write_text(textwrap.dedent(_TOY_MEASURED))
+    import bench.cases
+
+    monkeypatch.setattr(bench.cases, "__path__", [*bench.cases.__path__, str(cases_dir)])
+    monkeypatch.setattr(registry, "_REGISTRY", None)
+    code = run.main(["--quick", "--device", "cpu", "--op", "toy_measured", "--no-progress", "--out",
+                     str(tmp_path / "out")])
+    rows = _rows(tmp_path / "out" / "quick.csv")
+    metric = {(r["mode"], r["metric"]): float(r["value"]) for r in rows if r["metric"] != "status"}
+    assert code == 0 and sys.modules["bench.cases.toy_measured"].CALLS == ["fwd", "bwd"]
+    assert math.isclose(metric[("fwd", "tflops")], 7.0 * 16 / (metric[("fwd", "time_ms")] * 1e-3) / 1e12)
+    assert ("bwd", "tflops") not in metric
+    assert metric[("fwd", "steps")] == metric[("bwd", "steps")] == 3.0
+
+
 def test_attention_flops_and_check_slice():
     c = case("flash_attention", torch.bfloat16, B=2, T=20000, H=16, D=64, causal=True)
     fwd = 4 * 2 * 16 * 20000 * 20000 * 64 / 2
