@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="count the global-memory bytes of every Triton kernel (Triton interpreter, on the CPU) "
                         "instead of timing: traffic vs the minimum and, for exact attention, a lower bound")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="CPU: time each call by the process's CPU time, not the wall clock (a shared machine's "
+                        "other processes then cost only their cache and bandwidth contention; with --threads 1 "
+                        "it is the compute time, with more the threads' times added up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -344,7 +348,8 @@ def main(argv=None) -> int:
     sweep = "quick" if args.quick else "full" if args.full else ("full" if device.type == "cuda" else "quick")
     gpu = device.type == "cuda"
     timing = measure.Timing(warmup_ms=args.warmup_ms if args.warmup_ms is not None else (25.0 if gpu else 10.0),
-                            rep_ms=args.rep_ms if args.rep_ms is not None else 100.0)
+                            rep_ms=args.rep_ms if args.rep_ms is not None else 100.0,
+                            cpu_time=args.cpu_time and not gpu)
     progress_enabled = not args.no_progress
     threads = torch.get_num_threads()
     if args.threads:
@@ -371,9 +376,10 @@ def _main(args, device, sweep, timing, progress_enabled, launched) -> int:
         print(f"note: {note}", file=sys.stderr)
     ops = select_ops(registry.ops, _names(args.op), launched.world)
     check_param_filters(ops, sweep, device, _param_filters(args.set))
-    env = environment(device, sweep)
+    env = environment(device, sweep, "cuda events" if device.type == "cuda" else "cpu time" if timing.cpu_time
+                      else "wall")
     print(f"flashops {env['flashops']} | torch {env['torch']} | triton {env['triton']} | {env['device']} | "
-          f"{sweep} sweep", file=sys.stderr)
+          f"{sweep} sweep | clock: {env['clock']}", file=sys.stderr)
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
 
     results = []

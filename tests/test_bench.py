@@ -324,6 +324,24 @@ def test_interleaved_timing_alternates_functions_and_reports_the_spread():
     assert Samples([1, 2, 5, 6]).overlaps(Samples([4, 5, 6, 7])) and not Samples([1, 2]).overlaps(Samples([5, 6]))
 
 
+def test_cpu_time_clock_leaves_out_sleeping_and_is_recorded(tmp_path):
+    """--cpu-time times a call by the CPU time it uses: a call that sleeps 20 ms costs (almost) nothing; every row
+    says which clock timed it."""
+    from bench.measure import Timing, time_interleaved
+
+    fns = {"sleep": lambda: time.sleep(0.02), "spin": lambda: sum(range(200_000))}
+    for cpu_time in (False, True):
+        samples, _ = time_interleaved(fns, torch.device("cpu"), Timing(warmup_ms=0, rep_ms=1, min_reps=3,
+                                                                       max_reps=3, rounds=1, cpu_time=cpu_time))
+        assert (samples["sleep"].maximum < 5.0) if cpu_time else (samples["sleep"].minimum >= 20.0)
+        assert samples["spin"].minimum > 0
+    assert run.main([*TINY, "--provider", "flashops-torch", "--mode", "fwd", "--no-memory", "--cpu-time",
+                     "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "quick.csv")
+    assert {r["clock"] for r in rows} == {"cpu time"}
+    assert float(next(r["value"] for r in rows if r["metric"] == "time_ms")) > 0
+
+
 def _timed_result(provider, peer, times):
     from bench.measure import Samples
     from bench.results import Result

@@ -7,6 +7,7 @@ import torch
 
 import flashops
 from flashops import _dispatch
+from flashops.ops.lla import cg_stats
 from flashops.ops.lla import pytorch as lla_pytorch
 from flashops.ops.lla import reference as ref
 from flashops.testing import GRAD_FACTOR, assert_close
@@ -188,20 +189,30 @@ def test_ill_conditioned_contexts_are_finite(backend, device):
     assert_close("T=1", out, v[:, :1].expand_as(out))
 
 
-def test_cg_controls_are_honoured(device):
-    _skip_unless_supported("triton", device, torch.float32)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cg_controls_are_honoured(backend, device):
+    _skip_unless_supported(backend, device, torch.float32)
     q, k, v = _qkv(1, 32, 32, 1, 1, 16, device)
     want = ref.local_linear_attention(q.double(), k.double(), v.double(), ridge_lambda=0.05)
     errors = []
     for iters in (1, 3, 32):
         out = flashops.local_linear_attention(q, k, v, ridge_lambda=0.05, cg_max_iters=iters, cg_tol=0.0,
-                                              backend="triton")
+                                              backend=backend)
         errors.append(float((out.double() - want).abs().max()))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-4
     pre = flashops.local_linear_attention(q, k, v, ridge_lambda=0.05, cg_preconditioner=True, cg_tol=1e-7,
-                                          backend="triton")
+                                          backend=backend)
     assert_close("jacobi", pre, want)
+    # The iterations each solve ran are recorded on request (the benchmark's FLOP count reads them).
+    with cg_stats.record_cg() as solves:
+        out = flashops.local_linear_attention(q.requires_grad_(), k, v, ridge_lambda=0.05, cg_max_iters=5,
+                                              backend=backend)
+        out.sum().backward()
+    assert {s.stage for s in solves} == {"fwd", "bwd"} and all(s.backend == backend for s in solves)
+    assert all(int(s.iterations.max()) == 5 for s in solves)  # a ridge this small needs more than 5
+    assert sum(int(s.pairs.sum()) for s in solves if s.stage == "fwd") == 32 * 33 // 2
+    assert cg_stats.mean_iterations(solves, "fwd") == 5.0
 
 
 # ------------------------------------------------------------------------------------------------- decode
