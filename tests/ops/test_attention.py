@@ -87,9 +87,10 @@ def test_matches_reference_fp32(backend, causal, shape):
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="torch's fused CPU kernels serve the torch backend on a CPU only")
 def test_torch_backend_runs_torchs_fused_cpu_kernels_where_they_apply(monkeypatch):
-    """Unmasked, causal (Tq = Tk, SDPA's top-left Tq < Tk), GQA and varlen calls run torch's fused CPU kernels
-    forward and backward and match the reference; a gradient on the lse, a window or an offset causal mask
-    (bottom-right) take the chunked path."""
+    """Unmasked, causal (Tq = Tk, SDPA's top-left Tq < Tk, bottom-right Tq < Tk as two calls), GQA and varlen calls
+    run torch's fused CPU kernels forward and backward and match the reference; a gradient on the lse, a window,
+    rows that see no key (bottom-right Tq > Tk) and a bottom-right offset in half precision take the chunked
+    path."""
     from flashops.ops.attention import pytorch as attention_pytorch
 
     calls = {"FORWARD": 0, "BACKWARD": 0}
@@ -127,7 +128,11 @@ def test_torch_backend_runs_torchs_fused_cpu_kernels_where_they_apply(monkeypatc
     assert run(q, k, v, causal=True, lse_grad=True) == (1, 0)
     assert run(q, k, v, causal=True, window_size=(8, 0)) == (0, 0)
     q, k, v = make_qkv(1, 30, 77, 4, 2, 40, torch.float32)
-    assert run(q, k, v, causal=True) == (0, 0)  # bottom-right: the fused kernels align top-left
+    assert run(q, k, v, causal=True) == (2, 2)  # the prefix unmasked, the last 30 keys top-left causal
+    assert run(*make_qkv(1, 77, 30, 4, 2, 40, torch.float32), causal=True) == (0, 0)
+    q16, k16, v16 = make_qkv(1, 30, 77, 4, 2, 40, torch.bfloat16)
+    flashops.flash_attention(q16, k16, v16, causal=True, backend="torch")
+    assert calls["FORWARD"] == 0
     cu_q = torch.tensor([0, 30, 30, 107], dtype=torch.int32, device=DEVICE)
     q, k, v = make_qkv(1, 107, 107, 4, 2, 40, torch.float32, packed=True)
     assert run(q, k, v, op=flashops.flash_attention_varlen, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, causal=True) == (2, 2)

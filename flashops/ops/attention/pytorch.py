@@ -246,6 +246,12 @@ class _Fused:
     and its backward), about twice as fast as the chunked path; used where they compute exactly what this path
     promises (:meth:`plan`).
 
+    The kernels know no mask but SDPA's top-left causal one. flash-attn's bottom-right causal mask with a prefix
+    (Tk > Tq: query i sees keys j <= i + Tk - Tq) is two of their calls: the prefix every query sees, unmasked,
+    and the last Tq keys, top-left causal; their outputs merge by their log-sum-exps, and each call's backward
+    given the merged output and log-sum-exp gives that part's gradients (fp32/fp64 only: the parts' outputs are
+    rounded to the input dtype before the merge).
+
     They multiply masked-out probabilities (exact zeros) by the values inside a block, so a NaN/Inf would leak
     through ``0 * NaN``: non-finite entries are replaced by 0 before the call (a select), which leaves every
     output that does not see them bitwise as it is without them, and the outputs that do see them are set to NaN
@@ -258,18 +264,26 @@ class _Fused:
 
     @staticmethod
     def plan(q, k, v, a: AttentionArgs) -> Optional["_Fused"]:
-        """The fused problem where its kernels cover the call: no mask or SDPA's top-left causal mask (query i sees
-        keys j <= i: every row sees a key), no softcap, ALiBi, block or additive mask, no dropout (flashops draws
-        its own counter-based stream), on a CPU, not empty. Else None: the chunked path."""
+        """The fused problem where its kernels cover the call: no mask, SDPA's top-left causal mask (query i sees
+        keys j <= i: every row sees a key) or flash-attn's bottom-right one with Tk >= Tq (fp32/fp64); no softcap,
+        ALiBi, block or additive mask, no dropout (flashops draws its own counter-based stream); on a CPU, not
+        empty. Else None: the chunked path."""
         t_q, t_k = q.shape[1], k.shape[1]
         if (q.device.type != "cpu" or q.numel() == 0 or t_k == 0 or a.dropout_p > 0 or a.softcap > 0
                 or a.alibi_slopes is not None or a.block_mask is not None or a.bias is not None
-                or a.window_left is not None or a.window_right not in (None, t_q - t_k)):
+                or a.window_left is not None):
             return None
-        return _Fused(q, k, v, causal=a.window_right is not None)
+        if a.window_right is None:
+            return _Fused(q, k, v, causal=False, prefix=0)
+        if a.window_right == t_q - t_k:
+            return _Fused(q, k, v, causal=True, prefix=0)
+        if a.window_right == 0 and t_k > t_q and q.dtype in (torch.float32, torch.float64):
+            return _Fused(q, k, v, causal=True, prefix=t_k - t_q)
+        return None
 
-    def __init__(self, q, k, v, causal: bool):
+    def __init__(self, q, k, v, causal: bool, prefix: int):
         self.causal = causal
+        self.prefix = prefix  # keys every query sees before the causal part (bottom-right alignment)
         self.finite = all_finite(q, k, v)
         self.inputs = (q, k, v) if self.finite else tuple(finite_or_zero(x) for x in (q, k, v))
         self.hit_rows = self.hit_values = None
@@ -281,9 +295,9 @@ class _Fused:
         t_q, t_k, group = q.shape[1], k.shape[1], q.shape[2] // k.shape[2]
 
         def seen(bad):  # [B, Tk, Hkv, ...] -> [B, Tq, H, ...]: whether a row sees a bad key or value
-            if self.causal:  # top-left: row i sees the keys j <= i
+            if self.causal:  # row i sees the keys j <= i + prefix
                 up_to = bad.to(torch.int32).cumsum(dim=1) > 0
-                bad = up_to[:, torch.arange(t_q, device=bad.device).clamp(max=t_k - 1)]
+                bad = up_to[:, (torch.arange(t_q, device=bad.device) + self.prefix).clamp(max=t_k - 1)]
             else:
                 bad = bad.any(dim=1, keepdim=True).expand(-1, t_q, *bad.shape[2:])
             return bad.repeat_interleave(group, dim=2)
@@ -291,13 +305,26 @@ class _Fused:
         rows = ~torch.isfinite(q).all(-1) | seen(~torch.isfinite(k).all(-1))
         return rows, seen(~torch.isfinite(v))
 
+    def _parts(self):
+        """(key slice, is_causal) of each kernel call."""
+        if not self.prefix:
+            return [(slice(None), self.causal)]
+        return [(slice(0, self.prefix), False), (slice(self.prefix, None), True)]
+
     @property
     def exact_backward(self) -> bool:
         return self.finite or not (bool(self.hit_rows.any()) or bool(self.hit_values.any()))
 
     def forward(self, scale: float):
         """out [B, Tq, H, D] (a [B, H, Tq, D]-strided view), lse [B, H, Tq]."""
-        out, lse = self.FORWARD(*_heads_first(*self.inputs), 0.0, self.causal, scale=scale)
+        q, k, v = _heads_first(*self.inputs)
+        parts = [self.FORWARD(q, k[:, :, keys], v[:, :, keys], 0.0, causal, scale=scale)
+                 for keys, causal in self._parts()]
+        out, lse = parts[0]
+        if len(parts) == 2:
+            (out_a, lse_a), (out_b, lse_b) = parts
+            lse = torch.logaddexp(lse_a, lse_b)
+            out = out_a * torch.exp(lse_a - lse)[..., None] + out_b * torch.exp(lse_b - lse)[..., None]
         out = out.transpose(1, 2)
         if not self.finite:
             out = out.masked_fill(self.hit_rows[..., None] | self.hit_values, float("nan"))
@@ -306,8 +333,15 @@ class _Fused:
 
     def backward(self, dout, out, lse, scale: float):
         """(dq, dk, dv) [B, T, H, D] of the problem (only where :attr:`exact_backward`)."""
-        grads = self.BACKWARD(*_heads_first(dout, *self.inputs, out), lse, 0.0, self.causal, scale=scale)
-        return [x.transpose(1, 2) for x in grads]
+        q, k, v = _heads_first(*self.inputs)
+        dout, out = _heads_first(dout, out)
+        parts = [self.BACKWARD(dout, q, k[:, :, keys], v[:, :, keys], out, lse, 0.0, causal, scale=scale)
+                 for keys, causal in self._parts()]
+        dq, dk, dv = parts[0]
+        if len(parts) == 2:
+            dq = dq + parts[1][0]
+            dk, dv = (torch.cat([a, b], dim=2) for a, b in zip(parts[0][1:], parts[1][1:]))
+        return [x.transpose(1, 2) for x in (dq, dk, dv)]
 
 
 def _heads_first(*tensors):
