@@ -377,14 +377,10 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
     h, h_kv = q.shape[2], k.shape[2]
     g = h // h_kv
     dt = compute_dtype(q.dtype)
-    # delta_i = rowsum(dO_i * O_i) - dLSE_i: the softmax Jacobian's diagonal term plus the lse gradient.
-    delta = (dout.to(dt) * out.to(dt)).sum(-1)  # [B, Tq, H]
-    delta = delta.permute(0, 2, 1)  # [B, H, Tq]
     lse_bht = (lse.unsqueeze(0) if a.varlen else lse).to(dt)
-    # The fused kernel takes no lse gradient (it forms delta itself); an all-zero one is none.
+    # The fused kernels take no lse gradient (they form delta themselves); an all-zero one is none.
     lse_grad = dlse is not None and bool(dlse.ne(0).any())
-    if lse_grad:
-        delta = delta - (dlse.unsqueeze(0) if a.varlen else dlse).to(dt)
+    delta = None  # for the chunked path, computed once when a problem needs it
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -395,6 +391,11 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
         if fused is not None and fused.exact_backward:
             dq_n, dk_n, dv_n = fused.backward(dout[:, qs], out[:, qs], lse_bht[..., qs], a.softmax_scale)
         else:
+            if delta is None:
+                # delta_i = rowsum(dO_i * O_i) - dLSE_i: the softmax Jacobian's diagonal term plus the lse gradient.
+                delta = (dout.to(dt) * out.to(dt)).sum(-1).permute(0, 2, 1)  # [B, H, Tq]
+                if lse_grad:
+                    delta = delta - (dlse.unsqueeze(0) if a.varlen else dlse).to(dt)
             seq = _Sequence(q_n, k_n, v_n, a, *rest, finite=all_finite(q_n, k_n, v_n))
             do_g = dout[:, qs].to(dt).reshape(b, t_q, h_kv, g, q.shape[-1]).permute(0, 2, 3, 1, 4)
             dq_s, dk_s, dv_s, dbias = _backward_one(seq, do_g, lse_bht[..., qs].reshape(b, h_kv, g, t_q),
