@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -227,7 +228,7 @@ class Samples:
     def q3(self) -> float:
         return self._quartiles()[1]
 
-    def overlaps(self, other: "Samples") -> bool:
+    def overlaps(self, other: Samples) -> bool:
         """Whether the interquartile ranges overlap: the two cannot be told apart at this noise."""
         return self.q1 <= other.q3 and other.q1 <= self.q3
 

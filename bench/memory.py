@@ -85,7 +85,8 @@ def _measure(op: Op, case: Case, provider: Provider, device) -> Result:
         return result(SKIP, reason)
     if device.type == "cuda":
         try:
-            inputs = measure.prepare_inputs(op, op.make_inputs(case, device, torch.Generator(device=device).manual_seed(0)))
+            generator = torch.Generator(device=device).manual_seed(0)
+            inputs = measure.prepare_inputs(op, op.make_inputs(case, device, generator))
             fwd_bwd(op, provider, case, inputs)  # warmup: compilation, autotuning, workspaces
             mem = measure.peak_memory_mib(lambda: fwd_bwd(op, provider, case, inputs), device)
             return result(OK, GPU_METHOD, mem)

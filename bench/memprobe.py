@@ -14,9 +14,9 @@ import sys
 
 import torch
 
+from .measure import prepare_inputs
 from .memory import find_provider, fwd_bwd
 from .registry import Case, Unsupported, load_ops
-from .measure import prepare_inputs
 
 
 def _status_kib(key: str) -> int:

@@ -15,9 +15,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script: python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,8 +32,21 @@ from . import distributed, measure  # noqa: E402
 from .memory import run_memory  # noqa: E402
 from .progress import Progress  # noqa: E402
 from .registry import MODES, Case, Op, Unsupported, load_ops, name_matches  # noqa: E402
-from .results import (BUDGET_SPENT, ERROR, OK, OOM, SKIP, WRONG, Result, device_slug,  # noqa: E402
-                      environment, memory_table, table, to_rows, write_results)
+from .results import (  # noqa: E402
+    BUDGET_SPENT,
+    ERROR,
+    OK,
+    OOM,
+    SKIP,
+    WRONG,
+    Result,
+    device_slug,
+    environment,
+    memory_table,
+    table,
+    to_rows,
+    write_results,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -87,7 +87,8 @@ class Traffic:
         return out
 
     def summary(self) -> str:
-        """One line per kernel, e.g. ``_attn_fwd_kernel x1 [BLOCK_M=64 BLOCK_N=32]: Q 1x K 2x V 2x -> O 1x LSE 1x``:
+        """One line per kernel, e.g.
+        ``attention_output_fwd_kernel x1 [BLOCK_M=64 BLOCK_N=32]: Q 1x K 2x V 2x -> O 1x LSE 1x``:
         what each tensor argument moved, in multiples of its size (over all launches of the kernel)."""
         kernels = {}
         for launch in self.launches:

@@ -2,15 +2,35 @@
 
 import importlib
 
-from . import nn
-from .ops.attention import (block_sparse_attention, flash_attention, flash_attention_varlen,
-                            flash_attention_with_kvcache, sdpa)
+from . import nn  # noqa: F401  (flashops.nn: the modules)
+from .ops.attention import (
+    block_sparse_attention,
+    flash_attention,
+    flash_attention_varlen,
+    flash_attention_with_kvcache,
+    sdpa,
+)
 from .ops.hyper import hyper_attention, hyper_attention_plan
-from .ops.linear import (gated_linear_attention, gated_linear_attention_step, lightning_attention,
-                         lightning_attention_step, lightning_slopes, linear_attention)
+from .ops.linear import (
+    gated_linear_attention,
+    gated_linear_attention_step,
+    lightning_attention,
+    lightning_attention_step,
+    lightning_slopes,
+    linear_attention,
+)
 from .ops.lla import local_linear_attention, local_linear_attention_decode
-from .ops.ssm import (cauchy_kernel, dplr_kernel, fft_conv, krylov_kernel, linear_scan, s4d_kernel,
-                      selective_scan, selective_state_update, vandermonde_kernel)
+from .ops.ssm import (
+    cauchy_kernel,
+    dplr_kernel,
+    fft_conv,
+    krylov_kernel,
+    linear_scan,
+    s4d_kernel,
+    selective_scan,
+    selective_state_update,
+    vandermonde_kernel,
+)
 
 __version__ = "0.1.0"
 

@@ -99,8 +99,8 @@ _runtime_reasons: Optional[list] = None
 
 def _find_toolchain() -> tuple:
     try:
-        from cuda.bindings import nvrtc
         from cuda import pathfinder
+        from cuda.bindings import nvrtc
     except ImportError as error:
         return None, (f"cuda-python is not installed ({error}); pip install \"flashops[cuda]\" "
                       f"(cuda-bindings, cuda-pathfinder, nvidia-cuda-nvrtc, nvidia-cuda-runtime)")
@@ -341,7 +341,7 @@ class _Layout:
     array: type
 
     @classmethod
-    def of(cls, params: list) -> "_Layout":
+    def of(cls, params: list) -> _Layout:
         return cls("<" + "".join(_SLOT_FORMATS[p.kind] for p in params), ctypes.c_uint64 * max(1, len(params)))
 
 
@@ -504,7 +504,7 @@ class Program:
     def kernels(self) -> dict:
         return parse_kernels(self.sources()[0][1])
 
-    def kernel(self, expression: str) -> "Kernel":
+    def kernel(self, expression: str) -> Kernel:
         """The launchable instance ``expression`` (one of the program's expressions)."""
         if expression not in self.expressions:
             raise ValueError(f"{expression!r} is not an instance of {self.path}; declare it in the Program")

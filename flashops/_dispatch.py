@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # Lower runs first; matches DESIGN.md: CUDA extension, Triton, CPU extension, pure PyTorch.
 PRIORITY_CUDA_EXT = 0

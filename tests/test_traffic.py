@@ -82,8 +82,8 @@ def _step_traffic():
     q, k, v, g = (torch.randn(b, h, d, requires_grad=True) for _ in range(4))
     state = torch.randn(b, h, d, d, requires_grad=True)
     with count_traffic() as traffic:
-        o1, s1 = flashops.lightning_attention_step(q, k, v, state, backend="triton")
-        o2, s2 = flashops.gated_linear_attention_step(q, k, v, state, torch.nn.functional.logsigmoid(g),
+        o1, s1 = flashops.lightning_attention_step(q, k, v, state=state, backend="triton")
+        o2, s2 = flashops.gated_linear_attention_step(q, k, v, torch.nn.functional.logsigmoid(g), state,
                                                       backend="triton")
         torch.autograd.grad((o1.sum() + o2.sum() + s1.sum() + s2.sum()), (q, k, v, g, state))
     return traffic
@@ -104,39 +104,44 @@ def _cauchy_traffic():
 # commit (tests/test_traffic.py prints the new table when they differ).
 PINNED = {
     "attention": (lambda: _bench_traffic("flash_attention", B=1, T=100, H=2, D=16, causal=False), {
-        "_attn_fwd_kernel": (1, 64000, 13600), "_attn_bwd_preprocess_kernel": (1, 26400, 800),
-        "_attn_bwd_dkdv_kernel": (1, 80000, 25600), "_attn_bwd_dq_kernel": (1, 78400, 12800)}),
+        "attention_output_fwd_kernel": (1, 64000, 13600), "attention_delta_bwd_kernel": (1, 26400, 800),
+        "attention_dkdv_bwd_kernel": (1, 80000, 25600), "attention_dq_bwd_kernel": (1, 78400, 12800)}),
     "attention-causal": (lambda: _bench_traffic("flash_attention", B=1, T=100, H=2, D=16, causal=True), {
-        "_attn_fwd_kernel": (1, 54784, 13600), "_attn_bwd_preprocess_kernel": (1, 26400, 800),
-        "_attn_bwd_dkdv_kernel": (1, 62592, 25600), "_attn_bwd_dq_kernel": (1, 69184, 12800)}),
+        "attention_output_fwd_kernel": (1, 54784, 13600), "attention_delta_bwd_kernel": (1, 26400, 800),
+        "attention_dkdv_bwd_kernel": (1, 62592, 25600), "attention_dq_bwd_kernel": (1, 69184, 12800)}),
     "lightning": (lambda: _bench_traffic("lightning_attention", B=1, T=100, H=2, D=16), {
-        "linear_attn_fwd_kernel_state": (2, 51216, 8192), "lightning_fwd_kernel_output": (1, 42512, 12800),
-        "linear_attn_bwd_kernel_state": (1, 25608, 4096), "lightning_bwd_kernel_dv": (1, 42512, 12800),
-        "lightning_bwd_kernel_dqdk": (1, 59408, 25600)}),
+        "linear_state_fwd_kernel": (2, 51216, 8192), "lightning_output_fwd_kernel": (1, 42512, 12800),
+        "linear_state_bwd_kernel": (1, 25608, 4096), "lightning_dv_bwd_kernel": (1, 42512, 12800),
+        "lightning_dqdk_bwd_kernel": (1, 59408, 25600)}),
     "gla": (lambda: _bench_traffic("gated_linear_attention", B=1, T=70, H=1, D=16), {
-        "gla_gate_cumsum_kernel": (2, 8960, 8960), "linear_attn_fwd_kernel_state": (2, 27136, 4096),
-        "gla_fwd_kernel_intra": (2, 76800, 35840), "gla_fwd_kernel_output": (1, 33408, 4480),
-        "linear_attn_bwd_kernel_state": (1, 13568, 2048), "gla_bwd_kernel_dv": (1, 33536, 4480),
-        "gla_bwd_kernel_dscores": (1, 8960, 17920), "gla_bwd_kernel_intra": (1, 55424, 8960),
-        "gla_bwd_kernel_inter": (1, 40064, 13440)}),
+        "chunk_cumsum_fwd_kernel": (2, 8960, 8960), "linear_state_fwd_kernel": (2, 27136, 4096),
+        "gla_intra_fwd_kernel": (2, 76800, 35840), "gla_output_fwd_kernel": (1, 33408, 4480),
+        "linear_state_bwd_kernel": (1, 13568, 2048), "gla_dv_bwd_kernel": (1, 33536, 4480),
+        "gla_dscores_bwd_kernel": (1, 8960, 17920), "gla_intra_bwd_kernel": (1, 55424, 8960),
+        "gla_inter_bwd_kernel": (1, 40064, 13440)}),
     "noncausal": (lambda: _bench_traffic("linear_attention", B=1, T=100, H=2, D=16), {
-        "noncausal_kernel_partial_state": (3, 76800, 6144), "noncausal_kernel_reduce_state": (3, 6144, 6144),
-        "noncausal_kernel_apply": (4, 67584, 51200)}),
+        "noncausal_partial_fwd_kernel": (3, 76800, 6144), "noncausal_reduce_fwd_kernel": (3, 6144, 6144),
+        "noncausal_apply_fwd_kernel": (4, 67584, 51200)}),
     "steps": (_step_traffic, {
         "recurrent_step_fwd_kernel": (2, 10000, 8704), "recurrent_step_bwd_kernel": (2, 18704, 9984)}),
     "lla": (lambda: _bench_traffic("local_linear_attention", B=1, T=40, H=1, D=8), {
-        "_lla_fwd_kernel": (1, 29152, 4000), "_lla_bwd_dq_kernel": (1, 36736, 4960),
-        "_lla_bwd_dkdv_kernel": (1, 10112, 2560)}),
+        "lla_output_fwd_kernel": (1, 29152, 4000), "lla_dq_bwd_kernel": (1, 36736, 4960),
+        "lla_dkdv_bwd_kernel": (1, 10112, 2560)}),
     "lla-decode": (lambda: _bench_traffic("local_linear_attention_decode", B=1, T=40, H=1, D=8), {
-        "_lla_decode_kernel": (1, 2624, 2184)}),
+        "lla_decode_fwd_kernel": (1, 2624, 2184)}),
+    # Decoding: K and V read once even across 2 splits; the paged cache also reads a page id per key tile.
+    "kvcache": (lambda: _bench_traffic("flash_attention_with_kvcache", B=2, T=256, H=4, Hkv=2, D=16, page=0), {
+        "kvcache_output_fwd_kernel": (1, 132128, 1088), "kvcache_combine_fwd_kernel": (1, 1152, 544)}),
+    "kvcache-paged": (lambda: _bench_traffic("flash_attention_with_kvcache", B=2, T=256, H=4, Hkv=2, D=16, page=16), {
+        "kvcache_output_fwd_kernel": (1, 136224, 1088), "kvcache_combine_fwd_kernel": (1, 1152, 544)}),
     "scans": (lambda: (_bench_traffic("linear_scan", B=1, D=4, L=100),
                        _bench_traffic("selective_scan", B=1, D=4, N=4, L=50)), {
         # fwd: a, b read, h written (1600 B each); bwd: dh, a (shifted one step), h read, da, db written
-        "linear_scan_kernel": (2, 7968, 4800),
-        "selective_scan_fwd_kernel": (1, 4096, 992), "selective_scan_bwd_kernel": (1, 5088, 4096)}),
+        "scan_linear_fwd_kernel": (2, 7968, 4800),
+        "scan_selective_fwd_kernel": (1, 4096, 992), "scan_selective_bwd_kernel": (1, 5088, 4096)}),
     "convolution": (lambda: (_bench_traffic("vandermonde_kernel", H=2, N=4, L=100), _cauchy_traffic()), {
-        "vandermonde_fwd_kernel": (1, 128, 800), "vandermonde_bwd_kernel": (1, 864, 128),
-        "cauchy_fwd_kernel": (2, 3168, 2400), "cauchy_bwd_kernel": (1, 2784, 384)}),
+        "conv_vandermonde_fwd_kernel": (1, 128, 800), "conv_vandermonde_bwd_kernel": (1, 864, 128),
+        "conv_cauchy_fwd_kernel": (2, 3168, 2400), "conv_cauchy_bwd_kernel": (1, 2784, 384)}),
 }
 
 
@@ -199,10 +204,10 @@ def test_io_cli_reports_traffic_minimum_and_bound(tmp_path):
         rows = {r["metric"]: r for r in csv.DictReader(f) if r["provider"] == "flashops-triton"}
     b, t, h, d = (int(rows["status"][k]) for k in ("B", "T", "H", "D"))
     assert rows["status"]["value"] == "OK" and rows["status"]["suite"] == "traffic"
-    assert "_attn_fwd_kernel x1" in rows["status"]["note"]
+    assert "attention_output_fwd_kernel x1" in rows["status"]["note"]
     qkvo = 4 * b * t * h * d * 4
     assert float(rows["bytes_min"]["value"]) == qkvo
     assert float(rows["bytes_written"]["value"]) == qkvo / 4 + b * h * t * 4  # O and the LSE
     assert float(rows["bytes_read"]["value"]) > 3 * qkvo / 4  # K and V are read once per query block
     assert float(rows["bytes_bound"]["value"]) == qkvo  # tiny: the bound is the minimum
-    assert float(rows["bytes_read:_attn_fwd_kernel"]["value"]) == float(rows["bytes_read"]["value"])
+    assert float(rows["bytes_read:attention_output_fwd_kernel"]["value"]) == float(rows["bytes_read"]["value"])

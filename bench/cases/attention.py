@@ -159,10 +159,9 @@ def _sdpa(backend_name: str, short: str) -> Provider:
     return Provider(f"sdpa-{short}", run, unavailable=unavailable, errors_are_skips=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex():
     import torch._dynamo
-
     from torch.nn.attention.flex_attention import flex_attention
 
     # Each (causal, head dim, grad mode) is its own graph; past dynamo's recompile limit flex_attention

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import flashops
 from flashops.ops.attention import reference as attention_reference
 
-from ..registry import Provider, Op, Unsupported, case, flashops_providers, module_missing
+from ..registry import Op, Provider, Unsupported, case, flashops_providers, module_missing
 
 OP = "flash_attention_with_kvcache"
 GPU_HEADS, GPU_KV_HEADS, GPU_DIM = 32, 4, 128

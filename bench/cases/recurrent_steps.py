@@ -72,12 +72,12 @@ def _linear_reference(gated: bool):
 
 
 def _lightning_call(inputs, c, backend):
-    return flashops.lightning_attention_step(inputs["q"], inputs["k"], inputs["v"], inputs["state"], scale=1.0,
-                                             backend=backend)
+    return flashops.lightning_attention_step(inputs["q"], inputs["k"], inputs["v"], state=inputs["state"],
+                                             scale=1.0, backend=backend)
 
 
 def _gla_call(inputs, c, backend):
-    return flashops.gated_linear_attention_step(inputs["q"], inputs["k"], inputs["v"], inputs["state"], inputs["g"],
+    return flashops.gated_linear_attention_step(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["state"],
                                                 scale=1.0, backend=backend)
 
 

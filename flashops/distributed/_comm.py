@@ -28,7 +28,7 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.redu
 
 
 # ------------------------------------------------------------------------------------------- groups
-def resolve_group(group) -> "dist.ProcessGroup":
+def resolve_group(group) -> dist.ProcessGroup:
     """``group`` or the default group, with a clear error when torch.distributed is not set up."""
     if not dist.is_available():
         raise RuntimeError("flashops.distributed needs torch.distributed, which this torch build lacks")
@@ -42,17 +42,17 @@ def resolve_group(group) -> "dist.ProcessGroup":
     return group
 
 
-def world_of(group) -> tuple["dist.ProcessGroup", int, int]:
+def world_of(group) -> tuple[dist.ProcessGroup, int, int]:
     """(the resolved group, this rank in it, its size)."""
     group = resolve_group(group)
     return group, group.rank(), group.size()
 
 
-def group_name(group: "dist.ProcessGroup") -> str:
+def group_name(group: dist.ProcessGroup) -> str:
     return group.group_name
 
 
-def group_by_name(name: str) -> "dist.ProcessGroup":
+def group_by_name(name: str) -> dist.ProcessGroup:
     # Private in torch, but it is how torch's own functional collectives find a group from their schema.
     return dist.distributed_c10d._resolve_process_group(name)
 
@@ -105,7 +105,7 @@ class RingShift:
     """Sends ``tensors`` to the next rank of ``group`` and receives same-shaped ones from the previous rank.
     Started on construction; :meth:`wait` returns the received tensors."""
 
-    def __init__(self, tensors, group: "dist.ProcessGroup"):
+    def __init__(self, tensors, group: dist.ProcessGroup):
         rank, world = group.rank(), group.size()
         to_next = dist.get_global_rank(group, (rank + 1) % world)
         from_prev = dist.get_global_rank(group, (rank - 1) % world)
@@ -176,7 +176,7 @@ def _all_gather_backward(ctx, grad):
 _all_gather = register_autograd(_all_gather_op, all_gather_impl, _all_gather_backward, _save_group)
 
 
-def all_gather(x: Tensor, group: "dist.ProcessGroup") -> Tensor:
+def all_gather(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """``[P, *x.shape]``: every rank's ``x`` (rank order of ``group``); differentiable."""
     return _all_gather(x, group_name(group))
 
@@ -209,7 +209,7 @@ def _all_to_all_backward(ctx, grad):
 _all_to_all = register_autograd(_all_to_all_op, _all_to_all_impl, _all_to_all_backward, _save_group)
 
 
-def all_to_all(x: Tensor, group: "dist.ProcessGroup") -> Tensor:
+def all_to_all(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """``x [P, ...]``: piece i goes to rank i; returns ``[P, ...]`` with piece j from rank j; differentiable."""
     return _all_to_all(x, group_name(group))
 

@@ -5,10 +5,10 @@ the public ``flash_attention`` cannot express (a block of a remote rank may see 
 with the *global* output and log-sum-exp in the backward. Everything it needs from below the public API is
 here, so that a change of those internals is mended in this file alone:
 
-- ``flashops.ops.attention``: ``OP`` (its dispatch name), ``_attention_fwd_impl`` and ``_attention_bwd_impl``
-  (the plain implementations behind the ``flashops::attention_fwd/bwd`` custom ops, called with positional
-  arguments; their ``window_left/right`` take any integers), ``_window`` and ``_scalars`` (the checks of
-  ``window_size`` and ``softmax_scale``);
+- ``flashops.ops.attention``: ``OP`` (its dispatch name), ``FWD_ARGS``/``BWD_ARGS`` with
+  ``_attention_fwd_impl``/``_attention_bwd_impl`` (the argument lists and plain implementations behind the
+  ``flashops::attention_fwd/bwd`` custom ops, whose ``window_left/right`` take any integers), ``_window`` and
+  ``_scalars`` (the checks of ``window_size`` and ``softmax_scale``); ``args.AttentionArgs``;
 - ``flashops._dispatch`` (backend selection) and ``flashops._validation`` (input checks);
 - ``flashops.ops.linear.common.LOG_GATE_FLOOR`` (the floor the linear kernels apply to log-gates, which a
   state computed outside them must apply too).
@@ -24,6 +24,7 @@ from torch import Tensor
 from .. import _dispatch
 from .._validation import check_attention_inputs, check_tensor
 from ..ops import attention as _attention
+from ..ops.attention.args import AttentionArgs
 from ..ops.linear.common import LOG_GATE_FLOOR
 
 __all__ = ["LOG_GATE_FLOOR", "attention_backend", "block_backward", "block_forward", "check_attention_inputs",
@@ -48,11 +49,12 @@ def attention_backend(q: Tensor, backend: Optional[str]) -> str:
     return _dispatch.select(_attention.OP, _dispatch.Request(q.device, q.dtype, features), backend).name
 
 
-def _positional(q: Tensor, k: Tensor, scale: float, window_left: Optional[int], window_right: Optional[int]) -> tuple:
-    """The attention custom ops' arguments after (q, k, v) for a dense block: no varlen, ALiBi, block mask,
-    bias, dropout or softcap."""
-    return (None, None, q.shape[1], k.shape[1], None, None, 128, 128, None, None, scale, window_left, window_right,
-            0.0, 0.0)
+def _block_args(q: Tensor, k: Tensor, scale: float, window_left: Optional[int],
+                window_right: Optional[int]) -> dict:
+    """The attention custom ops' ``AttentionArgs`` fields for a dense block: no varlen, ALiBi, block mask, bias,
+    dropout or softcap."""
+    return vars(AttentionArgs(max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], softmax_scale=scale,
+                              window_left=window_left, window_right=window_right))
 
 
 def block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window_left: Optional[int],
@@ -60,8 +62,8 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window_left:
     """Attention of q ``[B, Tq, H, D]`` over one key/value block ``[B, Tk, Hkv, D]``: ``(out, lse)`` with lse
     fp32 ``[B, H, Tq]`` (-inf and out 0 for rows that see no key of the block). Key j is visible to query i
     when ``i + Tk - Tq - window_left <= j <= i + Tk - Tq + window_right`` (None: unbounded on that side)."""
-    args = _positional(q, k, scale, window_left, window_right)
-    return _attention._attention_fwd_impl(q, k, v, *args, backend)
+    fields = _block_args(q, k, scale, window_left, window_right)
+    return _attention._attention_fwd_impl(*_attention.FWD_ARGS.values(q=q, k=k, v=v, **fields, backend=backend))
 
 
 def block_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -70,6 +72,8 @@ def block_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
     """The block's share of (dq, dk, dv), given the output and log-sum-exp of the *whole* attention (over
     every block) for these queries: with the global statistics, the FlashAttention backward of one block
     yields exactly that block's terms of the gradients."""
-    args = _positional(q, k, scale, window_left, window_right)
-    dq, dk, dv, _ = _attention._attention_bwd_impl(dout, dlse, q, k, v, out, lse.contiguous(), *args, False, backend)
+    fields = _block_args(q, k, scale, window_left, window_right)
+    dq, dk, dv, _ = _attention._attention_bwd_impl(*_attention.BWD_ARGS.values(
+        dout=dout, dlse=dlse, q=q, k=k, v=v, out=out, lse=lse.contiguous(), **fields, want_dbias=False,
+        backend=backend))
     return dq, dk, dv

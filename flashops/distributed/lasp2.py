@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._custom_ops import eager, register_autograd
+from .._custom_ops import OpArgs, eager, register_autograd
 from ..ops.linear import gated_linear_attention, lightning_attention, lightning_slopes
 from . import _comm, _internals
 from .layout import check_layout, chunks_of, num_chunks, piece_length
@@ -80,24 +80,31 @@ def _prefix_states(gathered, initial_state, decay, owner, last):
     return states
 
 
-def _fold_fwd_impl(local: Tensor, initial_state: Optional[Tensor], decay: Optional[Tensor], group: str, layout: str,
-                   output_final_state: bool) -> tuple[Tensor, Tensor, Tensor]:
-    pg = _comm.group_by_name(group)
-    gathered = _comm.all_gather_impl(local, group)  # [P, pieces, B, H, K, V (+1)]
-    owner, mine, last = _plan(layout, pg.rank(), pg.size(), output_final_state)
-    states = _prefix_states(gathered, initial_state, decay, owner, last)
+# The fold's custom ops: their argument lists, written once.
+_SETTINGS = OpArgs(("group", str), ("layout", str), ("output_final_state", bool))
+_STATE_DECAY = OpArgs(("initial_state", Optional[Tensor]), ("decay", Optional[Tensor]))
+FOLD_ARGS = OpArgs(("local", Tensor)) + _STATE_DECAY + _SETTINGS
+FOLD_BWD_ARGS = (OpArgs(("d_entering", Tensor), ("d_final", Optional[Tensor]), ("gathered", Tensor)) + _STATE_DECAY
+                 + _SETTINGS)
+
+
+def _fold_forward(a) -> tuple[Tensor, Tensor, Tensor]:
+    pg = _comm.group_by_name(a.group)
+    gathered = _comm.all_gather_impl(a.local, a.group)  # [P, pieces, B, H, K, V (+1)]
+    owner, mine, last = _plan(a.layout, pg.rank(), pg.size(), a.output_final_state)
+    states = _prefix_states(gathered, a.initial_state, a.decay, owner, last)
     entering = torch.stack([states[c] for c in mine])
-    final = states[-1] if output_final_state else entering.new_empty(0)
+    final = states[-1] if a.output_final_state else entering.new_empty(0)
     return entering, final, gathered
 
 
-def _fold_bwd_impl(d_entering: Tensor, d_final: Optional[Tensor], gathered: Tensor, initial_state: Optional[Tensor],
-                   decay: Optional[Tensor], group: str, layout: str,
-                   output_final_state: bool) -> tuple[Tensor, Tensor]:
-    pg = _comm.group_by_name(group)
-    owner, mine, last = _plan(layout, pg.rank(), pg.size(), output_final_state)
+def _fold_backward_impl(a) -> tuple[Tensor, Tensor]:
+    d_entering, d_final, gathered, initial_state, decay = a.d_entering, a.d_final, a.gathered, a.initial_state, a.decay
+    output_final_state = a.output_final_state
+    pg = _comm.group_by_name(a.group)
+    owner, mine, last = _plan(a.layout, pg.rank(), pg.size(), output_final_state)
     states = _prefix_states(gathered, initial_state, decay, owner, last)
-    uses = {c: a for a, c in enumerate(mine)}  # chunk -> the piece whose kernel starts from its state
+    uses = {c: piece for piece, c in enumerate(mine)}  # chunk -> the piece whose kernel starts from its state
     grad = d_final.clone() if output_final_state and d_final is not None else torch.zeros_like(states[-1])
     if last + 1 in uses:
         grad += d_entering[uses[last + 1]]
@@ -114,43 +121,39 @@ def _fold_bwd_impl(d_entering: Tensor, d_final: Optional[Tensor], gathered: Tens
         if c in uses:
             grad += d_entering[uses[c]]
     # Every rank's fold used every rank's chunks: this rank's chunks get the sum of all ranks' gradients.
-    d_local = _comm.reduce_scatter_impl(d_gathered, group)
+    d_local = _comm.reduce_scatter_impl(d_gathered, a.group)
     return d_local, grad if initial_state is not None else d_local.new_empty(0)
 
 
-_fold_fwd = torch.library.custom_op("flashops::lasp2_fold_fwd", _fold_fwd_impl, mutates_args=())
-
-
-@_fold_fwd.register_fake
-def _fold_fwd_fake(local, initial_state, decay, group, layout, output_final_state):
-    state_shape = (*local.shape[1:-1], local.shape[-1] - (0 if decay is not None else 1))
+def _fold_fwd_fake(a) -> tuple[Tensor, Tensor, Tensor]:
+    local = a.local
+    state_shape = (*local.shape[1:-1], local.shape[-1] - (0 if a.decay is not None else 1))
     entering = local.new_empty((local.shape[0], *state_shape))
-    final = local.new_empty(state_shape if output_final_state else (0,))
-    return entering, final, local.new_empty((_comm.group_by_name(group).size(), *local.shape))
+    final = local.new_empty(state_shape if a.output_final_state else (0,))
+    return entering, final, local.new_empty((_comm.group_by_name(a.group).size(), *local.shape))
 
 
-_fold_bwd = torch.library.custom_op("flashops::lasp2_fold_bwd", _fold_bwd_impl, mutates_args=())
+def _fold_bwd_fake(a) -> tuple[Tensor, Tensor]:
+    return (a.gathered.new_empty(a.gathered.shape[1:]),
+            torch.empty_like(a.initial_state) if a.initial_state is not None else a.gathered.new_empty(0))
 
 
-@_fold_bwd.register_fake
-def _fold_bwd_fake(d_entering, d_final, gathered, initial_state, *rest):
-    return (gathered.new_empty(gathered.shape[1:]),
-            torch.empty_like(initial_state) if initial_state is not None else gathered.new_empty(0))
-
-
+_fold_fwd, _fold_fwd_impl = FOLD_ARGS.custom_op("flashops::lasp2_fold_fwd", _fold_forward, fake=_fold_fwd_fake,
+                                                returns=tuple[Tensor, Tensor, Tensor])
+_fold_bwd, _fold_bwd_impl = FOLD_BWD_ARGS.custom_op("flashops::lasp2_fold_bwd", _fold_backward_impl,
+                                                    fake=_fold_bwd_fake, returns=tuple[Tensor, Tensor])
 _fold_bwd_call = eager(_fold_bwd, _fold_bwd_impl)
 
 
 def _fold_setup(ctx, inputs, output):
-    local, initial_state, decay, group, layout, output_final_state = inputs
-    ctx.save_for_backward(output[2], initial_state, decay)
-    ctx.config = (group, layout, output_final_state)
+    FOLD_ARGS.save(ctx, inputs, output[2:], skip=("local",))  # the backward needs the gathered pieces
 
 
 def _fold_backward(ctx, d_entering, d_final, d_gathered):
-    gathered, initial_state, decay = ctx.saved_tensors
-    d_local, d_initial = _fold_bwd_call(d_entering, d_final, gathered, initial_state, decay, *ctx.config)
-    return d_local, (d_initial if initial_state is not None else None), None, None, None, None
+    a, (gathered,) = FOLD_ARGS.saved(ctx)
+    d_local, d_initial = _fold_bwd_call(*FOLD_BWD_ARGS.values(
+        d_entering=d_entering, d_final=d_final, gathered=gathered, **_STATE_DECAY.pick(a), **_SETTINGS.pick(a)))
+    return FOLD_ARGS.grads(local=d_local, initial_state=d_initial if a.initial_state is not None else None)
 
 
 # The states entering this rank's chunks (and the final one) from the local (M, decay) of every rank: one
@@ -221,8 +224,9 @@ def lasp2_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Optional[Tensor]
             state, chunk_decay = _gated_state(k[:, rows], v[:, rows], g[:, rows])
             packed.append(torch.cat([state, chunk_decay[..., None]], dim=-1))
         local, decay = torch.stack(packed), None
-    entering, final, _ = _fold(local, None if initial_state is None else initial_state.float(), decay,
-                               _comm.group_name(pg), layout, bool(output_final_state))
+    entering, final, _ = _fold(*FOLD_ARGS.values(
+        local=local, initial_state=None if initial_state is None else initial_state.float(), decay=decay,
+        group=_comm.group_name(pg), layout=layout, output_final_state=bool(output_final_state)))
 
     outs = []
     for a, rows in enumerate(pieces):

@@ -16,13 +16,14 @@ block's work on every rank.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._custom_ops import eager, register_autograd
+from .._custom_ops import BACKEND, OpArgs, eager, register_autograd
 from . import _comm, _internals
 from .layout import check_layout, chunks_of, piece_length
 
@@ -52,7 +53,7 @@ def _pair_window(q_start: int, k_start: int, length: int, left: Optional[int], r
             None if high is None or high >= length - 1 else high)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def step_plan(layout: str, world: int, rank: int, source: int, local_len: int, left: Optional[int],
               right: Optional[int]) -> tuple[BlockCall, ...]:
     """The kernel calls of rank ``rank`` attending to the block of rank ``source``, for the global window
@@ -95,9 +96,18 @@ def _rows(x: Tensor, rows: tuple[int, int]) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ forward, backward
-def _ring_fwd_impl(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float, window_left: Optional[int],
-                   window_right: Optional[int], layout: str, backend: str) -> tuple[Tensor, Tensor]:
-    pg = _comm.group_by_name(group)
+# The custom ops' argument lists, written once.
+_QKV = OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor))
+_SETTINGS = OpArgs(("group", str), ("scale", float), ("window_left", Optional[int]), ("window_right", Optional[int]),
+                   ("layout", str)) + BACKEND
+FWD_ARGS = _QKV + _SETTINGS
+BWD_ARGS = (OpArgs(("dout", Tensor), ("dlse", Optional[Tensor])) + _QKV + OpArgs(("out", Tensor), ("lse", Tensor))
+            + _SETTINGS)
+
+
+def _ring_forward(a) -> tuple[Tensor, Tensor]:
+    q, k, v, scale, layout, backend = a.q, a.k, a.v, a.scale, a.layout, a.backend
+    pg = _comm.group_by_name(a.group)
     rank, world = pg.rank(), pg.size()
     b, t, h, _ = q.shape
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -108,7 +118,7 @@ def _ring_fwd_impl(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float, wi
     for step in range(world):
         source = (rank - step) % world
         incoming = _comm.RingShift(block, pg) if step + 1 < world else None
-        for call in step_plan(layout, world, rank, source, t, window_left, window_right):
+        for call in step_plan(layout, world, rank, source, t, a.window_left, a.window_right):
             part, part_lse = _internals.block_forward(
                 _rows(q, call.q_rows), _rows(block[0], call.kv_rows), _rows(block[1], call.kv_rows), scale=scale,
                 window_left=call.window_left, window_right=call.window_right, backend=backend)
@@ -118,10 +128,9 @@ def _ring_fwd_impl(q: Tensor, k: Tensor, v: Tensor, group: str, scale: float, wi
     return out.to(q.dtype), lse
 
 
-def _ring_bwd_impl(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   group: str, scale: float, window_left: Optional[int], window_right: Optional[int], layout: str,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    pg = _comm.group_by_name(group)
+def _ring_backward(a) -> tuple[Tensor, Tensor, Tensor]:
+    dout, dlse, q, k, v, out, lse = a.dout, a.dlse, a.q, a.k, a.v, a.out, a.lse
+    pg = _comm.group_by_name(a.group)
     rank, world = pg.rank(), pg.size()
     t = q.shape[1]
     if q.numel() == 0:
@@ -136,12 +145,12 @@ def _ring_bwd_impl(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
         exchange = _comm.RingShift(outgoing, pg) if outgoing else None
         dk = torch.zeros(block[0].shape, dtype=torch.float32, device=q.device)
         dv = torch.zeros_like(dk)
-        for call in step_plan(layout, world, rank, source, t, window_left, window_right):
+        for call in step_plan(a.layout, world, rank, source, t, a.window_left, a.window_right):
             rows = slice(*call.q_rows)
             dq_c, dk_c, dv_c = _internals.block_backward(
                 dout[:, rows], None if dlse is None else dlse[..., rows], q[:, rows],
                 _rows(block[0], call.kv_rows), _rows(block[1], call.kv_rows), out[:, rows], lse[..., rows],
-                scale=scale, window_left=call.window_left, window_right=call.window_right, backend=backend)
+                scale=a.scale, window_left=call.window_left, window_right=call.window_right, backend=a.backend)
             dq[:, rows] += dq_c
             _rows(dk, call.kv_rows).add_(dk_c)
             _rows(dv, call.kv_rows).add_(dv_c)
@@ -157,35 +166,30 @@ def _ring_bwd_impl(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-_ring_fwd = torch.library.custom_op("flashops::ring_attention_fwd", _ring_fwd_impl, mutates_args=())
+def _ring_fwd_fake(a) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(a.q), a.q.new_empty((a.q.shape[0], a.q.shape[2], a.q.shape[1]), dtype=torch.float32)
 
 
-@_ring_fwd.register_fake
-def _ring_fwd_fake(q, k, v, *rest):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+def _ring_bwd_fake(a) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(a.q), torch.empty_like(a.k), torch.empty_like(a.v)
 
 
-_ring_bwd = torch.library.custom_op("flashops::ring_attention_bwd", _ring_bwd_impl, mutates_args=())
-
-
-@_ring_bwd.register_fake
-def _ring_bwd_fake(dout, dlse, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
+_ring_fwd, _ring_fwd_impl = FWD_ARGS.custom_op("flashops::ring_attention_fwd", _ring_forward, fake=_ring_fwd_fake,
+                                               returns=tuple[Tensor, Tensor])
+_ring_bwd, _ring_bwd_impl = BWD_ARGS.custom_op("flashops::ring_attention_bwd", _ring_backward, fake=_ring_bwd_fake,
+                                               returns=tuple[Tensor, Tensor, Tensor])
 _ring_bwd_call = eager(_ring_bwd, _ring_bwd_impl)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *config = inputs
-    ctx.save_for_backward(q, k, v, *output)
-    ctx.config = config
+    FWD_ARGS.save(ctx, inputs, output)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _ring_bwd_call(dout.contiguous(), dlse, q, k, v, out, lse, *ctx.config)
-    return (dq, dk, dv) + (None,) * len(ctx.config)
+    a, (out, lse) = FWD_ARGS.saved(ctx)
+    dq, dk, dv = _ring_bwd_call(*BWD_ARGS.values(dout=dout.contiguous(), dlse=dlse, out=out, lse=lse,
+                                                 **FWD_ARGS.pick(a)))
+    return FWD_ARGS.grads(q=dq, k=dk, v=dv)
 
 
 _ring = register_autograd(_ring_fwd, _ring_fwd_impl, _backward, _setup_context)
@@ -234,4 +238,5 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
     left, right = _internals.parse_window(causal, window_size)
     scale = _internals.softmax_scale(softmax_scale, q.shape[-1])
     name = _internals.attention_backend(q, backend)
-    return _ring(q, k, v, _comm.group_name(pg), scale, left, right, layout, name)[0]
+    return _ring(*FWD_ARGS.values(q=q, k=k, v=v, group=_comm.group_name(pg), scale=scale, window_left=left,
+                                  window_right=right, layout=layout, backend=name))[0]

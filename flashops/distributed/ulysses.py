@@ -10,7 +10,8 @@ K/V blocks, but the head count must divide by P.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

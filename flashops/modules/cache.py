@@ -86,7 +86,7 @@ class KVCache(Cache):
 
     @classmethod
     def allocate(cls, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, *,
-                 page_size: Optional[int] = None, device=None, dtype=None) -> "KVCache":
+                 page_size: Optional[int] = None, device=None, dtype=None) -> KVCache:
         """Zero-filled buffers for ``max_seqlen`` tokens per sequence; with ``page_size`` (a multiple of 16) a
         paged cache in which each sequence owns ``ceil(max_seqlen / page_size)`` pages."""
         if page_size is None:

@@ -14,8 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.linear import (gated_linear_attention, gated_linear_attention_step, lightning_attention,
-                          lightning_attention_step, lightning_slopes)
+from ..ops.linear import (
+    gated_linear_attention,
+    gated_linear_attention_step,
+    lightning_attention,
+    lightning_attention_step,
+    lightning_slopes,
+)
 from .base import KeepsFP32, accepts_aliases, check_input, describe
 from .cache import RecurrentCache, check_cache
 

@@ -16,8 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.ssm import (SSMStep, default_state, fft_conv, forward_state, init_log_dt, inverse_softplus,
-                       krylov_kernel, s4d_init, s4d_kernel, setup_step, state_output, step, transition)
+from ..ops.ssm import (
+    SSMStep,
+    default_state,
+    fft_conv,
+    forward_state,
+    init_log_dt,
+    inverse_softplus,
+    krylov_kernel,
+    s4d_init,
+    s4d_kernel,
+    setup_step,
+    state_output,
+    step,
+    transition,
+)
 from ..ops.ssm.discretization import discretize
 from .base import KeepsFP32, accepts_aliases, check_input, describe
 from .cache import RecurrentCache, check_cache
@@ -55,8 +68,8 @@ class _LTISSM(KeepsFP32):
         self.embed_dim, self.channels = embed_dim, channels
         self.dt_transform, self.discretization, self.activation = dt_transform, discretization, activation
         log_dt = init_log_dt(embed_dim, dt_min, dt_max)
-        self.dt_param = nn.Parameter(log_dt if dt_transform == "exp"
-                                     else inverse_softplus(log_dt.double().exp()).float())
+        dt_param = log_dt if dt_transform == "exp" else inverse_softplus(log_dt.double().exp()).float()
+        self.dt_param = nn.Parameter(dt_param)
         self.D = nn.Parameter(torch.randn(channels, embed_dim))
         self.output_linear = nn.Linear(channels * embed_dim, embed_dim)
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -417,7 +417,8 @@ def _ssm_cases():
         g = _gen(9)
         x = {n: randn(b, 4, t, dtype=dtype, device=device, gen=g) for n in ("u", "delta", "z")}
         x.update(A=-torch.rand(4, 3, generator=g, dtype=torch.float64).to(device, dtype) - 0.1,
-                 B=randn(b, 3, t, dtype=dtype, device=device, gen=g), C=randn(b, 3, t, dtype=dtype, device=device, gen=g),
+                 B=randn(b, 3, t, dtype=dtype, device=device, gen=g),
+                 C=randn(b, 3, t, dtype=dtype, device=device, gen=g),
                  D=randn(4, dtype=dtype, device=device, gen=g), bias=randn(4, dtype=dtype, device=device, gen=g),
                  h0=randn(b, 4, 3, dtype=dtype, device=device, gen=g))
         return x
@@ -467,8 +468,8 @@ def _ssm_cases():
     def cauchy_make(b, t, dtype, device):
         g = _gen(13)
         w = crandn(b, 3, dtype=dtype, device=device, gen=g)
-        return dict(v=crandn(2, b, 3, dtype=dtype, device=device, gen=g), z=crandn(t, dtype=dtype, device=device, gen=g) * 3,
-                    w=w - 1.0)
+        return dict(v=crandn(2, b, 3, dtype=dtype, device=device, gen=g),
+                    z=crandn(t, dtype=dtype, device=device, gen=g) * 3, w=w - 1.0)
 
     def cauchy(x, backend):
         return flashops.cauchy_kernel(x["v"], x["z"], x["w"], backend=backend)
@@ -479,7 +480,8 @@ def _ssm_cases():
                             torch.randn(b, 3, generator=g, dtype=torch.float64))
         cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
         return dict(Lambda=lam.to(device, cdt), P=crandn(1, b, 3, dtype=dtype, device=device, gen=g) * 0.3,
-                    B=crandn(b, 3, dtype=dtype, device=device, gen=g), C=crandn(2, b, 3, dtype=dtype, device=device, gen=g),
+                    B=crandn(b, 3, dtype=dtype, device=device, gen=g),
+                    C=crandn(2, b, 3, dtype=dtype, device=device, gen=g),
                     dt=torch.rand(b, generator=g, dtype=torch.float64).to(device, dtype) * 0.1 + 0.01, L=t)
 
     def dplr(x, backend):
@@ -488,16 +490,16 @@ def _ssm_cases():
     def krylov_make(b, t, dtype, device):
         g = _gen(15)
         return dict(dA=randn(b, 3, 3, dtype=dtype, device=device, gen=g, scale=0.3),
-                    dB=randn(b, 3, dtype=dtype, device=device, gen=g), C=randn(2, b, 3, dtype=dtype, device=device, gen=g),
-                    L=t)
+                    dB=randn(b, 3, dtype=dtype, device=device, gen=g),
+                    C=randn(2, b, 3, dtype=dtype, device=device, gen=g), L=t)
 
     def krylov(x, backend):
         return flashops.krylov_kernel(x["dA"], x["dB"], x["C"], x["L"])
 
     def conv_make(b, t, dtype, device):
         g = _gen(16)
-        return dict(u=randn(b, 3, t, dtype=dtype, device=device, gen=g), K=randn(3, t, dtype=dtype, device=device, gen=g),
-                    D=randn(3, dtype=dtype, device=device, gen=g))
+        return dict(u=randn(b, 3, t, dtype=dtype, device=device, gen=g),
+                    K=randn(3, t, dtype=dtype, device=device, gen=g), D=randn(3, dtype=dtype, device=device, gen=g))
 
     def conv(x, backend):
         return flashops.fft_conv(x["u"], x["K"], x["D"])

@@ -141,7 +141,8 @@ def _douts_outside(site):
 
 def _strided(t):
     """The same values in a non-contiguous layout: rows twice as far apart, stride(-1) still 1."""
-    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+    if (not isinstance(t, torch.Tensor) or t.dim() < 2 or t.numel() == 0
+            or not (t.is_floating_point() or t.is_complex())):
         return t
     return torch.cat([t, torch.zeros_like(t)], dim=-1)[..., : t.shape[-1]]
 

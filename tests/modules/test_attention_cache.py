@@ -11,7 +11,6 @@ from flashops.testing import assert_close
 from ..conftest import DEVICE
 
 
-
 @pytest.fixture
 def torch_decode(monkeypatch):
     """Decode on the torch backend: the op's tests cover both backends, these the modules' use of the cache

@@ -5,19 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flashops import _dispatch
 from flashops.nn import GatedLinearAttention, LightningAttention
 from flashops.ops import linear as L
 from flashops.ops.linear import reference as ref
 from flashops.testing import assert_close
 
-BACKENDS = ["triton", "torch"]
-
-
-def _require(backend, device):
-    reasons = _dispatch.get(L.GLA, backend).supports(_dispatch.Request(device, torch.float32, {}))
-    if reasons:
-        pytest.skip(f"{backend}: " + "; ".join(reasons))
+from ..helpers import BACKENDS, require
 
 
 def _layer(kind, backend, device):
@@ -48,7 +41,7 @@ def _reference_forward(layer, x):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["lightning", "gla"])
 def test_layer_matches_reference_composition(backend, kind, device):
-    _require(backend, device)
+    require(L.GLA, backend, device=device)
     layer = _layer(kind, backend, device)
     x = torch.randn(2, 70, layer.embed_dim, device=device, requires_grad=True)
     y = layer(x)
@@ -65,7 +58,7 @@ def test_layer_matches_reference_composition(backend, kind, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["lightning", "gla"])
 def test_cache_prefill_in_pieces_and_generation(backend, kind, device):
-    _require(backend, device)
+    require(L.GLA, backend, device=device)
     layer = _layer(kind, backend, device)
     x = torch.randn(2, 21, layer.embed_dim, device=device)
     with torch.no_grad():
@@ -98,7 +91,7 @@ def test_gradients_flow_through_the_cached_state(kind, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["lightning", "gla"])
 def test_packed_sequences(backend, kind, device):
-    _require(backend, device)
+    require(L.GLA, backend, device=device)
     layer = _layer(kind, backend, device)
     lengths = [9, 0, 30]
     seqs = [torch.randn(1, n, layer.embed_dim, device=device) for n in lengths]

@@ -5,19 +5,16 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from flashops import _dispatch
 from flashops.nn import LocalLinearAttention
 from flashops.ops.lla import reference as ref
 from flashops.testing import assert_close
 
-BACKENDS = ["triton", "torch"]
+from ..helpers import BACKENDS, require
 
 
 def _layer(backend, device, **kw):
     for op in ("local_linear_attention", "local_linear_attention_decode"):
-        reasons = _dispatch.get(op, backend).supports(_dispatch.Request(device, torch.float32, {"head_dim": 16}))
-        if reasons:
-            pytest.skip(f"{backend}: " + "; ".join(reasons))
+        require(op, backend, device=device, head_dim=16)
     kw.setdefault("ridge_lambda", 0.7)
     return LocalLinearAttention(64, 4, num_kv_heads=2, backend=backend, device=device, **kw)
 

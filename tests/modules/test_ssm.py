@@ -57,8 +57,8 @@ def test_every_parameter_gets_a_gradient(cls, kw):
 
 
 def test_s4d_backends_agree(device):
-    from tests.ops.ssm_helpers import require
-    require("vandermonde_kernel", "triton", device)
+    from ..helpers import require
+    require("vandermonde_kernel", "triton", device=device)
     torch.manual_seed(0)
     m = S4D(4, d_state=8, channels=2).to(device)
     u = torch.randn(2, 40, 4, device=device)

@@ -1,21 +1,13 @@
-"""Shared helpers of the ssm tests: backend skips with the backend's own reasons."""
+"""Shared helpers of the ssm tests."""
 
-import pytest
 import torch
 
-from flashops import _dispatch
+from ..helpers import BACKENDS as TRITON_AND_TORCH
 
 # "cuda" runs csrc/cuda on a GPU, or on the CPU through the host emulator (tests/conftest.py).
-BACKENDS = ["cuda", "triton", "torch"]
+BACKENDS = ["cuda", *TRITON_AND_TORCH]
 # The scans also have the C++ CPU backend (csrc/ssm/scan_cpu.cpp).
 SCAN_BACKENDS = ["cuda", "triton", "cpp", "torch"]
-
-
-def require(op: str, backend: str, device, dtype=torch.float32, **features):
-    """Skip unless ``backend`` of ``op`` accepts (device, dtype); the skip names its reasons."""
-    reasons = _dispatch.get(op, backend).supports(_dispatch.Request(torch.device(device), dtype, features))
-    if reasons:
-        pytest.skip(f"{op}/{backend}: " + "; ".join(reasons))
 
 
 def pairs(x: torch.Tensor) -> torch.Tensor:

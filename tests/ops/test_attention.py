@@ -13,19 +13,13 @@ import flashops
 from flashops import _dispatch
 from flashops.ops.attention import reference
 from flashops.ops.attention.dropout import dense_keep_mask, draw_seed, varlen_keep_masks
-from flashops.testing import GRAD_FACTOR, assert_close, max_abs_error
+from flashops.testing import assert_close, max_abs_error
 
 from ..conftest import DEVICE, ON_GPU
+from ..helpers import BACKENDS, assert_all_close, require
 
-BACKENDS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def require(backend, dtype, **features):
-    features.setdefault("head_dim", 64)
-    reasons = _dispatch.get("attention", backend).supports(_dispatch.Request(DEVICE, dtype, features))
-    if reasons:
-        pytest.skip(f"{backend}: " + "; ".join(reasons))
+OP = "attention"
 
 
 def make_qkv(b, t_q, t_k, h, h_kv, d, dtype, packed=False):
@@ -57,12 +51,9 @@ def run_and_compare(q, k, v, backend, *, op=flashops.flash_attention, op_args=()
         g = torch.autograd.grad((o, l), leaves, (d_out.to(o.dtype), d_lse))
         return (o, l, *g)
 
-    oracle = reference_run(True)
-    baseline = reference_run(False) if q.dtype != torch.float32 else [None] * 5
     names = ["out", "lse", "dq", "dk", "dv"]
-    for name, actual, expected, base in zip(names, (out, lse, *grads), oracle, baseline):
-        factor = GRAD_FACTOR if name.startswith("d") else 2.0
-        assert_close(name, actual, expected, base, factor=factor, dtype=q.dtype)
+    baseline = dict(zip(names, reference_run(False))) if q.dtype != torch.float32 else None
+    assert_all_close(dict(zip(names, (out, lse, *grads))), dict(zip(names, reference_run(True))), baseline, q.dtype)
     return out, lse, grads
 
 
@@ -81,7 +72,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_fp32(backend, causal, shape):
     b, t_q, t_k, h, h_kv, d = shape
-    require(backend, torch.float32, head_dim=d)
+    require(OP, backend, torch.float32, head_dim=d)
     run_and_compare(*make_qkv(b, t_q, t_k, h, h_kv, d, torch.float32), backend, causal=causal)
 
 
@@ -154,27 +145,27 @@ def test_torch_backend_runs_torchs_fused_cpu_kernels_where_they_apply(monkeypatc
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_reference_half(backend, dtype, causal):
-    require(backend, dtype)
+    require(OP, backend, dtype)
     run_and_compare(*make_qkv(2, 77, 130, 4, 2, 64, dtype), backend, causal=causal)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d", [32, 96, 256])
 def test_head_dims(backend, d):
-    require(backend, torch.float16, head_dim=d)
+    require(OP, backend, torch.float16, head_dim=d)
     run_and_compare(*make_qkv(1, 70, 70, 2, 2, d, torch.float16), backend, causal=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window", [(8, 0), (20, 5), (-1, 3), (0, 0), (7, -1)])
 def test_sliding_window(backend, window):
-    require(backend, torch.float32)
+    require(OP, backend, torch.float32)
     run_and_compare(*make_qkv(1, 90, 130, 2, 1, 32, torch.float32), backend, window_size=window)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softcap_and_alibi(backend):
-    require(backend, torch.float32)
+    require(OP, backend, torch.float32)
     q, k, v = make_qkv(2, 65, 80, 4, 2, 32, torch.float32)
     slopes = torch.rand(4, device=DEVICE)
     run_and_compare(q, k, v, backend, causal=True, softcap=5.0, alibi_slopes=slopes)
@@ -184,7 +175,7 @@ def test_softcap_and_alibi(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_matches_reference_with_same_mask(backend):
-    require(backend, torch.float32, dropout=True)
+    require(OP, backend, torch.float32, dropout=True)
     b, t_q, t_k, h = 2, 70, 90, 2
     q, k, v = make_qkv(b, t_q, t_k, h, 1, 32, torch.float32)
     p = 0.3
@@ -197,7 +188,7 @@ def test_dropout_matches_reference_with_same_mask(backend):
 
 
 def test_dropout_backends_draw_the_same_mask():
-    require("triton", torch.float32, dropout=True)
+    require(OP, "triton", torch.float32, dropout=True)
     q, k, v = make_qkv(1, 64, 64, 2, 2, 16, torch.float32)
     outs = [flashops.flash_attention(q, k, v, dropout_p=0.5, backend=be,
                                      generator=torch.Generator(DEVICE).manual_seed(3)) for be in BACKENDS]
@@ -209,7 +200,7 @@ def test_dropout_backends_draw_the_same_mask():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_size", [(32, 32), (64, 32)])
 def test_block_sparse(backend, block_size):
-    require(backend, torch.float32, block_size=block_size)
+    require(OP, backend, torch.float32, block_size=block_size)
     b, t_q, t_k, h = 2, 150, 130, 2
     q, k, v = make_qkv(b, t_q, t_k, h, 1, 32, torch.float32)
     nb = (math.ceil(t_q / block_size[0]), math.ceil(t_k / block_size[1]))
@@ -223,7 +214,7 @@ def test_block_sparse(backend, block_size):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_matches_per_sequence(backend):
-    require(backend, torch.float32, varlen=True)
+    require(OP, backend, torch.float32, varlen=True)
     lens_q = [5, 0, 70, 33]
     lens_k = [9, 4, 70, 1]
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=DEVICE)
@@ -252,7 +243,7 @@ def test_varlen_flash_attn_layout_and_dense_equivalence():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_rows_are_zero(backend):
-    require(backend, torch.float32)
+    require(OP, backend, torch.float32)
     q, k, v = make_qkv(1, 50, 20, 2, 2, 16, torch.float32)
     out, lse = flashops.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
     assert torch.all(out[:, :30] == 0) and torch.all(torch.isneginf(lse[:, :, :30]))
@@ -263,7 +254,7 @@ def test_fully_masked_rows_are_zero(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates_without_crashing(backend):
-    require(backend, torch.float32)
+    require(OP, backend, torch.float32)
     q, k, v = make_qkv(1, 20, 20, 1, 1, 16, torch.float32)
     q = q.detach().clone()
     q[0, 3, 0, 0] = float("nan")
@@ -274,7 +265,7 @@ def test_nan_propagates_without_crashing(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic_backward(backend):
-    require(backend, torch.float32)
+    require(OP, backend, torch.float32)
     q, k, v = make_qkv(1, 100, 100, 4, 1, 32, torch.float32)
     grads = []
     for _ in range(2):
@@ -286,7 +277,7 @@ def test_deterministic_backward(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sdpa_matches_torch(backend):
-    require(backend, torch.float32)
+    require(OP, backend, torch.float32)
     b, h, t_q, t_k, d = 2, 4, 33, 47, 16
     q = torch.randn(b, h, t_q, d, device=DEVICE)
     k = torch.randn(b, 2, t_k, d, device=DEVICE)
@@ -396,7 +387,7 @@ def test_forced_backend_that_declines_names_its_reason(monkeypatch):
 # ------------------------------------------------------------------------------------ torch integration
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    require(backend, torch.float32)
+    require(OP, backend, torch.float32)
     q, k, v = (torch.randn(1, 20, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     args = (q, k, v, None, None, 20, 20, None, None, 128, 128, None, None, 0.25, None, 0, 0.0, 0.0, backend)
     torch.library.opcheck(torch.ops.flashops.attention_fwd.default, args)

@@ -20,7 +20,8 @@ from flashops.ops.linear import reference as linear_ref
 from flashops.ops.ssm import reference as ref
 from flashops.testing import GRAD_FACTOR, assert_close
 
-from .ssm_helpers import pairs, require
+from ..helpers import require
+from .ssm_helpers import pairs
 from .test_ssm_kernels import _cauchy_inputs, check_vandermonde
 from .test_ssm_scans import _check_linear, _check_selective, _gates, _selective_inputs
 
@@ -38,7 +39,7 @@ def _gpu_only(why: str):
 @pytest.mark.parametrize("backend", CUDA)
 @pytest.mark.parametrize("L", [1, 17, 4097, 65537])
 def test_linear_scan_lengths(backend, L, device):
-    require("linear_scan", backend, device)
+    require("linear_scan", backend, device=device)
     if L > 5000:
         _gpu_only("a 65537-step float64 reference loop")
     g = torch.Generator().manual_seed(L)
@@ -52,7 +53,7 @@ def test_linear_scan_lengths(backend, L, device):
 @pytest.mark.parametrize("backend", CUDA)
 @pytest.mark.parametrize("L", [17, 4097])
 def test_linear_scan_complex_across_chunks(backend, L, device):
-    require("linear_scan", backend, device)
+    require("linear_scan", backend, device=device)
     g = torch.Generator().manual_seed(L)
     a = torch.polar(0.9 + 0.1 * torch.rand(1, 2, L, dtype=F64, generator=g),
                     torch.rand(1, 2, L, dtype=F64, generator=g) * 2 * math.pi)
@@ -66,7 +67,7 @@ def test_linear_scan_complex_across_chunks(backend, L, device):
 @pytest.mark.parametrize("backend", CUDA)
 @pytest.mark.parametrize("L,groups", [(1, None), (17, 2), (4097, None), (65537, 2)])
 def test_selective_scan_lengths(backend, L, groups, device):
-    require("selective_scan", backend, device)
+    require("selective_scan", backend, device=device)
     if L > 5000:
         _gpu_only("a 65537-step float64 reference loop")
     batch, dim = (2, 8) if ON_GPU else (1, 2)
@@ -75,7 +76,7 @@ def test_selective_scan_lengths(backend, L, groups, device):
 
 @pytest.mark.parametrize("backend", CUDA)
 def test_selective_scan_many_channels(backend, device):
-    require("selective_scan", backend, device)
+    require("selective_scan", backend, device=device)
     _gpu_only("2 x 1536 channels; tests/ops/test_ssm_scans.py runs 21 channels on the emulator")
     _check_selective(backend, _selective_inputs(2, 1536, 16, 300, "mixed", groups=4, seed=5), device)
 
@@ -90,7 +91,7 @@ def _strided(shape, device, offset=3, spread=2):
 def test_strided_and_unaligned_inputs(backend, device):
     """Channel strides that are not the row length and rows starting 12 bytes into a vector: the kernels must
     take the scalar path there and give what the reference gives on contiguous copies."""
-    require("selective_scan", backend, device)
+    require("selective_scan", backend, device=device)
     L = 2100 if ON_GPU else 40
     u, delta, z = (_strided((2, 3, L), device) for _ in range(3))
     B, C = (torch.randn(2, 4, L + 5, device=device)[..., 5:] for _ in range(2))
@@ -116,7 +117,7 @@ def test_strided_and_unaligned_inputs(backend, device):
 def test_half_sequences_with_fp32_B_and_C(backend, dtype, device):
     """u, delta, z in half precision next to fp32 B and C (the kernels' fp32-weight instances) agree with the
     torch backend on the same inputs to half-precision rounding."""
-    require("selective_scan", backend, device, dtype)
+    require("selective_scan", backend, dtype, device)
     args = {k: (v.to(device).float() if isinstance(v, torch.Tensor) else v)
             for k, v in _selective_inputs(2, 4, 8, 300, "mixed", seed=4).items()}
     for k in ("u", "delta", "z"):
@@ -137,7 +138,7 @@ def test_half_sequences_with_fp32_B_and_C(backend, dtype, device):
 @pytest.mark.parametrize("backend", CUDA)
 @pytest.mark.parametrize("n_copies", [1, 3])
 def test_vandermonde_state_and_length_tiles(backend, n_copies, device):
-    require("vandermonde_kernel", backend, device)
+    require("vandermonde_kernel", backend, device=device)
     H, N, L = (16, 64, 16384) if ON_GPU else (2, 64, 1100)
     g = torch.Generator().manual_seed(n_copies)
     log_z = torch.complex(-torch.rand(H, N, dtype=F64, generator=g) * 0.01,
@@ -149,7 +150,7 @@ def test_vandermonde_state_and_length_tiles(backend, n_copies, device):
 @pytest.mark.parametrize("backend", CUDA)
 def test_cauchy_row_and_state_tiles(backend, device):
     """More rows than one block's 4 and more states than one block's 32, L not a multiple of 128."""
-    require("cauchy_kernel", backend, device)
+    require("cauchy_kernel", backend, device=device)
     v, z, w = _cauchy_inputs(6, 2, 70, 301, device, seed=2)
     v32, z32, w32 = (t.to(torch.complex64).requires_grad_() for t in (v, z, w))
     out = flashops.cauchy_kernel(v32, z32, w32, backend=backend)
@@ -170,7 +171,7 @@ def test_linear_attention_steps_head_dims(backend, d_k, d_v, gate_dtype, device)
     """Head dims up to 256 (both column halves of a lane), V not a multiple of 4 (scalar path), log-gates in
     another dtype than q, q/k/v taken as slices of [B, T, H, D] tensors."""
     dtype = torch.bfloat16 if gate_dtype == torch.bfloat16 else torch.float32
-    require("gated_linear_attention_step", backend, device, dtype)
+    require("gated_linear_attention_step", backend, dtype, device)
     b, h = 3, 2
     q, k = (torch.randn(b, 5, h, d_k, device=device, dtype=dtype)[:, 2] for _ in range(2))
     v = torch.randn(b, 5, h, d_v, device=device, dtype=dtype)[:, 3]
@@ -179,10 +180,11 @@ def test_linear_attention_steps_head_dims(backend, d_k, d_v, gate_dtype, device)
     gate = (torch.nn.functional.logsigmoid(torch.randn(b, h, d_k, device=device)).to(gate_dtype) if gated
             else torch.rand(h, device=device))
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, state) + ((gate,) if gated else ())]
+    q_, k_, v_, state_ = leaves[:4]
     if gated:
-        o, new = flashops.gated_linear_attention_step(*leaves[:4], leaves[4], scale=0.3, backend=backend)
+        o, new = flashops.gated_linear_attention_step(q_, k_, v_, leaves[4], state_, scale=0.3, backend=backend)
     else:
-        o, new = flashops.lightning_attention_step(*leaves[:4], gate, scale=0.3, backend=backend)
+        o, new = flashops.lightning_attention_step(q_, k_, v_, gate, state_, scale=0.3, backend=backend)
     exact = [t.detach().double().requires_grad_() for t in leaves]
     log_gate = exact[4] if gated else -gate.double()[None, :, None]
     o_ref, new_ref = linear_ref.recurrent_step(*exact[:3], log_gate, exact[3], scale=0.3)
@@ -212,7 +214,7 @@ def test_linear_attention_steps_head_dims(backend, d_k, d_v, gate_dtype, device)
 def test_selective_state_update_is_one_scan_step(backend, n_state, groups, x_dtype, device):
     """One step from `state` equals selective_scan over one position from initial_state = state, in the output,
     the new state and every gradient (dt in fp32 next to a bf16 x exercises the converted path)."""
-    require("selective_state_update", backend, device, x_dtype)
+    require("selective_state_update", backend, x_dtype, device)
     dim = 12
     args = _selective_inputs(3, dim, n_state, 1, "mixed", groups=groups, seed=n_state)
     names = ("initial_state", "u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -246,7 +248,7 @@ def test_selective_state_update_is_one_scan_step(backend, n_state, groups, x_dty
 # ----------------------------------------------------------------------------------------- tracing, streams
 @pytest.mark.parametrize("backend", CUDA)
 def test_torch_compile_fullgraph(backend, device):
-    require("selective_scan", backend, device)
+    require("selective_scan", backend, device=device)
     args = {k: (v.float().to(device) if isinstance(v, torch.Tensor) else v)
             for k, v in _selective_inputs(1, 2, 3, 20, "mixed").items()}
     a, b = torch.rand(1, 2, 20, device=device), torch.randn(1, 2, 20, device=device)
@@ -266,7 +268,7 @@ def test_torch_compile_fullgraph(backend, device):
 
 @pytest.mark.parametrize("backend", CUDA)
 def test_launches_follow_the_current_stream(backend, device):
-    require("linear_scan", backend, device)
+    require("linear_scan", backend, device=device)
     _gpu_only("CUDA streams")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):

@@ -4,15 +4,14 @@ NaN in unwritten slots, split-count choice, bad inputs, opcheck, torch.compile a
 Every cache here is filled with NaN except the slots a sequence holds: a NaN that reaches an output is a bug.
 """
 
-import math
 
 import pytest
 import torch
 
 import flashops
 from flashops import _dispatch
-from flashops.ops.attention import kvcache_pytorch, kvcache_triton
-from flashops.ops.attention.kvcache_reference import attention_with_kvcache as reference
+from flashops.ops.attention import pytorch_kvcache, triton_kvcache
+from flashops.ops.attention.reference import attention_with_kvcache as reference
 from flashops.testing import assert_close
 
 from ..conftest import DEVICE, ON_GPU
@@ -163,8 +162,8 @@ def test_bfloat16_on_gpu(backend):
 def test_torch_path_in_many_chunks(page_size, monkeypatch):
     # Chunks of 20 keys (not page aligned) and of few queries: the online softmax across chunks, the page
     # gather at chunk offsets and the query chunking (the memory bound of long query blocks).
-    monkeypatch.setattr(kvcache_pytorch, "TILE_ELEMENTS", 3 * 8 * 2 * 20)
-    monkeypatch.setattr(kvcache_pytorch, "MIN_KEY_CHUNK", 20)
+    monkeypatch.setattr(pytorch_kvcache, "TILE_ELEMENTS", 3 * 8 * 2 * 20)
+    monkeypatch.setattr(pytorch_kvcache, "MIN_KEY_CHUNK", 20)
     run_and_compare("torch", t_q=5, t_new=3, seqlens=(0, 37, 77), leftpad=[0, 5, 2], capacity=80,
                     page_size=page_size, window_size=(30, 0), alibi_slopes=torch.rand(8, device=DEVICE))
 
@@ -247,14 +246,14 @@ def test_int_cache_seqlens_and_transposed_cache_views():
 def test_choose_num_splits_from_shapes():
     h200_sms = 132
     # B = 1, 8 kv heads, 128k cache: about two waves of programs.
-    assert kvcache_triton.choose_num_splits(8, 131072, h200_sms) == 33
+    assert triton_kvcache.choose_num_splits(8, 131072, h200_sms) == 33
     # Enough programs already: no split.
-    assert kvcache_triton.choose_num_splits(64 * 8, 131072, h200_sms) == 1
+    assert triton_kvcache.choose_num_splits(64 * 8, 131072, h200_sms) == 1
     # Short caches: at least 128 keys per split.
-    assert kvcache_triton.choose_num_splits(8, 1024, h200_sms) == 8
-    assert kvcache_triton.choose_num_splits(8, 100, h200_sms) == 1
+    assert triton_kvcache.choose_num_splits(8, 1024, h200_sms) == 8
+    assert triton_kvcache.choose_num_splits(8, 100, h200_sms) == 1
     # MQA at B = 1: capped.
-    assert kvcache_triton.choose_num_splits(1, 1 << 20, h200_sms) == kvcache_triton.MAX_SPLITS
+    assert triton_kvcache.choose_num_splits(1, 1 << 20, h200_sms) == triton_kvcache.MAX_SPLITS
 
 
 # --------------------------------------------------------------------------------------------- bad inputs

@@ -15,15 +15,10 @@ from flashops.ops import linear as L
 from flashops.ops.linear import reference as ref
 from flashops.testing import GRAD_FACTOR, assert_close
 
-BACKENDS = ["triton", "torch"]
+from ..helpers import BACKENDS, assert_all_close, require
+
 # The decode steps also have CUDA kernels (on the CPU: through the host emulator, tests/conftest.py).
 STEP_BACKENDS = ["cuda", *BACKENDS]
-
-
-def _require(op, backend, device, dtype):
-    reasons = _dispatch.get(op, backend).supports(_dispatch.Request(device, dtype, {}))
-    if reasons:
-        pytest.skip(f"{backend}: " + "; ".join(reasons))
 
 
 def _gates(shape, device, strength=2.0):
@@ -78,11 +73,10 @@ def _compare(gated, q, k, v, gate, h0, backend, **kwargs):
     if lowp:
         o_b, final_b, grads_b = _run(_oracle(gated), q, k, v, gate, h0, gated=gated, upstream=up, upcast=False,
                                      **kwargs)
-    names = ["dq", "dk", "dv"] + (["dg"] if gated else []) + (["dh0"] if h0 is not None else [])
-    assert_close("o", o, o_r, o_b if lowp else None, dtype=q.dtype)
-    assert_close("final_state", final, final_r, final_b if lowp else None, dtype=q.dtype)
-    for i, name in enumerate(names):
-        assert_close(name, grads[i], grads_r[i], grads_b[i] if lowp else None, factor=GRAD_FACTOR, dtype=q.dtype)
+    names = ["o", "final_state", "dq", "dk", "dv"] + (["dg"] if gated else []) + (["dh0"] if h0 is not None else [])
+    baseline = dict(zip(names, (o_b, final_b, *grads_b))) if lowp else None
+    assert_all_close(dict(zip(names, (o, final, *grads))), dict(zip(names, (o_r, final_r, *grads_r))), baseline,
+                     q.dtype)
     return o, final, grads
 
 
@@ -101,7 +95,7 @@ def test_reference_recurrence_equals_quadratic_form(gated):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t", [1, 17, 63, 129])
 def test_lightning_matches_reference(backend, t, device):
-    _require(L.LIGHTNING, backend, device, torch.float32)
+    require(L.LIGHTNING, backend, torch.float32, device)
     q, k, v, slopes, h0 = _make(2, t, 2, 16, 32, device, torch.float32, gated=False)
     slopes[1] = 0.0  # one head without decay: plain linear attention
     _compare(False, q, k, v, slopes, h0, backend)
@@ -110,7 +104,7 @@ def test_lightning_matches_reference(backend, t, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t,batch", [(1, 2), (17, 2), (63, 2), (129, 1)])
 def test_gla_matches_reference(backend, t, batch, device):
-    _require(L.GLA, backend, device, torch.float32)
+    require(L.GLA, backend, torch.float32, device)
     q, k, v, g, h0 = _make(batch, t, 2, 16, 32, device, torch.float32, gated=True)
     _compare(True, q, k, v, g, h0, backend)
 
@@ -119,7 +113,7 @@ def test_gla_matches_reference(backend, t, batch, device):
 @pytest.mark.parametrize("gated", [True, False])
 def test_no_initial_state_and_odd_head_dims(backend, gated, device):
     # K, V not powers of two (padded tiles) and different from each other; no initial state; custom scale.
-    _require(L.GLA, backend, device, torch.float32)
+    require(L.GLA, backend, torch.float32, device)
     q, k, v, gate, _ = _make(1, 70, 2, 20, 24, device, torch.float32, gated=gated, with_state=False)
     _compare(gated, q, k, v, gate, None, backend, scale=0.7)
 
@@ -128,7 +122,7 @@ def test_no_initial_state_and_odd_head_dims(backend, gated, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("gated", [True, False])
 def test_half_precision_two_reference_rule(backend, dtype, gated, device):
-    _require(L.GLA, backend, device, dtype)
+    require(L.GLA, backend, dtype, device)
     q, k, v, gate, h0 = _make(1, 80, 2, 16, 32, device, dtype, gated=gated)
     _compare(gated, q, k, v, gate, h0, backend)
 
@@ -136,7 +130,7 @@ def test_half_precision_two_reference_rule(backend, dtype, gated, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_gates_stay_finite(backend, device):
     """g = -inf (forget everything), g = -1e4, and gates within 1e-6 of 1, in one sequence."""
-    _require(L.GLA, backend, device, torch.float32)
+    require(L.GLA, backend, torch.float32, device)
     q, k, v, g, h0 = _make(1, 90, 2, 16, 16, device, torch.float32, gated=True)
     g = g.clone()
     g[:, 5] = float("-inf")
@@ -149,7 +143,7 @@ def test_extreme_gates_stay_finite(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_slopes_stay_finite(backend, device):
-    _require(L.LIGHTNING, backend, device, torch.float32)
+    require(L.LIGHTNING, backend, torch.float32, device)
     q, k, v, _, h0 = _make(1, 70, 3, 16, 16, device, torch.float32, gated=False)
     slopes = torch.tensor([float("inf"), 1e4, 1e-7], device=device)
     o, final, grads = _compare(False, q, k, v, slopes, h0, backend)
@@ -158,7 +152,7 @@ def test_extreme_slopes_stay_finite(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plain_linear_attention_is_zero_decay(backend, device):
-    _require(L.LIGHTNING, backend, device, torch.float32)
+    require(L.LIGHTNING, backend, torch.float32, device)
     q, k, v, _, h0 = _make(1, 40, 2, 16, 16, device, torch.float32, gated=False)
     o, final = flashops.linear_attention(q, k, v, initial_state=h0, output_final_state=True, backend=backend)
     o_r, final_r = ref.linear_attention_recurrence(q, k, v, torch.zeros(1, device=device), scale=0.25,
@@ -170,7 +164,7 @@ def test_plain_linear_attention_is_zero_decay(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_transposed_views(backend, device):
     """[B, H, T, D] storage viewed as [B, T, H, D] (stride(-1) == 1, not contiguous) gives the same result."""
-    _require(L.GLA, backend, device, torch.float32)
+    require(L.GLA, backend, torch.float32, device)
     q, k, v, g, h0 = _make(1, 33, 2, 16, 16, device, torch.float32, gated=True)
     views = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, g)]
     assert not views[0].is_contiguous()
@@ -184,7 +178,7 @@ def test_transposed_views(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gated", [True, False])
 def test_empty_sequence_dimension(backend, gated, device):
-    _require(L.GLA, backend, device, torch.float32)
+    require(L.GLA, backend, torch.float32, device)
     q, k, v, gate, h0 = _make(2, 0, 2, 16, 16, device, torch.float32, gated=gated)
     o, final = _fast(gated)(q, k, v, gate, initial_state=h0, output_final_state=True, backend=backend)
     assert o.shape == (2, 0, 2, 16)
@@ -195,7 +189,7 @@ def test_empty_sequence_dimension(backend, gated, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gated", [True, False])
 def test_varlen_equals_separate_sequences(backend, gated, device):
-    _require(L.GLA, backend, device, torch.float32)
+    require(L.GLA, backend, torch.float32, device)
     lengths = [17, 0, 70, 1]
     cu = torch.tensor([0, 17, 17, 87, 88], dtype=torch.int32, device=device)
     q, k, v, gate, h0 = _make(1, sum(lengths), 2, 16, 16, device, torch.float32, gated=gated, n_states=4)
@@ -220,7 +214,7 @@ def test_varlen_equals_separate_sequences(backend, gated, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("varlen", [False, True])
 def test_noncausal_matches_reference(backend, varlen, device):
-    _require(L.NONCAUSAL, backend, device, torch.float32)
+    require(L.NONCAUSAL, backend, torch.float32, device)
     if varlen:
         cu = torch.tensor([0, 600, 600, 613], dtype=torch.int32, device=device)  # > one 512 segment, an empty one
         q, k, v, _, h0 = _make(1, 613, 2, 16, 24, device, torch.float32, gated=False, n_states=3)
@@ -247,7 +241,7 @@ def test_noncausal_matches_reference(backend, varlen, device):
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("gated", [True, False])
 def test_steps_reproduce_the_chunked_op(backend, gated, device):
-    _require(L.GLA_STEP, backend, device, torch.float32)
+    require(L.GLA_STEP, backend, torch.float32, device)
     q, k, v, gate, h0 = _make(2, 19, 2, 16, 24, device, torch.float32, gated=gated)
     chunked = None if backend == "cuda" else backend  # the chunked ops have no CUDA kernels
     o, final = _fast(gated)(q, k, v, gate, initial_state=h0, output_final_state=True, backend=chunked)
@@ -266,7 +260,7 @@ def test_steps_reproduce_the_chunked_op(backend, gated, device):
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("with_state", [True, False])
 def test_step_gradients(backend, gated, with_state, device):
-    _require(L.GLA_STEP, backend, device, torch.float32)
+    require(L.GLA_STEP, backend, torch.float32, device)
     b, h, d_k, d_v = 2, 3, 20, 40
     q, k = (torch.randn(b, h, d_k, device=device) for _ in range(2))
     v = torch.randn(b, h, d_v, device=device)
@@ -384,7 +378,7 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend, device):
-    _require(L.GLA, backend, device, torch.float32)
+    require(L.GLA, backend, torch.float32, device)
     q, k, v, g, h0 = _make(1, 20, 2, 16, 16, device, torch.float32, gated=True)
 
     def step(q, k, v, g, h0):
@@ -429,20 +423,20 @@ def test_out_of_domain_gates_give_nan_from_where_they_apply(backend, device):
     """Where values are not checked (accelerators: a check would sync the host), every backend gives the
     same answer: NaN in the bad head from the bad position on, everything else unchanged. (The backends are
     called directly here, past the CPU check.) Triton used to treat a NaN slope as the 30 cap."""
-    _require(L.GLA, backend, device, torch.float32)
-    impl = _dispatch.get(L.GLA, backend).load()
+    require(L.GLA, backend, torch.float32, device)
+    lightning, gla = _dispatch.get(L.LIGHTNING, backend).load(), _dispatch.get(L.GLA, backend).load()
     q, k, v, g, _ = _make(1, 70, 2, 8, 8, device, torch.float32, gated=True)
     slopes = torch.tensor([0.3, 0.5], device=device)
     for bad_slope in (float("nan"), -0.5):
         bad_slopes = torch.tensor([bad_slope, 0.5], device=device)
-        o, final = impl.chunk_forward(q, k, v, None, bad_slopes, 0.5, None, None, True)
-        clean, clean_final = impl.chunk_forward(q, k, v, None, slopes, 0.5, None, None, True)
+        o, final = lightning.chunk_forward(q, k, v, None, bad_slopes, 0.5, None, None, True)
+        clean, clean_final = lightning.chunk_forward(q, k, v, None, slopes, 0.5, None, None, True)
         assert o[:, :, 0].isnan().all() and final[:, 0].isnan().all(), f"slope {bad_slope}"
         assert torch.equal(o[:, :, 1], clean[:, :, 1]) and torch.equal(final[:, 1], clean_final[:, 1])
     for bad in (float("nan"), 0.25):
         g_bad = g.clone()
         g_bad[0, 40, 1, 3] = bad
-        o, final = impl.chunk_forward(q, k, v, g_bad, None, 0.5, None, None, True)
-        clean, clean_final = impl.chunk_forward(q, k, v, g, None, 0.5, None, None, True)
+        o, final = gla.chunk_forward(q, k, v, g_bad, None, 0.5, None, None, True)
+        clean, clean_final = gla.chunk_forward(q, k, v, g, None, 0.5, None, None, True)
         assert o[:, 40:, 1].isnan().all() and final[:, 1].isnan().any(), f"log-gate {bad}"
         assert torch.equal(o[:, :40], clean[:, :40]) and torch.equal(o[:, :, 0], clean[:, :, 0])

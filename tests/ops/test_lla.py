@@ -6,20 +6,14 @@ import pytest
 import torch
 
 import flashops
-from flashops import _dispatch
 from flashops.ops.lla import cg_stats
 from flashops.ops.lla import pytorch as lla_pytorch
 from flashops.ops.lla import reference as ref
 from flashops.testing import GRAD_FACTOR, assert_close
 
-BACKENDS = ["triton", "torch"]
+from ..helpers import BACKENDS, require
+
 OP = "local_linear_attention"
-
-
-def _skip_unless_supported(backend, device, dtype, op=OP, head_dim=16):
-    reasons = _dispatch.get(op, backend).supports(_dispatch.Request(device, dtype, {"head_dim": head_dim}))
-    if reasons:
-        pytest.skip(f"{backend}: " + "; ".join(reasons))
 
 
 def _qkv(b, t_q, t_k, h, h_kv, d, device, dtype=torch.float32, key_mean=0.0):
@@ -87,7 +81,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_fp32(backend, shape, device, monkeypatch):
     b, t_q, t_k, h, h_kv, d, causal = shape
-    _skip_unless_supported(backend, device, torch.float32, head_dim=d)
+    require(OP, backend, torch.float32, device, head_dim=d)
     # Small query chunks, so that the PyTorch path crosses chunk boundaries (causal masks on later chunks).
     monkeypatch.setattr(lla_pytorch, "MAX_QUERY_CHUNK", 16)
     q, k, v = (x.requires_grad_() for x in _qkv(b, t_q, t_k, h, h_kv, d, device))
@@ -108,7 +102,7 @@ def test_matches_reference_fp32(backend, shape, device, monkeypatch):
 def test_keys_with_a_large_common_offset(backend, device):
     """Key moments are taken about the first key: an offset shared by all keys (common in trained models)
     must not cost precision, although it does for a naive fp32 evaluation of the same formulas."""
-    _skip_unless_supported(backend, device, torch.float32)
+    require(OP, backend, torch.float32, device, head_dim=16)
     q, k, v = (x.requires_grad_() for x in _qkv(1, 40, 40, 1, 1, 16, device, key_mean=30.0))
     out = flashops.local_linear_attention(q, k, v, ridge_lambda=0.3, backend=backend)
     g = torch.randn_like(out)
@@ -128,7 +122,7 @@ def test_keys_with_a_large_common_offset(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_two_reference_rule(backend, dtype, device):
-    _skip_unless_supported(backend, device, dtype)
+    require(OP, backend, dtype, device, head_dim=16)
     q, k, v = (x.requires_grad_() for x in _qkv(1, 33, 33, 2, 1, 16, device, dtype))
     ridge = torch.tensor([0.5, 2.0], device=device)
     out = flashops.local_linear_attention(q, k, v, ridge_lambda=ridge, backend=backend)
@@ -147,7 +141,7 @@ def test_low_precision_two_reference_rule(backend, dtype, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_huge_ridge_is_softmax_attention(backend, device):
-    _skip_unless_supported(backend, device, torch.float32)
+    require(OP, backend, torch.float32, device, head_dim=16)
     q, k, v = _qkv(1, 33, 33, 2, 1, 16, device)
     out = flashops.local_linear_attention(q, k, v, ridge_lambda=1e8, backend=backend)
     softmax = flashops.flash_attention(q, k, v, causal=True, backend="torch")
@@ -156,7 +150,7 @@ def test_huge_ridge_is_softmax_attention(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causality_future_keys_do_not_change_the_past(backend, device):
-    _skip_unless_supported(backend, device, torch.float32)
+    require(OP, backend, torch.float32, device, head_dim=16)
     q, k, v = _qkv(1, 40, 40, 1, 1, 16, device)
     out = flashops.local_linear_attention(q, k, v, ridge_lambda=2.0, backend=backend)
     k2, v2 = k.clone(), v.clone()
@@ -170,7 +164,7 @@ def test_causality_future_keys_do_not_change_the_past(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ill_conditioned_contexts_are_finite(backend, device):
-    _skip_unless_supported(backend, device, torch.float32)
+    require(OP, backend, torch.float32, device, head_dim=16)
     q, k, v = _qkv(1, 24, 24, 2, 1, 16, device)
     dup = k[:, :1].expand_as(k).contiguous()  # every key identical: zero key covariance
     # Tiny ridges: CG cannot converge in a few iterations; the result must still be finite.
@@ -191,7 +185,7 @@ def test_ill_conditioned_contexts_are_finite(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cg_controls_are_honoured(backend, device):
-    _skip_unless_supported(backend, device, torch.float32)
+    require(OP, backend, torch.float32, device, head_dim=16)
     q, k, v = _qkv(1, 32, 32, 1, 1, 16, device)
     want = ref.local_linear_attention(q.double(), k.double(), v.double(), ridge_lambda=0.05)
     errors = []
@@ -220,7 +214,7 @@ def test_cg_controls_are_honoured(backend, device):
 # ------------------------------------------------------------------------------------------------- decode
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_equals_last_row_of_the_full_forward(backend, device):
-    _skip_unless_supported(backend, device, torch.float32, op="local_linear_attention_decode")
+    require("local_linear_attention_decode", backend, torch.float32, device, head_dim=16)
     b, t, h, h_kv, d = 3, 70, 4, 2, 16
     q, k, v = _qkv(b, t, t, h, h_kv, d, device)
     lengths = torch.tensor([70, 1, 37], device=device, dtype=torch.int32)

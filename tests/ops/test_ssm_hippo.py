@@ -6,8 +6,18 @@ import math
 import pytest
 import torch
 
-from flashops.ops.ssm import (MEASURES, basis_kernels, discretize, init_dt_bias, init_log_dt, inverse_softplus,
-                              nplr, rank_correction, s4d_init, transition)
+from flashops.ops.ssm import (
+    MEASURES,
+    basis_kernels,
+    discretize,
+    init_dt_bias,
+    init_log_dt,
+    inverse_softplus,
+    nplr,
+    rank_correction,
+    s4d_init,
+    transition,
+)
 
 F64 = torch.float64
 NORMAL_SHIFT = {"legs": -0.5, "legt": 0.0, "lagt": 0.0, "fout": 0.0, "foud": -0.5}

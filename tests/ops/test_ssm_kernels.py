@@ -6,12 +6,23 @@ import math
 import pytest
 import torch
 
-from flashops.ops.ssm import (cauchy_kernel, discretize, dplr_kernel, fft_conv, krylov_kernel, nplr, s4d_init,
-                              s4d_kernel, transition, vandermonde_kernel)
+from flashops.ops.ssm import (
+    cauchy_kernel,
+    discretize,
+    dplr_kernel,
+    fft_conv,
+    krylov_kernel,
+    nplr,
+    s4d_init,
+    s4d_kernel,
+    transition,
+    vandermonde_kernel,
+)
 from flashops.ops.ssm import reference as ref
 from flashops.testing import assert_close
 
-from .ssm_helpers import BACKENDS, pairs, require
+from ..helpers import require
+from .ssm_helpers import BACKENDS, pairs
 
 C64, C128, F64 = torch.complex64, torch.complex128, torch.float64
 
@@ -31,7 +42,7 @@ def _diag_system(H, N, n_copies, device, kind="lin", seed=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("H,N,n_copies,L", [(3, 5, 2, 1), (2, 16, 1, 17), (2, 33, 3, 129), (1, 4, 6, 300)])
 def test_vandermonde_matches_materialized(backend, H, N, n_copies, L, device):
-    require("vandermonde_kernel", backend, device)
+    require("vandermonde_kernel", backend, device=device)
     g = torch.Generator().manual_seed(H * N + L)
     log_z = torch.complex(-torch.rand(H, N, dtype=F64, generator=g) * 0.05,
                           torch.randn(H, N, dtype=F64, generator=g)).to(device)
@@ -58,7 +69,7 @@ def check_vandermonde(backend, log_z, w, L, g):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vandermonde_real_states(backend, device):
-    require("vandermonde_kernel", backend, device)
+    require("vandermonde_kernel", backend, device=device)
     log_z = (-torch.rand(2, 6, dtype=F64) * 0.3).to(device)
     w = torch.randn(2, 6, dtype=F64).to(device)
     x32, w32 = log_z.float().requires_grad_(), w.float().requires_grad_()
@@ -77,7 +88,7 @@ def test_vandermonde_real_states(backend, device):
 @pytest.mark.parametrize("disc", ["zoh", "bilinear", "euler", "backward_euler"])
 @pytest.mark.parametrize("kind", ["inv", "real"])
 def test_s4d_kernel_equals_power_kernel(backend, disc, kind, device):
-    require("vandermonde_kernel", backend, device)
+    require("vandermonde_kernel", backend, device=device)
     A, C, dt = _diag_system(3, 4, 2, device, kind)
     B = torch.ones_like(A)
     k = s4d_kernel(A.to(C64 if A.is_complex() else torch.float32), B.real.float(),
@@ -148,7 +159,7 @@ def _cauchy_inputs(M, G, N, L, device, hard=False, seed=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M,G,N,L", [(1, 1, 1, 1), (2, 3, 7, 40), (3, 2, 40, 130)])
 def test_cauchy_matches_naive(backend, M, G, N, L, device):
-    require("cauchy_kernel", backend, device)
+    require("cauchy_kernel", backend, device=device)
     v, z, w = _cauchy_inputs(M, G, N, L, device)
     v32, z32, w32 = (t.to(C64).requires_grad_() for t in (v, z, w))
     out = cauchy_kernel(v32, z32, w32, backend=backend)
@@ -167,7 +178,7 @@ def test_cauchy_matches_naive(backend, M, G, N, L, device):
 def test_cauchy_near_singular_points(backend, device):
     """Re(w) ~ -1e-3, Im(w) ~ N, z within 1e-3 of a pole: each term is computed as 1/(z - w) directly
     (exact subtraction), so fp32 keeps a small relative error."""
-    require("cauchy_kernel", backend, device)
+    require("cauchy_kernel", backend, device=device)
     v, z, w = _cauchy_inputs(2, 2, 64, 50, device, hard=True)
     v32, z32, w32 = (t.to(C64) for t in (v, z, w))
     out = cauchy_kernel(v32, z32, w32, backend=backend)
@@ -204,7 +215,7 @@ def _dplr_dense(Lam, P, B, C, dt, L):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("measure,L", [("legs", 16), ("legs", 17), ("legt", 10), ("foud", 9)])
 def test_dplr_kernel_equals_dense_power_kernel(backend, measure, L, device):
-    require("cauchy_kernel", backend, device)
+    require("cauchy_kernel", backend, device=device)
     N, H = 8, 2
     Lam, P, B, _ = nplr(measure, N)
     Lam, B = Lam.expand(H, -1), B.expand(H, -1)

@@ -11,7 +11,8 @@ from flashops.ops.ssm import linear_scan, selective_scan, selective_state_update
 from flashops.ops.ssm import reference as ref
 from flashops.testing import GRAD_FACTOR, assert_close
 
-from .ssm_helpers import SCAN_BACKENDS, pairs, require
+from ..helpers import require
+from .ssm_helpers import SCAN_BACKENDS, pairs
 
 F64 = torch.float64
 LENGTHS = [1, 31, 2047, 2048, 2049]
@@ -59,7 +60,7 @@ def _check_linear(backend, a, b, h0, reverse, device, dtype=torch.float32):
 @pytest.mark.parametrize("L", LENGTHS)
 @pytest.mark.parametrize("regime", ["near0", "near1"])
 def test_linear_scan_real(backend, L, regime, device):
-    require("linear_scan", backend, device)
+    require("linear_scan", backend, device=device)
     g = torch.Generator().manual_seed(L)
     shape = (1, 1, L) if L > 100 else (2, 3, L)
     a = _gates(shape, regime, g)
@@ -72,7 +73,7 @@ def test_linear_scan_real(backend, L, regime, device):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("L", [17, 129])
 def test_linear_scan_complex(backend, reverse, L, device):
-    require("linear_scan", backend, device)
+    require("linear_scan", backend, device=device)
     g = torch.Generator().manual_seed(L)
     mag = _gates((2, 3, L), "uniform", g)
     phase = torch.rand(2, 3, L, dtype=F64, generator=g) * 2 * math.pi
@@ -85,7 +86,7 @@ def test_linear_scan_complex(backend, reverse, L, device):
 
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_linear_scan_pairs_and_mixed_kinds(backend, device):
-    require("linear_scan", backend, device)
+    require("linear_scan", backend, device=device)
     a = torch.polar(torch.rand(2, 3, 40, device=device), torch.randn(2, 3, 40, device=device))
     b = torch.randn(2, 3, 40, dtype=torch.complex64, device=device)
     want = linear_scan(a, b, backend=backend)
@@ -102,7 +103,7 @@ def test_linear_scan_pairs_and_mixed_kinds(backend, device):
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_linear_scan_low_precision(backend, dtype, device):
-    require("linear_scan", backend, device, dtype)
+    require("linear_scan", backend, dtype, device)
     g = torch.Generator().manual_seed(0)
     a = _gates((2, 4, 300), "uniform", g)
     b = torch.randn(2, 4, 300, dtype=F64, generator=g)
@@ -112,7 +113,7 @@ def test_linear_scan_low_precision(backend, dtype, device):
 
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
 def test_linear_scan_gradcheck(backend):
-    require("linear_scan", backend, "cpu", F64)
+    require("linear_scan", backend, F64, "cpu")
     g = torch.Generator().manual_seed(0)
     for reverse in (False, True):
         a = torch.rand(1, 2, 5, dtype=F64, generator=g, requires_grad=True)
@@ -199,7 +200,7 @@ def _check_selective(backend, args, device, dtype=torch.float32, with_last=True)
 @pytest.mark.parametrize("L,regime", [(1, "mixed"), (31, "mixed"), (2047, "near1"), (2048, "near0"),
                                       (2049, "near1")])
 def test_selective_scan_lengths(backend, L, regime, device):
-    require("selective_scan", backend, device)
+    require("selective_scan", backend, device=device)
     # long sequences: one channel with one state keeps the interpreter (per-element scans) quick
     args = _selective_inputs(1, 1, 1, L, regime, seed=L) if L > 100 else _selective_inputs(2, 3, 3, L, regime, seed=L)
     _check_selective(backend, args, device)
@@ -208,7 +209,7 @@ def test_selective_scan_lengths(backend, L, regime, device):
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("case", ["plain", "grouped", "options", "wide_state"])
 def test_selective_scan_variants(backend, case, device):
-    require("selective_scan", backend, device)
+    require("selective_scan", backend, device=device)
     if case == "plain":  # no D, z, bias, initial state; no softplus; last state unused
         args = _selective_inputs(2, 3, 4, 45, "mixed", with_options=False, softplus=False)
         _check_selective(backend, args, device, with_last=False)
@@ -226,13 +227,13 @@ def test_selective_scan_variants(backend, case, device):
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_selective_scan_low_precision(backend, dtype, device):
-    require("selective_scan", backend, device, dtype)
+    require("selective_scan", backend, dtype, device)
     _check_selective(backend, _selective_inputs(2, 3, 4, 64, "mixed", seed=5), device, dtype)
 
 
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
 def test_selective_scan_gradcheck(backend):
-    require("selective_scan", backend, "cpu", F64)
+    require("selective_scan", backend, F64, "cpu")
     args = _selective_inputs(1, 2, 2, 5, "mixed", groups=None, seed=6)
     names = list(_FLOAT_ARGS)
     tensors = [args[k].clone().requires_grad_() for k in names]
@@ -248,7 +249,7 @@ def test_selective_scan_gradcheck(backend):
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_selective_scan_chunked_equals_full(backend, device):
     """State passing: two chunks with the first chunk's last state as the second's initial state."""
-    require("selective_scan", backend, device)
+    require("selective_scan", backend, device=device)
     args = {k: (v.float().to(device) if isinstance(v, torch.Tensor) else v)
             for k, v in _selective_inputs(1, 2, 3, 50, "mixed", seed=7).items()}
     full, last = selective_scan(**args, return_last_state=True, backend=backend)
@@ -273,7 +274,7 @@ def test_selective_scan_chunked_equals_full(backend, device):
 def test_scans_many_channels(backend, groups, device):
     """More channels than one of the C++ kernels' channel blocks: D = 21 is two blocks of 8 and a tail, and with 3
     groups of 7 channels sharing B and C, blocks end at group boundaries."""
-    require("selective_scan", backend, device)
+    require("selective_scan", backend, device=device)
     _check_selective(backend, _selective_inputs(2, 21, 4, 24, "mixed", groups=groups, seed=11), device)
     if groups is None:
         g = torch.Generator().manual_seed(12)
@@ -304,7 +305,7 @@ def _scan_gradients(backend, device, threads):
 def test_scans_two_threads_deterministic(backend, device):
     """Two CPU threads (the C++ backend splits the channel blocks and adds per-thread dB / dC partial sums in a
     fixed order) match one thread, and two runs give bitwise equal results."""
-    require("selective_scan", backend, device)
+    require("selective_scan", backend, device=device)
     names = ["h", "out", "last", "da", "db"] + [f"d{k}" for k in _FLOAT_ARGS]
     one = _scan_gradients(backend, device, 1)
     two = _scan_gradients(backend, device, 2)
@@ -318,7 +319,7 @@ def test_scans_two_threads_deterministic(backend, device):
 def test_selective_scan_extreme_steps(backend, device):
     """Steps at the edges of the fast math, cycling: softplus above its threshold (delta ~ 25.5: dt = delta), far
     below 0 (delta ~ -30: dt ~ 1e-13), and ordinary; with A down to -50, exp(dt A) underflows to 0."""
-    require("selective_scan", backend, device)
+    require("selective_scan", backend, device=device)
     args = _selective_inputs(2, 3, 4, 33, "mixed", seed=14)
     pattern = torch.tensor([25.5, -30.0, 0.3], dtype=F64).repeat(11)
     args["delta"] = pattern + 0.2 * torch.rand(2, 3, 33, dtype=F64, generator=torch.Generator().manual_seed(15))
@@ -332,7 +333,7 @@ def test_selective_scan_extreme_steps(backend, device):
 def test_scan_custom_ops_per_backend(backend, dtype, device):
     """opcheck (the fake kernels' shapes and dtypes, e.g. fp64 saved states, against each backend) and a
     torch.compile(fullgraph=True) trace through both scans."""
-    require("selective_scan", backend, device, dtype)
+    require("selective_scan", backend, dtype, device)
     a = torch.rand(2, 3, 9, device=device, dtype=dtype, requires_grad=True)
     b = torch.randn(2, 3, 9, device=device, dtype=dtype, requires_grad=True)
     h0 = torch.randn(2, 3, device=device, dtype=dtype, requires_grad=True)
@@ -384,7 +385,7 @@ def test_selective_state_update_gradcheck(groups):
 def test_selective_state_update_custom_op(backend, groups, device):
     """Schema, fake kernel and autograd registration of the step's custom op (the torch backward is autograd of
     the formula, the cuda one the kernel)."""
-    require("selective_state_update", backend, device)
+    require("selective_state_update", backend, device=device)
     args = _selective_inputs(2, 4, 3, 1, "mixed", groups=groups, seed=5)
     names = ("initial_state", "u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     step = [(args[k][..., 0] if k in ("u", "delta", "z", "B", "C") else args[k]).float().to(device)

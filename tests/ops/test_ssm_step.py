@@ -4,8 +4,19 @@ and the float64 step-by-step recurrence."""
 import pytest
 import torch
 
-from flashops.ops.ssm import (default_state, discretize, fft_conv, forward_state, krylov_kernel, s4d_init,
-                              s4d_kernel, setup_step, state_output, step, transition)
+from flashops.ops.ssm import (
+    default_state,
+    discretize,
+    fft_conv,
+    forward_state,
+    krylov_kernel,
+    s4d_init,
+    s4d_kernel,
+    setup_step,
+    state_output,
+    step,
+    transition,
+)
 from flashops.ops.ssm import reference as ref
 
 F64 = torch.float64
@@ -77,8 +88,8 @@ def test_chunked_inference_equals_full(kind, disc, split):
 
 
 def test_state_output_triton_matches_torch(device):
-    from .ssm_helpers import require
-    require("vandermonde_kernel", "triton", device)
+    from ..helpers import require
+    require("vandermonde_kernel", "triton", device=device)
     A, B, C, dt, _ = _system("complex", "zoh")
     ssm = setup_step(A.to(torch.complex64).to(device), B.float().to(device), C.to(torch.complex64).to(device),
                      dt.float().to(device), "zoh", diagonal=True)

@@ -36,12 +36,11 @@ def _compile(path: str, arch: str):
     from flashops import _cuda
 
     program = _programs()[path]
-    start = time.perf_counter()
     try:
         compiled = program.compile(arch, strict=True)
     except _cuda.CudaError as error:
-        return path, arch, None, str(error), time.perf_counter() - start
-    return path, arch, compiled.resources(), "", time.perf_counter() - start
+        return path, arch, None, str(error)
+    return path, arch, compiled.resources(), ""
 
 
 def main(argv=None) -> int:
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
         results = list(pool.map(_compile, *zip(*jobs)))
     failures = 0
     print(f"{'kernel instance':78s} {'arch':7s} {'regs':>4s} {'spill st/ld':>11s} {'stack':>5s} {'smem':>6s}")
-    for path, arch, resources, error, seconds in sorted(results):
+    for path, arch, resources, error in sorted(results, key=lambda result: result[:2]):
         if error:
             failures += 1
             print(f"FAILED {path} for {arch}:\n{error}")

@@ -1,7 +1,12 @@
-"""Record every Triton kernel launch the test suite makes under the interpreter, so that
-``compile_for_gpu.py`` can compile the same kernels, with the same constexpr switches, for a real GPU
-target on a machine that has none. The interpreter accepts code that the compiler rejects (Python globals,
-int methods on loop variables, unsupported dot shapes); this closes that gap in CPU-only CI."""
+"""Record every Triton kernel launch the test suite makes under the interpreter, so that ``compile_for_gpu.py``
+can compile the same kernels, with the same constexpr switches, for a real GPU target on a machine that has
+none. The interpreter accepts code that the compiler rejects (Python globals, int methods on loop variables,
+unsupported dot shapes); this closes that gap in CPU-only CI.
+
+Two specs per launch of a ``flashops._triton_utils.Launcher``: the launch as the interpreter ran it (its small
+tiles), and the same call with the config a GPU would run by default (the first candidate that fits the GPU's
+resources, with its warps and stages; the others follow in ``fallbacks``): that one is what the resource report
+and the spill check look at."""
 
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ def _scalar_type(value):
     raise TypeError(f"unsupported kernel argument {value!r}")
 
 
-def launch_spec(fn, args, kwargs) -> dict:
-    """{module, name, signature, constexprs, options} of one launch of the python kernel function ``fn``."""
+def launch_spec(fn, args, kwargs, gpu_default: bool = False) -> dict:
+    """{module, name, signature, constexprs, options, gpu_default} of one launch of the python kernel ``fn``."""
     params = inspect.signature(fn).parameters
     options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
     bound = inspect.signature(fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
@@ -46,27 +51,50 @@ def launch_spec(fn, args, kwargs) -> dict:
         else:
             signature[name] = _scalar_type(value)
     return {"module": fn.__module__, "name": fn.__name__, "signature": signature, "constexprs": constexprs,
-            "options": options}
+            "options": options, "gpu_default": gpu_default}
 
 
 def install_recorder(directory: str) -> None:
-    """Patch the interpreter's launch entry point to append each new launch spec to a per-process file."""
+    """Patch the interpreter's launch entry point (every launch) and ``Launcher.run`` (to add the GPU default
+    config of each call) to append each new spec to a per-process file."""
     from triton.runtime.interpreter import InterpretedFunction
+
+    from flashops._triton_utils import Launcher
 
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"launches-{os.getpid()}.jsonl")
     seen = set()
-    original = InterpretedFunction.run
 
-    def run(self, *args, grid, warmup, **kwargs):
+    def record(fn, args, kwargs, gpu_default=False, fallbacks=()):
+        if fn.__module__ in (None, "__main__"):
+            return  # a kernel defined by exec (e.g. a docstring example): the compile check cannot import it
         try:
-            spec = json.dumps(launch_spec(self.fn, args, kwargs), sort_keys=True)
+            spec = launch_spec(fn, args, kwargs, gpu_default)
+            if gpu_default:
+                spec["fallbacks"] = [launch_spec(fn, args, options, True) for options in fallbacks]
+            spec = json.dumps(spec, sort_keys=True)
         except TypeError:
-            spec = None  # an argument type the compile check cannot express; the launch still runs
-        if spec is not None and spec not in seen:
+            return  # an argument type the compile check cannot express; the launch still runs
+        if spec not in seen:
             seen.add(spec)
             with open(path, "a") as f:
                 f.write(spec + "\n")
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    InterpretedFunction.run = run
+    interpreted_run = InterpretedFunction.run
+
+    def run_interpreted(self, *args, grid, warmup, **kwargs):
+        record(self.fn, args, kwargs)
+        return interpreted_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    launcher_run = Launcher.run
+
+    def run_launcher(self, cfg, grid, args):
+        # A GPU runs the first candidate that fits its resources: record them all, the compile step stops at the
+        # first that fits.
+        chain = [{**self.kernel_arguments(c, args), "num_warps": c.num_warps, "num_stages": c.num_stages}
+                 for c in self.candidates(args)]
+        record(self.fn.fn, (), chain[0], gpu_default=True, fallbacks=chain[1:])
+        return launcher_run(self, cfg, grid, args)
+
+    InterpretedFunction.run = run_interpreted
+    Launcher.run = run_launcher

@@ -9,18 +9,19 @@ additive masks) is the same code. The log-sum-exp output is differentiable.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _dispatch
-from ..._custom_ops import eager, register_autograd
+from ..._custom_ops import BACKEND, OpArgs, eager, register_autograd
 from ..._numerics import compute_dtype
 from ..._triton_utils import triton_reasons
 from ..._validation import check_attention_inputs, check_cu_seqlens, check_tensor, pick_scale
-from .args import AttentionArgs
+from .args import AttentionArgs, AttentionBackend
 from .dropout import draw_seed
 from .kvcache import flash_attention_with_kvcache
 
@@ -54,81 +55,61 @@ _dispatch.register_probe(OP, lambda device, dtype: _dispatch.Request(device, dty
 
 
 # --------------------------------------------------------------------------------------------- custom ops
-def _args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, block_mask, block_m, block_n,
-          bias, seed, softmax_scale, window_left, window_right, softcap, dropout_p) -> AttentionArgs:
-    return AttentionArgs(
-        softmax_scale=softmax_scale, window_left=window_left, window_right=window_right, softcap=softcap,
-        dropout_p=dropout_p, seed=seed, alibi_slopes=alibi_slopes, block_mask=block_mask, block_m=block_m,
-        block_n=block_n, bias=bias, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+# The argument lists of the two custom ops, written once: q, k, v and the fields of AttentionArgs.
+_QKV = OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor))
+_ARGS = OpArgs.fields(AttentionArgs)
+FWD_ARGS = _QKV + _ARGS + BACKEND
+BWD_ARGS = (OpArgs(("dout", Tensor), ("dlse", Optional[Tensor])) + _QKV + OpArgs(("out", Tensor), ("lse", Tensor))
+            + _ARGS + OpArgs(("want_dbias", bool)) + BACKEND)
 
 
-def _attention_fwd_impl(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-    max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor], block_mask: Optional[Tensor],
-    block_m: int, block_n: int, bias: Optional[Tensor], seed: Optional[Tensor], softmax_scale: float,
-    window_left: Optional[int], window_right: Optional[int], softcap: float, dropout_p: float, backend: str,
-) -> tuple[Tensor, Tensor]:
-    a = _args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, block_mask, block_m, block_n,
-              bias, seed, softmax_scale, window_left, window_right, softcap, dropout_p)
-    return _dispatch.get(OP, backend).load().forward(q, k, v, a)
+def _backend(a) -> AttentionBackend:
+    return _dispatch.get(OP, a.backend).load()
 
 
-_attention_fwd = torch.library.custom_op("flashops::attention_fwd", _attention_fwd_impl, mutates_args=())
+def _run_attention_fwd(a) -> tuple[Tensor, Tensor]:
+    return _backend(a).forward(a.q, a.k, a.v, AttentionArgs(**_ARGS.pick(a)))
 
 
-@_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, cu_seqlens_q, *rest):
-    lse_shape = (q.shape[2], q.shape[1]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+def _attention_fwd_fake(a) -> tuple[Tensor, Tensor]:
+    q = a.q
+    lse_shape = (q.shape[2], q.shape[1]) if a.cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
     lse = q.new_empty(lse_shape, dtype=compute_dtype(q.dtype))
     return torch.empty_like(q), lse
 
 
-def _attention_bwd_impl(
-    dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-    alibi_slopes: Optional[Tensor], block_mask: Optional[Tensor], block_m: int, block_n: int,
-    bias: Optional[Tensor], seed: Optional[Tensor], softmax_scale: float, window_left: Optional[int],
-    window_right: Optional[int], softcap: float, dropout_p: float, want_dbias: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    a = _args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, block_mask, block_m, block_n,
-              bias, seed, softmax_scale, window_left, window_right, softcap, dropout_p)
-    dq, dk, dv, dbias = _dispatch.get(OP, backend).load().backward(dout, dlse, q, k, v, out, lse, a, want_dbias)
+def _run_attention_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dbias = _backend(a).backward(a.dout, a.dlse, a.q, a.k, a.v, a.out, a.lse,
+                                             AttentionArgs(**_ARGS.pick(a)), a.want_dbias)
     # A custom op returns tensors only: an empty one stands for "no bias gradient".
-    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
+    return dq, dk, dv, dbias if dbias is not None else a.q.new_empty(0)
 
 
-_attention_bwd = torch.library.custom_op("flashops::attention_bwd", _attention_bwd_impl, mutates_args=())
+def _attention_bwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dbias = torch.empty_like(a.bias, memory_format=torch.contiguous_format) if a.want_dbias else a.q.new_empty(0)
+    return torch.empty_like(a.q), torch.empty_like(a.k), torch.empty_like(a.v), dbias
 
 
-@_attention_bwd.register_fake
-def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        alibi_slopes, block_mask, block_m, block_n, bias, seed, *rest):
-    want_dbias = rest[-2]
-    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if want_dbias else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
-
-
+_attention_fwd, _attention_fwd_impl = FWD_ARGS.custom_op(
+    "flashops::attention_fwd", _run_attention_fwd, fake=_attention_fwd_fake, returns=tuple[Tensor, Tensor])
+_attention_bwd, _attention_bwd_impl = BWD_ARGS.custom_op(
+    "flashops::attention_bwd", _run_attention_bwd, fake=_attention_bwd_fake,
+    returns=tuple[Tensor, Tensor, Tensor, Tensor])
 _attention_bwd_call = eager(_attention_bwd, _attention_bwd_impl)
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m, block_n, bias, seed,
-     scale, left, right, softcap, dropout_p, backend) = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k, slopes, block_mask, bias, seed)
-    ctx.config = (max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend)
+    FWD_ARGS.save(ctx, inputs, output)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, slopes, block_mask, bias, seed = ctx.saved_tensors
-    max_q, max_k, block_m, block_n, scale, left, right, softcap, dropout_p, backend = ctx.config
-    want_dbias = bias is not None and ctx.needs_input_grad[11]
+    a, (out, lse) = FWD_ARGS.saved(ctx)
+    want_dbias = a.bias is not None and FWD_ARGS.needs_grad(ctx, "bias")
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv, dbias = _attention_bwd_call(
-        dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, slopes, block_mask, block_m, block_n, bias, seed,
-        scale, left, right, softcap, dropout_p, want_dbias, backend)
-    return (dq, dk, dv, *([None] * 8), dbias if want_dbias else None, *([None] * 7))
+    dq, dk, dv, dbias = _attention_bwd_call(*BWD_ARGS.values(
+        dout=dout, dlse=dlse, out=out, lse=lse, want_dbias=want_dbias, **FWD_ARGS.pick(a)))
+    return FWD_ARGS.grads(q=dq, k=dk, v=dv, bias=dbias if want_dbias else None)
 
 
 _attention = register_autograd(_attention_fwd, _attention_fwd_impl, _backward, _setup_context)
@@ -212,10 +193,8 @@ def _run(q, k, v, *, args: AttentionArgs, deterministic, backend):
         "deterministic": bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
     }
     chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, features), backend)
-    return _attention(
-        q, k, v, args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k, args.alibi_slopes,
-        args.block_mask, args.block_m, args.block_n, args.bias, args.seed, args.softmax_scale, args.window_left,
-        args.window_right, args.softcap, args.dropout_p, chosen.name)
+    # vars() of the dataclass instance: its fields by name (cheaper than reading them one by one)
+    return _attention(*FWD_ARGS.values(q=q, k=k, v=v, **vars(args), backend=chosen.name))
 
 
 # ------------------------------------------------------------------------------------------ public API

@@ -2,8 +2,9 @@
 
 One custom op, ``flashops::attention_kvcache``, appends the new keys/values into the caches in place (it is
 declared as mutating them) and attends; its fake kernel gives ``torch.compile(fullgraph=True)`` the output
-shapes, which depend on q's shape only. Backends: Triton split-KV ("flash-decoding", ``kvcache_triton.py``)
-and a chunked PyTorch path (``kvcache_pytorch.py``); the oracle is ``kvcache_reference.py``.
+shapes, which depend on q's shape only. Backends: Triton split-KV ("flash-decoding", ``triton_kvcache.py``)
+and a chunked PyTorch path (``pytorch_kvcache.py``), both implementing ``args.KVCacheBackend``; the oracle is
+``reference.attention_with_kvcache``.
 
 Nothing here reads tensor values on a GPU: index checks that would need a host synchronization run where
 they are free (CPU tensors) or when ``FLASHOPS_CHECK_INDICES=1`` asks for them, so a decode step can be
@@ -13,16 +14,17 @@ captured in a CUDA graph.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from ... import _dispatch
-from ..._custom_ops import eager
+from ..._custom_ops import BACKEND, OpArgs, eager
 from ..._triton_utils import triton_reasons
 from ..._validation import FLOAT_DTYPES, check_dim, check_same, check_tensor, pick_scale
-from .kvcache_args import KVCacheArgs, cache_capacity
+from .args import KVCacheArgs, KVCacheBackend, cache_capacity
 
 OP = "attention_kvcache"
 MAX_HEAD_DIM = 256
@@ -37,43 +39,38 @@ def _torch_supports(req: _dispatch.Request) -> list:
 
 
 def _triton_supports(req: _dispatch.Request) -> list:
-    if req.dtype == torch.float64:
-        return ["float64 runs on the torch backend only"]
     return triton_reasons(req.device, req.dtype)
 
 
 _dispatch.register(OP, _dispatch.Backend(
-    "triton", _dispatch.PRIORITY_TRITON, _triton_supports, f"{__package__}.kvcache_triton",
+    "triton", _dispatch.PRIORITY_TRITON, _triton_supports, f"{__package__}.triton_kvcache",
     "split-KV decoding: GQA groups packed into one tile, splits merged by log-sum-exp; paged caches"))
 _dispatch.register(OP, _dispatch.Backend(
-    "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__package__}.kvcache_pytorch",
+    "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__package__}.pytorch_kvcache",
     "chunked online-softmax PyTorch over the cache (linear memory; CPU and fallback)"))
 _dispatch.register_probe(OP, lambda device, dtype: _dispatch.Request(device, dtype, {"head_dim": 128}))
 
 
 # --------------------------------------------------------------------------------------------- custom op
-def _kvcache_impl(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor], cache_seqlens: Tensor,
-    cache_leftpad: Optional[Tensor], block_table: Optional[Tensor], alibi_slopes: Optional[Tensor],
-    softmax_scale: float, window_left: Optional[int], window_right: Optional[int], softcap: float, num_splits: int,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    a = KVCacheArgs(softmax_scale=softmax_scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
-                    block_table=block_table, window_left=window_left, window_right=window_right, softcap=softcap,
-                    alibi_slopes=alibi_slopes, num_splits=num_splits)
-    return _dispatch.get(OP, backend).load().forward(q, k_cache, v_cache, k, v, a)
+# The argument list, written once: the query, the caches (written in place), the new keys/values, the fields of
+# KVCacheArgs.
+_ARGS = OpArgs.fields(KVCacheArgs)
+KVCACHE_ARGS = (OpArgs(("q", Tensor), ("k_cache", Tensor), ("v_cache", Tensor), ("k", Optional[Tensor]),
+                       ("v", Optional[Tensor])) + _ARGS + BACKEND)
 
 
-_kvcache = torch.library.custom_op("flashops::attention_kvcache", _kvcache_impl,
-                                   mutates_args=("k_cache", "v_cache"))
+def _run_kvcache(a) -> tuple[Tensor, Tensor]:
+    backend: KVCacheBackend = _dispatch.get(OP, a.backend).load()
+    return backend.forward(a.q, a.k_cache, a.v_cache, a.k, a.v, KVCacheArgs(**_ARGS.pick(a)))
 
 
-@_kvcache.register_fake
-def _kvcache_fake(q, *rest):
-    b, t_q, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, t_q), dtype=torch.float32)
+def _kvcache_fake(a) -> tuple[Tensor, Tensor]:
+    b, t_q, h, _ = a.q.shape
+    return torch.empty_like(a.q), a.q.new_empty((b, h, t_q), dtype=torch.float32)
 
 
+_kvcache, _kvcache_impl = KVCACHE_ARGS.custom_op("flashops::attention_kvcache", _run_kvcache, fake=_kvcache_fake,
+                                                 returns=tuple[Tensor, Tensor], mutates=("k_cache", "v_cache"))
 _kvcache_call = eager(_kvcache, _kvcache_impl)
 
 
@@ -244,8 +241,10 @@ def flash_attention_with_kvcache(
                            "torch.no_grad() or torch.inference_mode(), or use flash_attention for training")
     features = {"head_dim": d, "paged": block_table is not None}
     chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, features), backend)
-    out, lse = _kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, block_table, slopes, scale,
-                             left, right, softcap, num_splits, chosen.name)
+    out, lse = _kvcache_call(*KVCACHE_ARGS.values(
+        q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+        block_table=block_table, alibi_slopes=slopes, softmax_scale=scale, window_left=left, window_right=right,
+        softcap=softcap, num_splits=num_splits, backend=chosen.name))
     return (out, lse) if return_lse else out
 
 

@@ -263,7 +263,7 @@ class _Fused:
     BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
     @staticmethod
-    def plan(q, k, v, a: AttentionArgs) -> Optional["_Fused"]:
+    def plan(q, k, v, a: AttentionArgs) -> Optional[_Fused]:
         """The fused problem where its kernels cover the call: no mask, SDPA's top-left causal mask (query i sees
         keys j <= i: every row sees a key) or flash-attn's bottom-right one with Tk >= Tq (fp32/fp64); no softcap,
         ALiBi, block or additive mask, no dropout (flashops draws its own counter-based stream); on a CPU, not
@@ -353,9 +353,9 @@ def forward(q, k, v, a: AttentionArgs):
     """q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> out [B, Tq, H, D] (input dtype), lse [B, H, Tq] (fp32; fp64 for
     fp64 inputs) (varlen: q/k/v packed [1, total, ., D], lse [H, total_q])."""
     out = torch.empty_like(q)
-    b, t_q, h, _ = q.shape
-    lse_dtype = compute_dtype(q.dtype)
-    lse = torch.empty((h, t_q) if a.varlen else (b, h, t_q), device=q.device, dtype=lse_dtype)
+    h = q.shape[2]
+    lse_shape = (h, q.shape[1]) if a.varlen else (q.shape[0], h, q.shape[1])
+    lse = torch.empty(lse_shape, device=q.device, dtype=compute_dtype(q.dtype))
     for qs, _, (q_n, k_n, v_n), rest in _sequences(q, k, v, a):
         fused = _Fused.plan(q_n, k_n, v_n, a)
         if fused is not None:

@@ -4,6 +4,9 @@ Same arguments as ``flashops.flash_attention`` plus ``dropout_mask`` (the keep-m
 ``upcast``: with ``upcast=True`` (default) it computes in fp32 from the given values; with ``upcast=False``
 it computes in the input dtype, which gives the "same reference in low precision" baseline of the
 tolerance rule. It imports nothing from flashops.
+
+``attention_with_kvcache`` is the oracle of ``flashops.flash_attention_with_kvcache``: it appends on a copy of
+the cache, gathers each sequence's keys position by position and attends with ``attention``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange, repeat
 
 
 def allowed_mask(t_q: int, t_k: int, window_left, window_right, device) -> torch.Tensor:
@@ -32,10 +36,10 @@ def _dense(q, k, v, *, softmax_scale, window_left, window_right, softcap, alibi_
     dtype = torch.float32 if upcast else q.dtype
     b, t_q, h, d = q.shape
     t_k, h_kv = k.shape[1], k.shape[2]
-    group = h // h_kv
-    qh = q.to(dtype).transpose(1, 2)
-    kh = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
-    vh = v.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    group = h // h_kv  # GQA: query head h uses key/value head h // group
+    qh = rearrange(q.to(dtype), "b t h d -> b h t d")
+    kh = repeat(k.to(dtype), "b t h d -> b (h g) t d", g=group)
+    vh = repeat(v.to(dtype), "b t h d -> b (h g) t d", g=group)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * softmax_scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
@@ -61,7 +65,7 @@ def _dense(q, k, v, *, softmax_scale, window_left, window_right, softcap, alibi_
         if dropout_mask is None:
             raise ValueError("the reference needs dropout_mask when dropout_p > 0")
         probs = probs * dropout_mask.to(dtype) / (1.0 - dropout_p)
-    out = torch.matmul(probs, vh).transpose(1, 2)
+    out = rearrange(torch.matmul(probs, vh), "b h t d -> b t h d")
     return out, lse
 
 
@@ -98,3 +102,44 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         outs.append(o)
         lses.append(l[0])
     return torch.cat(outs, dim=1).to(q.dtype), torch.cat(lses, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------- KV-cache decoding
+def _slot(block_table, page_size, b: int, position: int):
+    """(first index, row) of ``position`` of sequence ``b`` in a cache laid out as [B | pages, rows, Hkv, D]."""
+    if block_table is None:
+        return b, position
+    return int(block_table[b, position // page_size]), position % page_size
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, cache_leftpad=None,
+                           block_table=None, causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, upcast=True):
+    """Same arguments as ``flashops.flash_attention_with_kvcache`` (plus ``upcast``, as in :func:`attention`),
+    but it never writes into the given caches: returns ``(out [B, Tq, H, D], lse fp32 [B, H, Tq], k_cache,
+    v_cache)`` with the caches as they must look after the call (appended copies), so tests can compare the
+    op's in-place writes with them element by element. Sequence by sequence, positions one at a time."""
+    b, t_q, h, _ = q.shape
+    page_size = k_cache.shape[1]
+    seqlens = ([int(cache_seqlens)] * b if isinstance(cache_seqlens, int) else
+               [int(n) for n in cache_seqlens.tolist()])
+    leftpad = [0] * b if cache_leftpad is None else [int(n) for n in cache_leftpad.tolist()]
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    t_new = 0 if k is None else k.shape[1]
+    outs, lses = [], []
+    for i in range(b):
+        for t in range(t_new):
+            first, row = _slot(block_table, page_size, i, seqlens[i] + t)
+            k_cache[first, row] = k[i, t]
+            v_cache[first, row] = v[i, t]
+        slots = [_slot(block_table, page_size, i, p) for p in range(leftpad[i], seqlens[i] + t_new)]
+        keys = torch.stack([k_cache[f, r] for f, r in slots]) if slots else k_cache[0, :0]
+        values = torch.stack([v_cache[f, r] for f, r in slots]) if slots else v_cache[0, :0]
+        slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        out, lse = attention(q[i:i + 1], keys[None], values[None], causal=causal, softmax_scale=softmax_scale,
+                             window_size=window_size, softcap=softcap, alibi_slopes=slopes, upcast=upcast)
+        outs.append(out)
+        lses.append(lse)
+    if b == 0:
+        return q.clone(), q.new_empty(0, h, t_q, dtype=torch.float32), k_cache, v_cache
+    return torch.cat(outs), torch.cat(lses), k_cache, v_cache

@@ -4,27 +4,28 @@ Forward: one program per (query tile, batch * head) streams key/value tiles thro
 the log2 domain (exp2 with log2(e) folded into the scale). Key tiles are visited in three ranges: the
 masked head of the window, the unmasked middle and the masked tail; tiles outside the causal / sliding
 window range are never touched, and masks are only evaluated on the two boundary ranges.
-Backward: ``_attn_bwd_dkdv_kernel`` (one program per key tile, looping over the query tiles of every
-query head of its GQA group) and ``_attn_bwd_dq_kernel`` (one program per query tile), so nothing is
+Backward: ``attention_dkdv_bwd_kernel`` (one program per key tile, looping over the query tiles of every
+query head of its GQA group) and ``attention_dq_bwd_kernel`` (one program per query tile), so nothing is
 accumulated with atomics. Features (causal/window, softcap, ALiBi, dropout, block-sparse mask, additive
 bias, varlen, GQA) are constexpr switches: a plain call compiles none of their code.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ..._triton_numerics import masked_dot
-from ..._triton_utils import autotune_enabled, dot_precision, interpreter_enabled
-from .args import AttentionArgs
+from ..._triton_utils import config, dot_precision, launcher, strides
+from ..common.triton_math import LN2, LOG2E, tanh
+from ..common.triton_numerics import masked_dot
 from . import dropout
+from .args import AttentionArgs
 from .dropout import drop_threshold
 
-LOG2E = 1.4426950408889634
 # The dropout hash constants, as constexpr globals (compiled Triton reads no other globals).
 _MUL_A = tl.constexpr(dropout.MUL_A)
 _MUL_B = tl.constexpr(dropout.MUL_B)
@@ -32,6 +33,70 @@ _GOLDEN_BH = tl.constexpr(dropout.GOLDEN_BH)
 _GOLDEN_ROW = tl.constexpr(dropout.GOLDEN_ROW)
 _GOLDEN_COL = tl.constexpr(dropout.GOLDEN_COL)
 _HASH_SHIFT = tl.constexpr(32 - dropout.KEEP_BITS)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+# (BLOCK_M, BLOCK_N, warps, stages) per head-dim bucket; the first entry of each list is the default.
+_FWD_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+}
+# dK/dV: BLOCK_N keys held, BLOCK_M queries streamed.
+_DKDV_CONFIGS = {
+    64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
+    128: [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
+    256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+}
+_DQ_CONFIGS = {
+    64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2)],
+    128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)],
+}
+# Under the interpreter: small, unequal tiles so that short tests still cross tile and mask boundaries.
+_INTERPRETED = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
+_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
+# Autotune only on calls this large (forward FLOPs): below it, launch overhead hides the differences
+# between configs and the tuner would pick one at random; small calls take the first config that fits.
+_TUNE_MIN_FLOPS = 2**35
+_KEY = ["BLOCK_D", "HAS_RIGHT", "IS_VARLEN"]
+
+
+def _tile(block_m, block_n, warps, stages):
+    return config(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+def _mask_block(args: dict):
+    return (args["mask_block_m"], args["mask_block_n"]) if args["HAS_BLOCK_MASK"] else None
+
+
+@functools.cache
+def _candidates(kind: str, block_d: int, elem_size: int, mask_block) -> tuple:
+    """Configs to try for one kernel, best first. 4-byte inputs also get halved tiles with one pipeline stage
+    less, so that fp32 fits in shared memory; with a block mask, a tile must sit inside one mask block."""
+    bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    entries = list(_TABLES[kind][bucket])
+    if elem_size == 4:
+        entries += [(max(16, m // 2), max(16, n // 2), w, max(1, st - 1)) for m, n, w, st in entries]
+        entries += [(16, 16, 4, 1)]
+    if mask_block is not None:
+        entries = [e for e in entries if mask_block[0] % e[0] == 0 and mask_block[1] % e[1] == 0] or [
+            (math.gcd(mask_block[0], 64), math.gcd(mask_block[1], 64), 4, 1)]
+    return tuple(_tile(*e) for e in dict.fromkeys(entries))
+
+
+@functools.cache
+def _interpreted(kind: str, mask_block):
+    block_m, block_n = _INTERPRETED[kind]
+    if mask_block is not None:
+        block_m, block_n = math.gcd(mask_block[0], block_m), math.gcd(mask_block[1], block_n)
+    return _tile(block_m, block_n, 1, 1)
+
+
+def _launch_options(kind: str) -> dict:
+    return dict(
+        configs=lambda args: _candidates(kind, args["BLOCK_D"], args["Q"].element_size(), _mask_block(args)),
+        interpreted=lambda args: _interpreted(kind, _mask_block(args)), key=_KEY, tune_min_work=_TUNE_MIN_FLOPS)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -58,12 +123,6 @@ def _dropout_keep(row_hash, cols, threshold):
 
 
 @triton.jit
-def _tanh(x):
-    # 1 - 2 / (e^{2x} + 1): exact limits at +-inf, no libdevice call (works in the interpreter).
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
-
-
-@triton.jit
 def _sequence_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
     """(first query row, query count, first key row, key count) of batch entry b: read from cu_seqlens for
     packed sequences; dense ones start at row 0 with the given lengths."""
@@ -82,7 +141,7 @@ def _logits(qk, rows, cols, diag, qk_scale2, cap_scale, cap2, slope2,
             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """log2-domain logits from raw q.k and the tanh of the capped score (or qk when no softcap)."""
     if HAS_SOFTCAP:
-        t = _tanh(qk * cap_scale)
+        t = tanh(qk * cap_scale)
         s = t * cap2
     else:
         t = qk
@@ -95,7 +154,7 @@ def _logits(qk, rows, cols, diag, qk_scale2, cap_scale, cap2, slope2,
 @triton.jit
 def _add_bias(s, bias):
     """s + bias (log2 domain); a -inf (masked) bias entry stays -inf even where s is NaN."""
-    return tl.where(bias == float("-inf"), float("-inf"), s + bias.to(tl.float32) * 1.4426950408889634)
+    return tl.where(bias == float("-inf"), float("-inf"), s + bias.to(tl.float32) * LOG2E)
 
 
 @triton.jit
@@ -158,7 +217,7 @@ def _query_ranges(start_n, seqlen_q, diag, window_left, window_right, BLOCK_M: t
 # ----------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
-              seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn,
+              seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn,
               qk_scale2, cap_scale, cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale,
               HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
               HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -187,7 +246,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, offs_n
     s, _ = _logits(qk, rows[:, None], cols[None, :], diag, qk_scale2, cap_scale, cap2, slope2,
                    HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:
-        bias = tl.load(bias_base + rows[:, None] * stride_bm + cols[None, :] * stride_bn,
+        bias = tl.load(bias_base + rows[:, None] * stride_biasm + cols[None, :] * stride_biasn,
                        mask=row_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
         s = _add_bias(s, bias)
     if MASKED:
@@ -213,38 +272,40 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, offs_n
 
 
 @triton.jit
-def _fwd_range(acc, l_i, m_i, lo, hi, q, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n,
-               rows, offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn,
+def _fwd_range(acc, l_i, m_i, lo, hi, q, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n,
+               rows, offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn,
                qk_scale2, cap_scale, cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale,
                HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
+        visible = True  # unless the block mask skips this tile
         if HAS_BLOCK_MASK:
-            if tl.load(mask_row_ptr + (start_n // mask_block_n) * stride_mn) != 0:
-                acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
-                    seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2,
-                    slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D,
-                    MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, DOT_PRECISION)
-        else:
+            visible = tl.load(mask_row_ptr + (start_n // mask_block_n) * stride_block_maskn) != 0
+        if visible:
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
-                seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2,
+                seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale, cap2,
                 slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D,
                 MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, DOT_PRECISION)
     return acc, l_i, m_i
 
 
+@launcher(**_launch_options("fwd"))
 @triton.jit
-def _attn_fwd_kernel(
+def attention_output_fwd_kernel(
+    # pointers
     Q, K, V, O, LSE, SEED, SLOPES, BLOCK_MASK, BIAS, CU_Q, CU_K,
+    # strides
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_sb, stride_sh,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_ob, stride_ot, stride_oh, stride_lseb, stride_lseh,
+    stride_slopesb, stride_slopesh, stride_block_maskb, stride_block_maskh, stride_block_maskm, stride_block_maskn,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    # sizes and scalars
     seqlen_q, seqlen_k, num_heads, kv_group, mask_block_m, mask_block_n,
     qk_scale2, cap_scale, cap2, window_left, window_right, drop_threshold, drop_scale,
+    # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -282,13 +343,14 @@ def _attn_fwd_kernel(
 
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh) * 1.4426950408889634
+        slope2 = tl.load(SLOPES + b * stride_slopesb + h * stride_slopesh) * LOG2E
     bias_base = BIAS
     if HAS_BIAS:
-        bias_base = BIAS + b64 * stride_bb + h.to(tl.int64) * stride_bh
+        bias_base = BIAS + b64 * stride_biasb + h.to(tl.int64) * stride_biash
     mask_row_ptr = BLOCK_MASK
     if HAS_BLOCK_MASK:
-        mask_row_ptr = BLOCK_MASK + b * stride_mb + h * stride_mh + (start_m // mask_block_m) * stride_mm
+        mask_row_ptr = (BLOCK_MASK + b * stride_block_maskb + h * stride_block_maskh
+                        + (start_m // mask_block_m) * stride_block_maskm)
     drop_rows = rows
     if HAS_DROPOUT:
         drop_rows = _dropout_row_hash(tl.load(SEED), b * num_heads + h, rows)
@@ -299,40 +361,46 @@ def _attn_fwd_kernel(
     lo, a, bnd, end = _key_ranges(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                   HAS_LEFT, HAS_RIGHT)
     acc, l_i, m_i = _fwd_range(
-        acc, l_i, m_i, lo, a, q, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows, offs_n,
-        offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2,
-        slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
-        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+        acc, l_i, m_i, lo, a, q, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale,
+        cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N, True,
+        HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
     acc, l_i, m_i = _fwd_range(
-        acc, l_i, m_i, a, bnd, q, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows, offs_n,
-        offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2,
-        slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
+        acc, l_i, m_i, a, bnd, q, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale,
+        cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
         False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
     acc, l_i, m_i = _fwd_range(
-        acc, l_i, m_i, bnd, end, q, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows,
-        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale,
+        acc, l_i, m_i, bnd, end, q, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale,
         cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
         True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     o_ptrs = (O + b64 * stride_ob + h.to(tl.int64) * stride_oh + (q_start + start_m).to(tl.int64) * stride_ot
               + offs_m[:, None] * stride_ot + offs_d[None, :])
     if EVEN_D:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    lse_ptrs = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
+    lse_ptrs = LSE + b64 * stride_lseb + h.to(tl.int64) * stride_lseh + q_start + rows
     tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------- backward
+@launcher(configs=lambda args: _delta_configs(args["HEAD_DIM"]))
 @triton.jit
-def _attn_bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh,
-    stride_lb, stride_lh, seqlen_q, num_heads,
+def attention_delta_bwd_kernel(
+    # pointers
+    O, DO, DLSE, DELTA, CU_Q,
+    # strides
+    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_lseb, stride_lseh,
+    # sizes
+    seqlen_q, num_heads,
+    # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -351,10 +419,10 @@ def _attn_bwd_preprocess_kernel(
     b64 = b.to(tl.int64)
     row64 = (q_start + rows).to(tl.int64)
     o = tl.load(O + b64 * stride_ob + h * stride_oh + row64[:, None] * stride_ot + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + b64 * stride_db + h * stride_dh + row64[:, None] * stride_dt + offs_d[None, :], mask=ok,
+    do = tl.load(DO + b64 * stride_dob + h * stride_doh + row64[:, None] * stride_dot + offs_d[None, :], mask=ok,
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    lse_off = b64 * stride_lb + h * stride_lh + q_start + rows
+    lse_off = b64 * stride_lseb + h * stride_lseh + q_start + rows
     if HAS_DLSE:
         delta = delta - tl.load(DLSE + lse_off, mask=rows < seqlen_q, other=0.0)
     tl.store(DELTA + lse_off, delta, mask=rows < seqlen_q)
@@ -362,7 +430,7 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, start_m, cols, offs_m, offs_d,
-                   seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm, stride_bn,
+                   seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_biasm, stride_biasn,
                    qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
                    drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -394,12 +462,12 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_bas
         lse2 = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
     # log2-domain lse; a row with nothing visible (-inf) gets +inf so that its probabilities are 0.
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * LOG2E)
     qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
     s_t, t_t = _logits(qk_t, rows[None, :], cols[:, None], diag, qk_scale2, cap_scale, cap2, slope2,
                        HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:
-        bias = tl.load(bias_base + rows[None, :] * stride_bm + cols[:, None] * stride_bn,
+        bias = tl.load(bias_base + rows[None, :] * stride_biasm + cols[:, None] * stride_biasn,
                        mask=row_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
         s_t = _add_bias(s_t, bias)
     if MASKED:
@@ -428,40 +496,41 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_bas
 
 @triton.jit
 def _bwd_dkdv_range(dk, dv, lo, hi, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr,
-                    stride_mm, mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot,
-                    stride_bm, stride_bn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh,
-                    drop_threshold, drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+                    stride_block_maskm, mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt,
+                    stride_dot, stride_biasm, stride_biasn, qk_scale2, cap_scale, cap2, slope2, window_left,
+                    window_right, seed, bh, drop_threshold, drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
+        visible = True  # unless the block mask skips this tile
         if HAS_BLOCK_MASK:
-            if tl.load(mask_col_ptr + (start_m // mask_block_m) * stride_mm) != 0:
-                dk, dv = _bwd_dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, start_m, cols, offs_m, offs_d,
-                    seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm, stride_bn, qk_scale2, cap_scale,
-                    cap2, slope2, window_left, window_right, seed, bh, drop_threshold, drop_scale, HEAD_DIM,
-                    EVEN_D, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT,
-                    DOT_PRECISION)
-        else:
+            visible = tl.load(mask_col_ptr + (start_m // mask_block_m) * stride_block_maskm) != 0
+        if visible:
             dk, dv = _bwd_dkdv_tile(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, start_m, cols, offs_m, offs_d,
-                seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm, stride_bn, qk_scale2, cap_scale,
+                seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_biasm, stride_biasn, qk_scale2, cap_scale,
                 cap2, slope2, window_left, window_right, seed, bh, drop_threshold, drop_scale, HEAD_DIM,
                 EVEN_D, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT,
                 DOT_PRECISION)
     return dk, dv
 
 
+@launcher(**_launch_options("dkdv"))
 @triton.jit
-def _attn_bwd_dkdv_kernel(
+def attention_dkdv_bwd_kernel(
+    # pointers
     Q, K, V, DO, LSE, DELTA, DK, DV, SEED, SLOPES, BLOCK_MASK, BIAS, CU_Q, CU_K,
+    # strides
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-    stride_lb, stride_lh, stride_sb, stride_sh, stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_lseb, stride_lseh,
+    stride_slopesb, stride_slopesh, stride_block_maskb, stride_block_maskh, stride_block_maskm, stride_block_maskn,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    # sizes and scalars
     seqlen_q, seqlen_k, num_heads, kv_group, mask_block_m, mask_block_n,
     sm_scale, qk_scale2, cap_scale, cap2, window_left, window_right, drop_threshold, drop_scale,
+    # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -502,34 +571,35 @@ def _attn_bwd_dkdv_kernel(
         h64 = h.to(tl.int64)
         q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
         do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start.to(tl.int64) * stride_dot
-        lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
-        delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q_start
+        lse_base = LSE + b64 * stride_lseb + h64 * stride_lseh + q_start
+        delta_base = DELTA + b64 * stride_lseb + h64 * stride_lseh + q_start
         slope2 = 0.0
         if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh) * 1.4426950408889634
+            slope2 = tl.load(SLOPES + b * stride_slopesb + h * stride_slopesh) * LOG2E
         bias_base = BIAS
         if HAS_BIAS:
-            bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
+            bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
         mask_col_ptr = BLOCK_MASK
         if HAS_BLOCK_MASK:
-            mask_col_ptr = BLOCK_MASK + b * stride_mb + h * stride_mh + (start_n // mask_block_n) * stride_mn
+            mask_col_ptr = (BLOCK_MASK + b * stride_block_maskb + h * stride_block_maskh
+                            + (start_n // mask_block_n) * stride_block_maskn)
         bh = b * num_heads + h
         dk, dv = _bwd_dkdv_range(
-            dk, dv, lo, a, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr, stride_mm,
-            mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm,
-            stride_bn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
+            dk, dv, lo, a, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr, stride_block_maskm,
+            mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_biasm,
+            stride_biasn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
             drop_scale, HEAD_DIM, EVEN_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
             HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
         dk, dv = _bwd_dkdv_range(
-            dk, dv, a, bnd, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr, stride_mm,
-            mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm,
-            stride_bn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
+            dk, dv, a, bnd, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr, stride_block_maskm,
+            mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_biasm,
+            stride_biasn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
             drop_scale, HEAD_DIM, EVEN_D, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
             HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
         dk, dv = _bwd_dkdv_range(
-            dk, dv, bnd, end, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr, stride_mm,
-            mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_bm,
-            stride_bn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
+            dk, dv, bnd, end, k, v, q_base, do_base, lse_base, delta_base, bias_base, mask_col_ptr, stride_block_maskm,
+            mask_block_m, cols, offs_m, offs_d, seqlen_q, seqlen_k, diag, stride_qt, stride_dot, stride_biasm,
+            stride_biasn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, seed, bh, drop_threshold,
             drop_scale, HEAD_DIM, EVEN_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
             HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
     dk = dk * sm_scale
@@ -541,7 +611,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
-                 seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2, slope2,
+                 seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale, cap2, slope2,
                  window_left, window_right, drop_rows, drop_threshold, drop_scale,
                  HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                  HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -565,7 +635,7 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, row
     s, t = _logits(qk, rows[:, None], cols[None, :], diag, qk_scale2, cap_scale, cap2, slope2,
                    HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:
-        bias = tl.load(bias_base + rows[:, None] * stride_bm + cols[None, :] * stride_bn,
+        bias = tl.load(bias_base + rows[:, None] * stride_biasm + cols[None, :] * stride_biasn,
                        mask=row_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
         s = _add_bias(s, bias)
     if MASKED:
@@ -588,39 +658,41 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, row
 
 
 @triton.jit
-def _bwd_dq_range(dq, lo, hi, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n,
-                  rows, offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn,
-                  qk_scale2, cap_scale, cap2, slope2, window_left, window_right, drop_rows, drop_threshold,
-                  drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_dq_range(dq, lo, hi, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn,
+                  mask_block_n, rows, offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm,
+                  stride_biasn, qk_scale2, cap_scale, cap2, slope2, window_left, window_right, drop_rows,
+                  drop_threshold, drop_scale, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
+        visible = True  # unless the block mask skips this tile
         if HAS_BLOCK_MASK:
-            if tl.load(mask_row_ptr + (start_n // mask_block_n) * stride_mn) != 0:
-                dq = _bwd_dq_tile(
-                    dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
-                    seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2, slope2,
-                    window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, MASKED,
-                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, DOT_PRECISION)
-        else:
+            visible = tl.load(mask_row_ptr + (start_n // mask_block_n) * stride_block_maskn) != 0
+        if visible:
             dq = _bwd_dq_tile(
                 dq, q, do, lse2, delta, k_base, v_base, bias_base, start_n, rows, offs_n, offs_d, row_ok,
-                seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale, cap2, slope2,
+                seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale, cap2, slope2,
                 window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, MASKED,
                 HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, DOT_PRECISION)
     return dq
 
 
+@launcher(**_launch_options("dq"))
 @triton.jit
-def _attn_bwd_dq_kernel(
+def attention_dq_bwd_kernel(
+    # pointers
     Q, K, V, DO, LSE, DELTA, DQ, SEED, SLOPES, BLOCK_MASK, BIAS, CU_Q, CU_K,
+    # strides
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
-    stride_lb, stride_lh, stride_sb, stride_sh, stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_lseb, stride_lseh,
+    stride_slopesb, stride_slopesh, stride_block_maskb, stride_block_maskh, stride_block_maskm, stride_block_maskn,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    # sizes and scalars
     seqlen_q, seqlen_k, num_heads, kv_group, mask_block_m, mask_block_n,
     sm_scale, qk_scale2, cap_scale, cap2, window_left, window_right, drop_threshold, drop_scale,
+    # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -652,21 +724,22 @@ def _attn_bwd_dq_kernel(
                 + offs_d[None, :], mask=ok, other=0.0)
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row64 * stride_dot + offs_m[:, None] * stride_dot
                  + offs_d[None, :], mask=ok, other=0.0)
-    lse_off = b64 * stride_lb + h64 * stride_lh + q_start + rows
+    lse_off = b64 * stride_lseb + h64 * stride_lseh + q_start + rows
     lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * LOG2E)
     delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kt
     v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vt
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh) * 1.4426950408889634
+        slope2 = tl.load(SLOPES + b * stride_slopesb + h * stride_slopesh) * LOG2E
     bias_base = BIAS
     if HAS_BIAS:
-        bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
+        bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
     mask_row_ptr = BLOCK_MASK
     if HAS_BLOCK_MASK:
-        mask_row_ptr = BLOCK_MASK + b * stride_mb + h * stride_mh + (start_m // mask_block_m) * stride_mm
+        mask_row_ptr = (BLOCK_MASK + b * stride_block_maskb + h * stride_block_maskh
+                        + (start_m // mask_block_m) * stride_block_maskm)
     drop_rows = rows
     if HAS_DROPOUT:
         drop_rows = _dropout_row_hash(tl.load(SEED), b * num_heads + h, rows)
@@ -674,103 +747,30 @@ def _attn_bwd_dq_kernel(
     lo, a, bnd, end = _key_ranges(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                   HAS_LEFT, HAS_RIGHT)
     dq = _bwd_dq_range(
-        dq, lo, a, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows,
-        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale,
+        dq, lo, a, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale,
         cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
         True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
     dq = _bwd_dq_range(
-        dq, a, bnd, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows,
-        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale,
+        dq, a, bnd, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n, rows,
+        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2, cap_scale,
         cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
         False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
     dq = _bwd_dq_range(
-        dq, bnd, end, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_mn, mask_block_n, rows,
-        offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_bm, stride_bn, qk_scale2, cap_scale,
-        cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D, BLOCK_N,
-        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK, DOT_PRECISION)
+        dq, bnd, end, q, do, lse2, delta, k_base, v_base, bias_base, mask_row_ptr, stride_block_maskn, mask_block_n,
+        rows, offs_n, offs_d, row_ok, seqlen_k, diag, stride_kt, stride_vt, stride_biasm, stride_biasn, qk_scale2,
+        cap_scale, cap2, slope2, window_left, window_right, drop_rows, drop_threshold, drop_scale, HEAD_DIM, EVEN_D,
+        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT, HAS_BLOCK_MASK,
+        DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row64 * stride_dqt + offs_m[:, None] * stride_dqt
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _cfg(block_m, block_n, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-
-
-# (BLOCK_M, BLOCK_N, warps, stages); the first entry of each list is the default when autotuning is off.
-_FWD_CONFIGS = {
-    64: [(128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-}
-# dK/dV: BLOCK_N keys held, BLOCK_M queries streamed.
-_DKDV_CONFIGS = {
-    64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
-    128: [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
-    256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
-}
-_DQ_CONFIGS = {
-    64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2)],
-    128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
-    256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)],
-}
-# Under the interpreter: small, unequal tiles so that short tests still cross tile and mask boundaries.
-_INTERPRETED = {"fwd": (64, 32, 1, 1), "dkdv": (32, 64, 1, 1), "dq": (64, 32, 1, 1)}
-_TUNING_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
-_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
-# Autotune only on calls this large (forward FLOPs): below it, launch overhead hides the differences
-# between configs and the tuner would pick one at random; small calls use the default chain instead.
-_TUNE_MIN_FLOPS = 2**35
-_TUNED: dict = {}
-_DEFAULTS: dict = {}
-
-
-def _candidates(kind: str, block_d: int, elem_size: int, mask_block) -> list:
-    """Configs to try for one kernel, best first. 4-byte inputs also get halved tiles with one
-    pipeline stage less, so that fp32 fits in shared memory."""
-    bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
-    entries = list(_TUNING_TABLES[kind][bucket])
-    if elem_size == 4:
-        entries += [(max(16, m // 2), max(16, n // 2), w, max(1, st - 1)) for m, n, w, st in entries]
-        entries += [(16, 16, 4, 1)]
-    if mask_block is not None:
-        # A tile must sit inside one block of the block mask.
-        entries = [e for e in entries if mask_block[0] % e[0] == 0 and mask_block[1] % e[1] == 0] or [
-            (math.gcd(mask_block[0], 64), math.gcd(mask_block[1], 64), 4, 1)]
-    return list(dict.fromkeys(entries))
-
-
-def _launch(kind: str, grid, args: tuple, kwargs: dict, elem_size: int, mask_block, flops: float):
-    """Launch one kernel: autotuned (tuning once per head-dim bucket, dtype and mask kind) when the call is
-    large enough to measure, else the first default candidate that fits the GPU's resources."""
-    block_d = kwargs["BLOCK_D"]
-    if interpreter_enabled():
-        interpreted = _INTERPRETED[kind]
-        if mask_block is not None:
-            interpreted = (math.gcd(mask_block[0], interpreted[0]), math.gcd(mask_block[1], interpreted[1]), 1, 1)
-        return _KERNELS[kind][grid](*args, **kwargs, **_config_kwargs(interpreted))
-    key = (kind, block_d, elem_size, mask_block)
-    entries = _candidates(kind, block_d, elem_size, mask_block)
-    if autotune_enabled() and flops >= _TUNE_MIN_FLOPS:
-        if key not in _TUNED:
-            _TUNED[key] = triton.autotune(configs=[_cfg(*e) for e in entries],
-                                          key=["BLOCK_D", "HAS_RIGHT", "IS_VARLEN"])(_KERNELS[kind])
-        return _TUNED[key][grid](*args, **kwargs)
-    start = _DEFAULTS.get(key, 0)
-    for index in range(start, len(entries)):
-        try:
-            result = _KERNELS[kind][grid](*args, **kwargs, **_config_kwargs(entries[index]))
-        except triton.runtime.errors.OutOfResources:
-            continue
-        _DEFAULTS[key] = index
-        return result
-    raise RuntimeError(f"no {kind} attention config fits this GPU for head dim bucket {block_d}")
-
-
-def _config_kwargs(entry) -> dict:
-    block_m, block_n, warps, stages = entry
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+@functools.cache
+def _delta_configs(head_dim: int) -> tuple:
+    return (config(4, 3, BLOCK_M=64 if head_dim <= 128 else 32),)
 
 
 def _features(q: torch.Tensor, a: AttentionArgs) -> dict:
@@ -786,48 +786,45 @@ def _features(q: torch.Tensor, a: AttentionArgs) -> dict:
 def _scalars(a: AttentionArgs) -> dict:
     cap = a.softcap if a.softcap > 0 else 1.0
     return dict(
-        qk_scale2=a.softmax_scale * LOG2E, cap_scale=a.softmax_scale / cap, cap2=cap * LOG2E,
+        qk_scale2=a.softmax_scale * LOG2E.value, cap_scale=a.softmax_scale / cap, cap2=cap * LOG2E.value,
         window_left=a.window_left if a.window_left is not None else 0,
         window_right=a.window_right if a.window_right is not None else 0,
         drop_threshold=drop_threshold(a.dropout_p), drop_scale=1.0 / (1.0 - a.dropout_p),
     )
 
 
-def _aux(q: torch.Tensor, a: AttentionArgs):
+def _optional_inputs(q: torch.Tensor, a: AttentionArgs) -> dict:
     """Pointers and strides of the optional inputs (a dummy tensor stands in for absent ones)."""
     dummy = q.new_empty(1)
     slopes = a.alibi_slopes
-    if slopes is None:
-        slope_strides = (0, 0)
-    elif slopes.dim() == 1:
-        slope_strides = (0, slopes.stride(0))
-    else:
-        slope_strides = (slopes.stride(0), slopes.stride(1))
-    bm = a.block_mask
-    mask_strides = (0, 0, 0, 0) if bm is None else tuple(
-        s if n > 1 else 0 for s, n in zip(bm.stride(), bm.shape))
-    bias = a.bias
-    bias_strides = (0, 0, 0, 0) if bias is None else tuple(
-        s if n > 1 else 0 for s, n in zip(bias.stride(), bias.shape))
-    seed = a.seed.reshape(1) if a.seed is not None else dummy
+    if slopes is not None and slopes.dim() == 2:
+        slope_strides = strides("slopes", slopes, "bh")
+    else:  # [H]: the same slopes for every batch entry
+        slope_strides = {"stride_slopesb": 0, **strides("slopes", slopes, "h")}
     return dict(
-        tensors=(seed, slopes if slopes is not None else dummy, bm if bm is not None else dummy,
-                 bias if bias is not None else dummy,
-                 a.cu_seqlens_q if a.varlen else dummy, a.cu_seqlens_k if a.varlen else dummy),
-        strides=(*slope_strides, *mask_strides, *bias_strides),
+        SEED=a.seed.reshape(1) if a.seed is not None else dummy,
+        SLOPES=slopes if slopes is not None else dummy, BLOCK_MASK=a.block_mask if a.block_mask is not None else dummy,
+        BIAS=a.bias if a.bias is not None else dummy,
+        CU_Q=a.cu_seqlens_q if a.varlen else dummy, CU_K=a.cu_seqlens_k if a.varlen else dummy,
+        **slope_strides, **strides("block_mask", a.block_mask, "bhmn", broadcast=True),
+        **strides("bias", a.bias, "bhmn", broadcast=True),
     )
 
 
-def _lse_strides(lse: torch.Tensor, varlen: bool):
+def _token_strides(a: AttentionArgs, **tensors: torch.Tensor) -> dict:
+    """(batch, token, head) strides of [B, T, H, D] tensors. Varlen inputs are packed [1, total, H, D]: the
+    kernels' batch index is then the sequence index, which selects rows through cu_seqlens: batch stride 0."""
+    out = {}
+    for name, t in tensors.items():
+        out.update(strides(name, t, "bth", zero="b" if a.varlen else ""))
+    return out
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> dict:
     # LSE is [B, H, Tq] (dense) or [H, total_q] (varlen, batch stride 0); rows are contiguous.
-    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-
-
-def _strides(t: torch.Tensor, a: AttentionArgs) -> tuple[int, int, int]:
-    """(batch, token, head) strides of a [B, T, H, D] tensor. Varlen inputs are packed [1, total, H, D]:
-    the kernels' batch index is then the sequence index, which selects rows through cu_seqlens, so the
-    batch stride is 0."""
-    return (0 if a.varlen else t.stride(0)), t.stride(1), t.stride(2)
+    if varlen:
+        return {"stride_lseb": 0, **strides("lse", lse, "h")}
+    return strides("lse", lse, "bh")
 
 
 def _lengths(q, k, a: AttentionArgs):
@@ -841,6 +838,11 @@ def _forward_flops(q, a: AttentionArgs, batch: int, max_q: int, max_k: int) -> f
     return flops / 2 if a.window_right is not None else flops
 
 
+def _sizes(a: AttentionArgs, h: int, h_kv: int, max_q: int, max_k: int) -> dict:
+    return dict(seqlen_q=max_q, seqlen_k=max_k, num_heads=h, kv_group=h // h_kv, mask_block_m=a.block_m,
+                mask_block_n=a.block_n)
+
+
 def forward(q, k, v, a: AttentionArgs):
     batch, max_q, max_k = _lengths(q, k, a)
     h, h_kv = q.shape[2], k.shape[2]
@@ -848,14 +850,12 @@ def forward(q, k, v, a: AttentionArgs):
     lse = torch.empty((h, q.shape[1]) if a.varlen else (batch, h, max_q), device=q.device, dtype=torch.float32)
     if max_q == 0 or batch == 0:
         return out, lse
-    feats = _features(q, a)
-    aux = _aux(q, a)
-    mask_block = (a.block_m, a.block_n) if a.block_mask is not None else None
-    args = (q, k, v, out, lse, *aux["tensors"], *_strides(q, a), *_strides(k, a), *_strides(v, a),
-            *_strides(out, a), *_lse_strides(lse, a.varlen), *aux["strides"],
-            max_q, max_k, h, h // h_kv, a.block_m, a.block_n)
-    _launch("fwd", lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h), args,
-            {**_scalars(a), **feats}, q.element_size(), mask_block, _forward_flops(q, a, batch, max_q, max_k))
+    attention_output_fwd_kernel.launch(
+        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h),
+        work=_forward_flops(q, a, batch, max_q, max_k),
+        Q=q, K=k, V=v, O=out, LSE=lse, **_optional_inputs(q, a),
+        **_token_strides(a, q=q, k=k, v=v, o=out), **_lse_strides(lse, a.varlen),
+        **_sizes(a, h, h_kv, max_q, max_k), **_scalars(a), **_features(q, a))
     return out, lse
 
 
@@ -869,26 +869,23 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
     dv = torch.empty_like(v)
     if batch == 0 or max_q == 0 or max_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), None
-    feats = _features(q, a)
-    aux = _aux(q, a)
+    features = _features(q, a)
+    optional = _optional_inputs(q, a)
     lse_strides = _lse_strides(lse, a.varlen)
     delta = torch.empty_like(lse)
-    pre_block = 64 if feats["HEAD_DIM"] <= 128 else 32
-    _attn_bwd_preprocess_kernel[(triton.cdiv(max_q, pre_block), batch * h)](
-        out, dout, dlse.contiguous() if dlse is not None else lse, delta, aux["tensors"][4],
-        *_strides(out, a), *_strides(dout, a), *lse_strides,
-        max_q, h, HEAD_DIM=feats["HEAD_DIM"], BLOCK_D=feats["BLOCK_D"], IS_VARLEN=a.varlen,
-        HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
-    )
-    kwargs = {**_scalars(a), **feats}
-    mask_block = (a.block_m, a.block_n) if a.block_mask is not None else None
+    attention_delta_bwd_kernel.launch(
+        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h),
+        O=out, DO=dout, DLSE=dlse.contiguous() if dlse is not None else lse, DELTA=delta, CU_Q=optional["CU_Q"],
+        **_token_strides(a, o=out, do=dout), **lse_strides, seqlen_q=max_q, num_heads=h,
+        HEAD_DIM=features["HEAD_DIM"], BLOCK_D=features["BLOCK_D"], IS_VARLEN=a.varlen, HAS_DLSE=dlse is not None)
+    common = dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, **optional,
+                  **_token_strides(a, q=q, k=k, v=v, do=dout), **lse_strides, **_sizes(a, h, h_kv, max_q, max_k),
+                  sm_scale=a.softmax_scale, **_scalars(a), **features)
     flops = 2.5 * _forward_flops(q, a, batch, max_q, max_k)
-    inputs = (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(dout, a))
-    tail = (max_q, max_k, h, h // h_kv, a.block_m, a.block_n, a.softmax_scale)
-    _launch("dkdv", lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch * h_kv),
-            (q, k, v, dout, lse, delta, dk, dv, *aux["tensors"], *inputs, *_strides(dk, a), *_strides(dv, a),
-             *lse_strides, *aux["strides"], *tail), kwargs, q.element_size(), mask_block, flops)
-    _launch("dq", lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h),
-            (q, k, v, dout, lse, delta, dq, *aux["tensors"], *inputs, *_strides(dq, a), *lse_strides,
-             *aux["strides"], *tail), kwargs, q.element_size(), mask_block, flops)
+    attention_dkdv_bwd_kernel.launch(
+        lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch * h_kv), work=flops,
+        DK=dk, DV=dv, **_token_strides(a, dk=dk, dv=dv), **common)
+    attention_dq_bwd_kernel.launch(
+        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h), work=flops,
+        DQ=dq, **_token_strides(a, dq=dq), **common)
     return dq, dk, dv, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange, repeat
 
 
 def _block_of_slot(bounds, device) -> torch.Tensor:
@@ -70,33 +71,35 @@ def plan_weights(plan, heads: int, device) -> torch.Tensor:
     return weights[..., :t_q, :t_q]
 
 
+def _heads_first(q, k, v, dtype):
+    """q [B, Tq, H, D] -> [B, H, Tq, D]; k/v [B, Tk, Hkv, D] -> [B, H, Tk, D] (GQA groups repeated)."""
+    group = q.shape[2] // k.shape[2]
+    return (rearrange(q.to(dtype), "b t h d -> b h t d"), repeat(k.to(dtype), "b t h d -> b (h g) t d", g=group),
+            repeat(v.to(dtype), "b t h d -> b (h g) t d", g=group))
+
+
 def hyper_attention(q, k, v, plan, *, softmax_scale=None, dtype=torch.float64):
     """HyperAttention under ``plan``, materialized. q ``[B, Tq, H, D]``, k/v ``[B, Tk, Hkv, D]`` ->
     ``(out [B, Tq, H, D] in q's dtype, lse fp32 [B, H, Tq])``; computed in ``dtype`` (default float64)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    heads, group = q.shape[2], q.shape[2] // k.shape[2]
-    qh = q.to(dtype).transpose(1, 2)
-    kh = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
-    vh = v.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    heads = q.shape[2]
+    qh, kh, vh = _heads_first(q, k, v, dtype)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     log_weights = torch.log(plan_weights(plan, heads, q.device)).to(dtype)
     scores = scores + log_weights
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]), vh).transpose(1, 2)
+    out = rearrange(torch.matmul(torch.exp(scores - lse[..., None]), vh), "b h t d -> b t h d")
     return out.to(q.dtype), lse.float()
 
 
 def exact_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=torch.float64):
     """Plain softmax attention (causal: top-left aligned, Tq == Tk), for measuring the approximation error."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    group = q.shape[2] // k.shape[2]
-    qh = q.to(dtype).transpose(1, 2)
-    kh = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
-    vh = v.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    qh, kh, vh = _heads_first(q, k, v, dtype)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     if causal:
         t_q, t_k = scores.shape[-2:]
         scores = scores.masked_fill(torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]), vh).transpose(1, 2)
+    out = rearrange(torch.matmul(torch.exp(scores - lse[..., None]), vh), "b h t d -> b t h d")
     return out.to(q.dtype), lse.float()

@@ -18,11 +18,19 @@ import torch
 from torch import Tensor
 
 from ... import _cuda, _dispatch
-from ..._custom_ops import eager, register_autograd
-from ..._triton_utils import triton_reasons
+from ..._custom_ops import BACKEND, OpArgs, eager, register_autograd
 from ..._numerics import compute_dtype
-from ..._validation import (FLOAT_DTYPES, check_cu_seqlens, check_dim, check_same, check_tensor, check_values,
-                            values_on_host)
+from ..._triton_utils import triton_reasons
+from ..._validation import (
+    FLOAT_DTYPES,
+    check_cu_seqlens,
+    check_dim,
+    check_same,
+    check_tensor,
+    check_values,
+    values_on_host,
+)
+from .args import ChunkBackend, NoncausalBackend, StepBackend
 
 LIGHTNING = "lightning_attention"
 GLA = "gated_linear_attention"
@@ -41,10 +49,16 @@ def _triton_supports(req: _dispatch.Request) -> list:
     return triton_reasons(req.device, req.dtype)
 
 
-for _op in (LIGHTNING, GLA, NONCAUSAL, LIGHTNING_STEP, GLA_STEP):
+_TRITON_MODULES = {
+    LIGHTNING: ("triton_lightning", "Triton chunked kernels: per-chunk states, then every chunk in parallel"),
+    GLA: ("triton_gla", "Triton chunked kernels: gate cumsum, per-chunk states, then every chunk in parallel"),
+    NONCAUSAL: ("triton_noncausal", "Triton: segment states reduced per sequence, then applied chunk by chunk"),
+    LIGHTNING_STEP: ("triton_step", "Triton: one fused recurrent step per (batch, head)"),
+    GLA_STEP: ("triton_step", "Triton: one fused recurrent step per (batch, head)"),
+}
+for _op, (_module, _what) in _TRITON_MODULES.items():
     _dispatch.register(_op, _dispatch.Backend(
-        "triton", _dispatch.PRIORITY_TRITON, _triton_supports, f"{__name__}.triton",
-        "Triton chunked kernels (two-pass: per-chunk states, then all chunks in parallel), fwd + bwd"))
+        "triton", _dispatch.PRIORITY_TRITON, _triton_supports, f"{__name__}.{_module}", _what))
     _dispatch.register(_op, _dispatch.Backend(
         "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__name__}.pytorch",
         "chunked PyTorch (one Python iteration per 64-position chunk; CPU and fallback)"))
@@ -66,190 +80,162 @@ def _empty_like_none(t: Optional[Tensor], ref: Tensor) -> Tensor:
     return t if t is not None else ref.new_empty(0)
 
 
-# ------------------------------------------------------------------------------------ causal custom ops
-def _chunk_fwd_impl(
-    q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], slopes: Optional[Tensor],
-    initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, output_final_state: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    impl = _backend(GLA if g is not None else LIGHTNING, backend)
-    o, final = impl.chunk_forward(q, k, v, g, slopes, scale, initial_state, cu_seqlens, output_final_state)
-    return o, _empty_like_none(final, q.new_empty(0, dtype=compute_dtype(q.dtype)))
-
-
-_chunk_fwd = torch.library.custom_op("flashops::linear_attention_chunk_fwd", _chunk_fwd_impl, mutates_args=())
-
-
-def _num_states(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
-    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
-
-
-@_chunk_fwd.register_fake
-def _chunk_fwd_fake(q, k, v, g, slopes, initial_state, cu_seqlens, scale, output_final_state, backend):
-    o = q.new_empty((*q.shape[:3], v.shape[-1]))
-    state_dtype = compute_dtype(q.dtype)
-    if output_final_state:
-        final = q.new_empty((_num_states(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]), dtype=state_dtype)
-    else:
-        final = q.new_empty(0, dtype=state_dtype)
-    return o, final
-
-
-def _chunk_bwd_impl(
-    do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],
-    slopes: Optional[Tensor], initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = _backend(GLA if g is not None else LIGHTNING, backend)
-    dq, dk, dv, dg, dh0 = impl.chunk_backward(do, dht, q, k, v, g, slopes, scale, initial_state, cu_seqlens)
-    return dq, dk, dv, _empty_like_none(dg, q), _empty_like_none(dh0, q)
-
-
-_chunk_bwd = torch.library.custom_op("flashops::linear_attention_chunk_bwd", _chunk_bwd_impl, mutates_args=())
-_chunk_bwd_call = eager(_chunk_bwd, _chunk_bwd_impl)
-
-
-@_chunk_bwd.register_fake
-def _chunk_bwd_fake(do, dht, q, k, v, g, slopes, initial_state, cu_seqlens, scale, backend):
-    dg = torch.empty_like(g, memory_format=torch.contiguous_format) if g is not None else q.new_empty(0)
-    dh0 = (torch.empty_like(initial_state, memory_format=torch.contiguous_format) if initial_state is not None
-           else q.new_empty(0))
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format), dg, dh0)
-
-
-def _chunk_setup(ctx, inputs, output):
-    q, k, v, g, slopes, initial_state, cu_seqlens, scale, output_final_state, backend = inputs
-    ctx.save_for_backward(q, k, v, g, slopes, initial_state, cu_seqlens)
-    ctx.config = (scale, output_final_state, backend)
-
-
-def _chunk_backward(ctx, do, d_final):
-    q, k, v, g, slopes, initial_state, cu_seqlens = ctx.saved_tensors
-    scale, output_final_state, backend = ctx.config
-    dht = d_final if output_final_state else None
-    dq, dk, dv, dg, dh0 = _chunk_bwd_call(_last_dim_contiguous(do), dht, q, k, v, g, slopes, initial_state, cu_seqlens,
-                                     scale, backend)
-    return (dq, dk, dv, dg if g is not None else None, None, dh0 if initial_state is not None else None,
-            None, None, None, None)
-
-
-_chunk = register_autograd(_chunk_fwd, _chunk_fwd_impl, _chunk_backward, _chunk_setup)
+def _contiguous_like(t: Optional[Tensor], ref: Tensor) -> Tensor:
+    """The fake of a gradient: like ``t`` and contiguous, or the empty stand-in for None."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else ref.new_empty(0)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _num_states(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
+
+
+# The argument lists of the custom ops, written once.
+_QKV = OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor))
+_DECAY = OpArgs(("g", Optional[Tensor]), ("slopes", Optional[Tensor]))
+CHUNK_ARGS = _QKV + _DECAY + OpArgs(("initial_state", Optional[Tensor]), ("cu_seqlens", Optional[Tensor]),
+                                    ("scale", float), ("output_final_state", bool)) + BACKEND
+CHUNK_BWD_ARGS = OpArgs(("do", Tensor), ("dht", Optional[Tensor])) + CHUNK_ARGS.without("output_final_state")
+NONCAUSAL_ARGS = CHUNK_ARGS.without("g", "slopes")
+NONCAUSAL_BWD_ARGS = OpArgs(("do", Tensor), ("dht", Optional[Tensor])) + NONCAUSAL_ARGS.without("output_final_state")
+STEP_ARGS = _QKV + _DECAY + OpArgs(("state", Optional[Tensor]), ("scale", float)) + BACKEND
+STEP_BWD_ARGS = OpArgs(("do", Tensor), ("d_new", Optional[Tensor])) + STEP_ARGS
+
+
+# ------------------------------------------------------------------------------------ causal custom ops
+def _run_chunk_fwd(a) -> tuple[Tensor, Tensor]:
+    impl: ChunkBackend = _backend(GLA if a.g is not None else LIGHTNING, a.backend)
+    o, final = impl.chunk_forward(a.q, a.k, a.v, a.g, a.slopes, a.scale, a.initial_state, a.cu_seqlens,
+                                  a.output_final_state)
+    return o, _empty_like_none(final, a.q.new_empty(0, dtype=compute_dtype(a.q.dtype)))
+
+
+def _states_fake(a, output: bool) -> Tensor:
+    state_dtype = compute_dtype(a.q.dtype)
+    if not output:
+        return a.q.new_empty(0, dtype=state_dtype)
+    q, v = a.q, a.v
+    return q.new_empty((_num_states(q, a.cu_seqlens), q.shape[2], q.shape[3], v.shape[3]), dtype=state_dtype)
+
+
+def _outputs_fake(a) -> tuple[Tensor, Tensor]:
+    return a.q.new_empty((*a.q.shape[:3], a.v.shape[-1])), _states_fake(a, a.output_final_state)
+
+
+def _run_chunk_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl: ChunkBackend = _backend(GLA if a.g is not None else LIGHTNING, a.backend)
+    dq, dk, dv, dg, dh0 = impl.chunk_backward(a.do, a.dht, a.q, a.k, a.v, a.g, a.slopes, a.scale, a.initial_state,
+                                              a.cu_seqlens)
+    return dq, dk, dv, _empty_like_none(dg, a.q), _empty_like_none(dh0, a.q)
+
+
+def _qkv_grads_fake(a) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(_contiguous_like(t, a.q) for t in (a.q, a.k, a.v))
+
+
+def _chunk_bwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return (*_qkv_grads_fake(a), _contiguous_like(a.g, a.q), _contiguous_like(a.initial_state, a.q))
+
+
+_chunk_fwd, _chunk_fwd_impl = CHUNK_ARGS.custom_op(
+    "flashops::linear_attention_chunk_fwd", _run_chunk_fwd, fake=_outputs_fake, returns=tuple[Tensor, Tensor])
+_chunk_bwd, _chunk_bwd_impl = CHUNK_BWD_ARGS.custom_op(
+    "flashops::linear_attention_chunk_bwd", _run_chunk_bwd, fake=_chunk_bwd_fake,
+    returns=tuple[Tensor, Tensor, Tensor, Tensor, Tensor])
+_chunk_bwd_call = eager(_chunk_bwd, _chunk_bwd_impl)
+
+
+def _chunk_setup(ctx, inputs, output):
+    CHUNK_ARGS.save(ctx, inputs)
+
+
+def _chunk_backward(ctx, do, d_final):
+    a, _ = CHUNK_ARGS.saved(ctx)
+    dht = d_final if a.output_final_state else None
+    dq, dk, dv, dg, dh0 = _chunk_bwd_call(*CHUNK_BWD_ARGS.values(
+        do=_last_dim_contiguous(do), dht=dht, **CHUNK_BWD_ARGS.without("do", "dht").pick(a)))
+    return CHUNK_ARGS.grads(q=dq, k=dk, v=dv, g=dg if a.g is not None else None,
+                            initial_state=dh0 if a.initial_state is not None else None)
+
+
+_chunk = register_autograd(_chunk_fwd, _chunk_fwd_impl, _chunk_backward, _chunk_setup)
+
+
 # -------------------------------------------------------------------------------- non-causal custom ops
-def _noncausal_fwd_impl(
-    q: Tensor, k: Tensor, v: Tensor, initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
-    output_final_state: bool, backend: str,
-) -> tuple[Tensor, Tensor]:
-    o, final = _backend(NONCAUSAL, backend).noncausal_forward(q, k, v, scale, initial_state, cu_seqlens,
-                                                               output_final_state)
-    return o, _empty_like_none(final, q.new_empty(0, dtype=compute_dtype(q.dtype)))
+def _run_noncausal_fwd(a) -> tuple[Tensor, Tensor]:
+    impl: NoncausalBackend = _backend(NONCAUSAL, a.backend)
+    o, final = impl.noncausal_forward(a.q, a.k, a.v, a.scale, a.initial_state, a.cu_seqlens, a.output_final_state)
+    return o, _empty_like_none(final, a.q.new_empty(0, dtype=compute_dtype(a.q.dtype)))
 
 
-_noncausal_fwd = torch.library.custom_op(
-    "flashops::linear_attention_noncausal_fwd", _noncausal_fwd_impl, mutates_args=())
+def _run_noncausal_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl: NoncausalBackend = _backend(NONCAUSAL, a.backend)
+    dq, dk, dv, dh0 = impl.noncausal_backward(a.do, a.dht, a.q, a.k, a.v, a.scale, a.initial_state, a.cu_seqlens)
+    return dq, dk, dv, _empty_like_none(dh0, a.q)
 
 
-@_noncausal_fwd.register_fake
-def _noncausal_fwd_fake(q, k, v, initial_state, cu_seqlens, scale, output_final_state, backend):
-    return _chunk_fwd_fake(q, k, v, None, None, initial_state, cu_seqlens, scale, output_final_state, backend)
-
-
-def _noncausal_bwd_impl(
-    do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, initial_state: Optional[Tensor],
-    cu_seqlens: Optional[Tensor], scale: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dh0 = _backend(NONCAUSAL, backend).noncausal_backward(do, dht, q, k, v, scale, initial_state,
-                                                                      cu_seqlens)
-    return dq, dk, dv, _empty_like_none(dh0, q)
-
-
-_noncausal_bwd = torch.library.custom_op(
-    "flashops::linear_attention_noncausal_bwd", _noncausal_bwd_impl, mutates_args=())
+_noncausal_fwd, _noncausal_fwd_impl = NONCAUSAL_ARGS.custom_op(
+    "flashops::linear_attention_noncausal_fwd", _run_noncausal_fwd, fake=_outputs_fake, returns=tuple[Tensor, Tensor])
+_noncausal_bwd, _noncausal_bwd_impl = NONCAUSAL_BWD_ARGS.custom_op(
+    "flashops::linear_attention_noncausal_bwd", _run_noncausal_bwd,
+    fake=lambda a: (*_qkv_grads_fake(a), _contiguous_like(a.initial_state, a.q)),
+    returns=tuple[Tensor, Tensor, Tensor, Tensor])
 _noncausal_bwd_call = eager(_noncausal_bwd, _noncausal_bwd_impl)
 
 
-@_noncausal_bwd.register_fake
-def _noncausal_bwd_fake(do, dht, q, k, v, initial_state, cu_seqlens, scale, backend):
-    return _chunk_bwd_fake(do, dht, q, k, v, None, None, initial_state, cu_seqlens, scale, backend)[:3] + (
-        torch.empty_like(initial_state, memory_format=torch.contiguous_format) if initial_state is not None
-        else q.new_empty(0),)
-
-
 def _noncausal_setup(ctx, inputs, output):
-    q, k, v, initial_state, cu_seqlens, scale, output_final_state, backend = inputs
-    ctx.save_for_backward(q, k, v, initial_state, cu_seqlens)
-    ctx.config = (scale, output_final_state, backend)
+    NONCAUSAL_ARGS.save(ctx, inputs)
 
 
 def _noncausal_backward(ctx, do, d_final):
-    q, k, v, initial_state, cu_seqlens = ctx.saved_tensors
-    scale, output_final_state, backend = ctx.config
-    dht = d_final if output_final_state else None
-    dq, dk, dv, dh0 = _noncausal_bwd_call(_last_dim_contiguous(do), dht, q, k, v, initial_state, cu_seqlens, scale,
-                                     backend)
-    return dq, dk, dv, dh0 if initial_state is not None else None, None, None, None, None
+    a, _ = NONCAUSAL_ARGS.saved(ctx)
+    dht = d_final if a.output_final_state else None
+    dq, dk, dv, dh0 = _noncausal_bwd_call(*NONCAUSAL_BWD_ARGS.values(
+        do=_last_dim_contiguous(do), dht=dht, **NONCAUSAL_BWD_ARGS.without("do", "dht").pick(a)))
+    return NONCAUSAL_ARGS.grads(q=dq, k=dk, v=dv, initial_state=dh0 if a.initial_state is not None else None)
 
 
 _noncausal = register_autograd(_noncausal_fwd, _noncausal_fwd_impl, _noncausal_backward, _noncausal_setup)
 
 
 # ------------------------------------------------------------------------------------ step custom ops
-def _step_fwd_impl(
-    q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], slopes: Optional[Tensor], state: Optional[Tensor],
-    scale: float, backend: str,
-) -> tuple[Tensor, Tensor]:
-    impl = _backend(GLA_STEP if g is not None else LIGHTNING_STEP, backend)
-    return impl.step_forward(q, k, v, g, slopes, state, scale)
+def _run_step_fwd(a) -> tuple[Tensor, Tensor]:
+    impl: StepBackend = _backend(GLA_STEP if a.g is not None else LIGHTNING_STEP, a.backend)
+    return impl.step_forward(a.q, a.k, a.v, a.g, a.slopes, a.state, a.scale)
 
 
-_step_fwd = torch.library.custom_op("flashops::linear_attention_step_fwd", _step_fwd_impl, mutates_args=())
+def _step_fwd_fake(a) -> tuple[Tensor, Tensor]:
+    return a.q.new_empty(a.v.shape), a.q.new_empty((*a.q.shape, a.v.shape[-1]), dtype=compute_dtype(a.q.dtype))
 
 
-@_step_fwd.register_fake
-def _step_fwd_fake(q, k, v, g, slopes, state, scale, backend):
-    return q.new_empty(v.shape), q.new_empty((*q.shape, v.shape[-1]), dtype=compute_dtype(q.dtype))
+def _run_step_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl: StepBackend = _backend(GLA_STEP if a.g is not None else LIGHTNING_STEP, a.backend)
+    dq, dk, dv, dg, d_state = impl.step_backward(a.do, a.d_new, a.q, a.k, a.v, a.g, a.slopes, a.state, a.scale)
+    return dq, dk, dv, _empty_like_none(dg, a.q), _empty_like_none(d_state, a.q)
 
 
-def _step_bwd_impl(
-    do: Tensor, d_new: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],
-    slopes: Optional[Tensor], state: Optional[Tensor], scale: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = _backend(GLA_STEP if g is not None else LIGHTNING_STEP, backend)
-    dq, dk, dv, dg, d_state = impl.step_backward(do, d_new, q, k, v, g, slopes, state, scale)
-    return dq, dk, dv, _empty_like_none(dg, q), _empty_like_none(d_state, q)
-
-
-_step_bwd = torch.library.custom_op("flashops::linear_attention_step_bwd", _step_bwd_impl, mutates_args=())
+_step_fwd, _step_fwd_impl = STEP_ARGS.custom_op(
+    "flashops::linear_attention_step_fwd", _run_step_fwd, fake=_step_fwd_fake, returns=tuple[Tensor, Tensor])
+_step_bwd, _step_bwd_impl = STEP_BWD_ARGS.custom_op(
+    "flashops::linear_attention_step_bwd", _run_step_bwd,
+    fake=lambda a: (*_qkv_grads_fake(a), _contiguous_like(a.g, a.q), _contiguous_like(a.state, a.q)),
+    returns=tuple[Tensor, Tensor, Tensor, Tensor, Tensor])
 _step_bwd_call = eager(_step_bwd, _step_bwd_impl)
 
 
-@_step_bwd.register_fake
-def _step_bwd_fake(do, d_new, q, k, v, g, slopes, state, scale, backend):
-    dg = torch.empty_like(g, memory_format=torch.contiguous_format) if g is not None else q.new_empty(0)
-    ds = torch.empty_like(state, memory_format=torch.contiguous_format) if state is not None else q.new_empty(0)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format), dg, ds)
-
-
 def _step_setup(ctx, inputs, output):
-    q, k, v, g, slopes, state, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, g, slopes, state)
-    ctx.config = (scale, backend)
+    STEP_ARGS.save(ctx, inputs)
 
 
 def _step_backward(ctx, do, d_new):
-    q, k, v, g, slopes, state = ctx.saved_tensors
-    scale, backend = ctx.config
-    dq, dk, dv, dg, d_state = _step_bwd_call(do.contiguous(), d_new, q, k, v, g, slopes, state, scale, backend)
-    return dq, dk, dv, dg if g is not None else None, None, d_state if state is not None else None, None, None
+    a, _ = STEP_ARGS.saved(ctx)
+    dq, dk, dv, dg, d_state = _step_bwd_call(*STEP_BWD_ARGS.values(do=do.contiguous(), d_new=d_new,
+                                                                    **STEP_ARGS.pick(a)))
+    return STEP_ARGS.grads(q=dq, k=dk, v=dv, g=dg if a.g is not None else None,
+                           state=d_state if a.state is not None else None)
 
 
 _step = register_autograd(_step_fwd, _step_fwd_impl, _step_backward, _step_setup)
@@ -385,8 +371,8 @@ def lightning_attention(
     with the fp32 state carried across chunks. ``slopes = 0`` is plain (non-decayed) linear attention.
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``. fp16, bf16 or fp32 (fp64 on the torch backend; same dtype); K, V in 1..256;
-            stride(-1) == 1. Any T (0 included).
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``. fp16, bf16 or fp32 (fp64 on the torch backend; same
+            dtype); K, V in 1..256; stride(-1) == 1. Any T (0 included).
         slopes: decay rates ``[H]``, >= 0 (inf forgets everything), treated as constants (no gradient).
             Default :func:`lightning_slopes` ``(H)``. CPU tensors are checked (ValueError on a NaN or negative
             slope); elsewhere a check would sync the host every call, so it is skipped and such a slope makes
@@ -395,8 +381,8 @@ def lightning_attention(
         initial_state: fp32 ``[N, H, K, V]`` (N = B, or the number of sequences with cu_seqlens); it gets a
             gradient.
         output_final_state: also return the state after the last position, fp32 ``[N, H, K, V]``.
-        cu_seqlens: int32 or int64 ``[N + 1]`` for packed sequences ``[1, total_T, H, D]`` (empty sequences allowed);
-            each sequence starts from its own initial state (or zeros).
+        cu_seqlens: int32 or int64 ``[N + 1]`` for packed sequences ``[1, total_T, H, D]`` (empty sequences
+            allowed); each sequence starts from its own initial state (or zeros).
         backend: ``"triton"`` or ``"torch"``; default: the first that supports the inputs.
 
     Returns:
@@ -414,7 +400,9 @@ def lightning_attention(
                                  q.device)
     scale = _check_scale(scale, d_k)
     name = _select(LIGHTNING, q, v, backend, varlen=cu_seqlens is not None)
-    o, final = _chunk(q, k, v, None, slopes, initial_state, cu_seqlens, scale, bool(output_final_state), name)
+    o, final = _chunk(*CHUNK_ARGS.values(q=q, k=k, v=v, g=None, slopes=slopes, initial_state=initial_state,
+                                         cu_seqlens=cu_seqlens, scale=scale,
+                                         output_final_state=bool(output_final_state), backend=name))
     return o, (final if output_final_state else None)
 
 
@@ -448,7 +436,9 @@ def gated_linear_attention(
                                  q.device)
     scale = _check_scale(scale, d_k)
     name = _select(GLA, q, v, backend, varlen=cu_seqlens is not None)
-    o, final = _chunk(q, k, v, g, None, initial_state, cu_seqlens, scale, bool(output_final_state), name)
+    o, final = _chunk(*CHUNK_ARGS.values(q=q, k=k, v=v, g=g, slopes=None, initial_state=initial_state,
+                                         cu_seqlens=cu_seqlens, scale=scale,
+                                         output_final_state=bool(output_final_state), backend=name))
     return o, (final if output_final_state else None)
 
 
@@ -476,7 +466,9 @@ def linear_attention(
                                  q.device)
     scale = _check_scale(scale, d_k)
     name = _select(NONCAUSAL, q, v, backend, varlen=cu_seqlens is not None)
-    o, final = _noncausal(q, k, v, initial_state, cu_seqlens, scale, bool(output_final_state), name)
+    o, final = _noncausal(*NONCAUSAL_ARGS.values(q=q, k=k, v=v, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                                 scale=scale, output_final_state=bool(output_final_state),
+                                                 backend=name))
     return o, (final if output_final_state else None)
 
 
@@ -518,7 +510,7 @@ def lightning_attention_step(
     slopes = _check_slopes(slopes, q_t.shape[1], q_t.device)
     scale = _check_scale(scale, q_t.shape[-1])
     name = _select(LIGHTNING_STEP, q_t, v_t, backend)
-    return _step(q_t, k_t, v_t, None, slopes, state, scale, name)
+    return _step(*STEP_ARGS.values(q=q_t, k=k_t, v=v_t, g=None, slopes=slopes, state=state, scale=scale, backend=name))
 
 
 def gated_linear_attention_step(
@@ -532,7 +524,7 @@ def gated_linear_attention_step(
     g_t = _check_gates("g_t", g_t, q_t, q_t.shape)
     scale = _check_scale(scale, q_t.shape[-1])
     name = _select(GLA_STEP, q_t, v_t, backend)
-    return _step(q_t, k_t, v_t, g_t, None, state, scale, name)
+    return _step(*STEP_ARGS.values(q=q_t, k=k_t, v=v_t, g=g_t, slopes=None, state=state, scale=scale, backend=name))
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The CUDA backend of the linear-attention decode steps (``lightning_attention_step``,
-``gated_linear_attention_step``; csrc/cuda/linear/recurrent_step.cu), forward and backward; same signatures as
-``step_forward`` / ``step_backward`` in pytorch.py."""
+``gated_linear_attention_step``; csrc/cuda/linear/recurrent_step.cu), forward and backward: the ``StepBackend``
+contract (args.py)."""
 
 from __future__ import annotations
 

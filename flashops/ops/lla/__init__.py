@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from ... import _dispatch
-from ..._custom_ops import eager, register_autograd
+from ..._custom_ops import BACKEND, OpArgs, eager, register_autograd
 from ..._numerics import compute_dtype
 from ..._triton_utils import triton_reasons
 from ..._validation import check_attention_inputs, check_tensor, pick_scale
-from .args import LLAArgs
+from .args import LLAArgs, LLABackend, LLADecodeBackend
 
 OP = "local_linear_attention"
 DECODE_OP = "local_linear_attention_decode"
@@ -46,10 +46,11 @@ def _triton_supports(req: _dispatch.Request) -> list:
     return reasons
 
 
-for _op, _what in ((OP, "FlashLLA: blockwise streaming, matrix-free CG solve, implicit-differentiation backward"),
-                   (DECODE_OP, "split-KV decode: exact D x D statistics per split, merged, one direct solve")):
+for _op, _module, _what in (
+        (OP, "triton", "FlashLLA: blockwise streaming, matrix-free CG solve, implicit-differentiation backward"),
+        (DECODE_OP, "triton_decode", "split-KV decode: exact D x D statistics per split, merged, one direct solve")):
     _dispatch.register(_op, _dispatch.Backend("triton", _dispatch.PRIORITY_TRITON, _triton_supports,
-                                              f"{__name__}.triton", _what))
+                                              f"{__name__}.{_module}", _what))
     _dispatch.register(_op, _dispatch.Backend(
         "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__name__}.pytorch",
         "chunked PyTorch: weights kept per query chunk, matrix-free CG (linear memory in T); exact D x D decode"))
@@ -57,80 +58,75 @@ for _op, _what in ((OP, "FlashLLA: blockwise streaming, matrix-free CG solve, im
 
 
 # --------------------------------------------------------------------------------------------- custom ops
-def _args(softmax_scale, causal, cg_max_iters, cg_tol, cg_preconditioner) -> LLAArgs:
-    return LLAArgs(softmax_scale=softmax_scale, causal=causal, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
-                   cg_preconditioner=cg_preconditioner)
+# The argument lists of the custom ops, written once.
+_ARGS = OpArgs.fields(LLAArgs)
+_INPUTS = OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor))
+_STATS = OpArgs(("out", Tensor), ("lse", Tensor), ("k_bar", Tensor), ("z", Tensor))
+FWD_ARGS = _INPUTS + OpArgs(("ridge", Tensor)) + _ARGS + BACKEND
+BWD_ARGS = OpArgs(("dout", Tensor)) + _INPUTS + _STATS + OpArgs(("ridge", Tensor)) + _ARGS + BACKEND
+DECODE_ARGS = (OpArgs(("q", Tensor), ("k_cache", Tensor), ("v_cache", Tensor), ("cache_seqlens", Optional[Tensor]),
+                      ("ridge", Tensor), ("softmax_scale", float)) + BACKEND)
 
 
-def _lla_fwd_impl(q: Tensor, k: Tensor, v: Tensor, ridge: Tensor, softmax_scale: float, causal: bool,
-             cg_max_iters: int, cg_tol: float, cg_preconditioner: bool, backend: str
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    a = _args(softmax_scale, causal, cg_max_iters, cg_tol, cg_preconditioner)
-    return _dispatch.get(OP, backend).load().forward(q, k, v, ridge, a)
+def _run_lla_fwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend: LLABackend = _dispatch.get(OP, a.backend).load()
+    return backend.forward(a.q, a.k, a.v, a.ridge, LLAArgs(**_ARGS.pick(a)))
 
 
-_lla_fwd = torch.library.custom_op("flashops::lla_fwd", _lla_fwd_impl, mutates_args=())
+def _lla_fwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    b, t_q, h, _ = a.q.shape
+    dt = compute_dtype(a.q.dtype)
+    stats = a.q.new_empty(a.q.shape, dtype=dt)
+    return torch.empty_like(a.q), a.q.new_empty((b, h, t_q), dtype=dt), stats, torch.empty_like(stats)
 
 
-@_lla_fwd.register_fake
-def _lla_fwd_fake(q, k, v, ridge, *rest):
-    b, t_q, h, _ = q.shape
-    dt = compute_dtype(q.dtype)
-    stats = q.new_empty(q.shape, dtype=dt)
-    return torch.empty_like(q), q.new_empty((b, h, t_q), dtype=dt), stats, torch.empty_like(stats)
-
-
-def _lla_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, k_bar: Tensor, z: Tensor,
-             ridge: Tensor, softmax_scale: float, causal: bool, cg_max_iters: int, cg_tol: float,
-             cg_preconditioner: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    a = _args(softmax_scale, causal, cg_max_iters, cg_tol, cg_preconditioner)
-    dq, dk, dv, dridge = _dispatch.get(OP, backend).load().backward(dout, q, k, v, out, lse, k_bar, z, ridge, a)
+def _run_lla_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend: LLABackend = _dispatch.get(OP, a.backend).load()
+    dq, dk, dv, dridge = backend.backward(a.dout, a.q, a.k, a.v, a.out, a.lse, a.k_bar, a.z, a.ridge,
+                                          LLAArgs(**_ARGS.pick(a)))
     return dq, dk, dv, dridge.contiguous()
 
 
-_lla_bwd = torch.library.custom_op("flashops::lla_bwd", _lla_bwd_impl, mutates_args=())
+def _lla_bwd_fake(a) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    b, t_q, h, _ = a.q.shape
+    return (torch.empty_like(a.q), torch.empty_like(a.k), torch.empty_like(a.v),
+            a.q.new_empty((b, t_q, h), dtype=compute_dtype(a.q.dtype)))
+
+
+_lla_fwd, _lla_fwd_impl = FWD_ARGS.custom_op("flashops::lla_fwd", _run_lla_fwd, fake=_lla_fwd_fake,
+                                             returns=tuple[Tensor, Tensor, Tensor, Tensor])
+_lla_bwd, _lla_bwd_impl = BWD_ARGS.custom_op("flashops::lla_bwd", _run_lla_bwd, fake=_lla_bwd_fake,
+                                             returns=tuple[Tensor, Tensor, Tensor, Tensor])
 _lla_bwd_call = eager(_lla_bwd, _lla_bwd_impl)
 
 
-@_lla_bwd.register_fake
-def _lla_bwd_fake(dout, q, k, v, *rest):
-    b, t_q, h, _ = q.shape
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty((b, t_q, h), dtype=compute_dtype(q.dtype)))
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v, ridge, scale, causal, iters, tol, precond, backend = inputs
     out, lse, k_bar, z = output
     ctx.mark_non_differentiable(lse, k_bar, z)
-    ctx.save_for_backward(q, k, v, ridge, out, lse, k_bar, z)
-    ctx.config = (scale, causal, iters, tol, precond, backend)
+    FWD_ARGS.save(ctx, inputs, output)
 
 
 def _backward(ctx, dout, _dlse, _dk_bar, _dz):
-    q, k, v, ridge, out, lse, k_bar, z = ctx.saved_tensors
+    a, (out, lse, k_bar, z) = FWD_ARGS.saved(ctx)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv, dridge = _lla_bwd_call(dout, q, k, v, out, lse, k_bar, z, ridge, *ctx.config)
-    return dq, dk, dv, dridge if ctx.needs_input_grad[3] else None, None, None, None, None, None, None
+    dq, dk, dv, dridge = _lla_bwd_call(*BWD_ARGS.values(dout=dout, out=out, lse=lse, k_bar=k_bar, z=z,
+                                                        **FWD_ARGS.pick(a)))
+    return FWD_ARGS.grads(q=dq, k=dk, v=dv, ridge=dridge if FWD_ARGS.needs_grad(ctx, "ridge") else None)
 
 
 _lla = register_autograd(_lla_fwd, _lla_fwd_impl, _backward, _setup_context)
 
 
-def _lla_decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Optional[Tensor], ridge: Tensor,
-                softmax_scale: float, backend: str) -> Tensor:
-    a = LLAArgs(softmax_scale=softmax_scale, causal=False)
-    return _dispatch.get(DECODE_OP, backend).load().decode(q, k_cache, v_cache, cache_seqlens, ridge, a)
+def _run_lla_decode(a) -> Tensor:
+    backend: LLADecodeBackend = _dispatch.get(DECODE_OP, a.backend).load()
+    return backend.decode(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.ridge,
+                          LLAArgs(softmax_scale=a.softmax_scale, causal=False))
 
 
-_lla_decode = torch.library.custom_op("flashops::lla_decode", _lla_decode_impl, mutates_args=())
+_lla_decode, _lla_decode_impl = DECODE_ARGS.custom_op(
+    "flashops::lla_decode", _run_lla_decode, fake=lambda a: torch.empty_like(a.q), returns=Tensor)
 _lla_decode_call = eager(_lla_decode, _lla_decode_impl)
-
-
-@_lla_decode.register_fake
-def _lla_decode_fake(q, *rest):
-    return torch.empty_like(q)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -235,7 +231,9 @@ def local_linear_attention(
     iters, tol, precond = _solver(cg_max_iters, cg_tol, cg_preconditioner, q.dtype)
     ridge = _ridge(ridge_lambda, b, t_q, h, q.device, q.dtype)
     chosen = _dispatch.select(OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
-    out, _, _, _ = _lla(q, k, v, ridge, scale, causal, iters, tol, precond, chosen.name)
+    out, _, _, _ = _lla(*FWD_ARGS.values(q=q, k=k, v=v, ridge=ridge, softmax_scale=scale, causal=causal,
+                                         cg_max_iters=iters, cg_tol=tol, cg_preconditioner=precond,
+                                         backend=chosen.name))
     return out
 
 
@@ -284,7 +282,8 @@ def local_linear_attention_decode(
                            "torch.no_grad() or use local_linear_attention for training")
     scale = _scale(pick_scale(softmax_scale, scale), d)
     chosen = _dispatch.select(DECODE_OP, _dispatch.Request(q.device, q.dtype, {"head_dim": d}), backend)
-    return _lla_decode_call(q, k_cache, v_cache, cache_seqlens, ridge, scale, chosen.name)
+    return _lla_decode_call(*DECODE_ARGS.values(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                                                ridge=ridge, softmax_scale=scale, backend=chosen.name))
 
 
 __all__ = ["local_linear_attention", "local_linear_attention_decode"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange, repeat
 
 
 def _work_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
@@ -31,9 +32,9 @@ def _work_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
 def _heads_first(q, k, v, dtype):
     """q [B, Tq, H, D] -> [B, H, Tq, D]; k/v [B, Tk, Hkv, D] -> [B, H, Tk, D] (GQA groups repeated)."""
     group = q.shape[2] // k.shape[2]
-    qh = q.to(dtype).transpose(1, 2)
-    kh = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
-    vh = v.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    qh = rearrange(q.to(dtype), "b t h d -> b h t d")
+    kh = repeat(k.to(dtype), "b t h d -> b (h g) t d", g=group)
+    vh = repeat(v.to(dtype), "b t h d -> b (h g) t d", g=group)
     return qh, kh, vh
 
 
@@ -97,7 +98,7 @@ def local_linear_attention(q, k, v, *, ridge_lambda, softmax_scale=None, causal=
     centred = torch.matmul(z, kh.transpose(-1, -2)) - (z * k_bar).sum(-1, keepdim=True)
     weights = s * (1.0 - centred)
     out = torch.matmul(weights, vh)
-    return out.transpose(1, 2).to(q.dtype)
+    return rearrange(out, "b h t d -> b t h d").to(q.dtype)
 
 
 def local_linear_attention_regression(q, k, v, *, ridge_lambda, softmax_scale=None, causal=True):
@@ -120,7 +121,7 @@ def local_linear_attention_regression(q, k, v, *, ridge_lambda, softmax_scale=No
     gram = torch.where(has_keys[..., None, None], gram, eye)
     coef = torch.linalg.solve(gram, rhs)  # [B, H, Tq, D+1, D]
     out = coef[..., 0, :] * has_keys[..., None]
-    return out.transpose(1, 2)
+    return rearrange(out, "b h t d -> b t h d")
 
 
 def softmax_attention(q, k, v, *, softmax_scale=None, causal=True):
@@ -128,4 +129,4 @@ def softmax_attention(q, k, v, *, softmax_scale=None, causal=True):
     dtype = _work_dtype(q.dtype, True)
     qh, kh, vh = _heads_first(q, k, v, dtype)
     s, _ = softmax_weights(qh, kh, softmax_scale=softmax_scale, causal=causal)
-    return torch.matmul(s, vh).transpose(1, 2)
+    return rearrange(torch.matmul(s, vh), "b h t d -> b t h d")

@@ -1,5 +1,4 @@
-"""FlashLLA in Triton: blockwise forward and backward with a matrix-free conjugate-gradient solve, and a
-split-KV decode kernel.
+"""FlashLLA in Triton: blockwise forward and backward with a matrix-free conjugate-gradient solve.
 
 Per query i (softmax weights s_ij, centred keys y_ij = k_j - k_bar_i), the forward solves
 ``A_i z_i = k_bar_i - q_i`` with ``A_i = sum_j s_ij y_ij y_ij^T + lambda_i I`` and returns
@@ -14,13 +13,11 @@ Forward, one program per (query tile, batch * head):
      every row of the tile has converged (relative residual <= tol) or after ``cg_max_iters``;
   3. output pass: ``o = sum_j l_ij v_j`` with the equivalent-kernel weights l_ij = s_ij (1 - z_i . y_ij).
 Backward (implicit differentiation, never through the CG iterations):
-  ``_lla_bwd_dq_kernel`` per query tile: the adjoint right-hand side c_i = sum_j s_ij (g_i . v_j) y_ij,
+  ``lla_dq_bwd_kernel`` per query tile: the adjoint right-hand side c_i = sum_j s_ij (g_i . v_j) y_ij,
   a second CG solve A_i r_i = c_i, then dq; it hands z and r (row-scaled, input dtype) and six scalars per row
-  to ``_lla_bwd_dkdv_kernel``, one program per key tile over the query tiles of every head of its GQA group
+  to ``lla_dkdv_bwd_kernel``, one program per key tile over the query tiles of every head of its GQA group
   (no atomics). The gradient of the ridge is r_i . z_i.
-Decode: ``_lla_decode_kernel`` splits the KV cache across programs; each accumulates the exact D x D
-statistics of its keys (sum w k k^T, sum w v k^T, ...) with online max rescaling, and ``state.py`` merges the
-splits and solves the D x D system directly (no CG).
+The split-KV decode kernel is in ``triton_decode.py``.
 
 Low precision: the products run on the input dtype with fp32 accumulation. Every weighted sum that is later
 centred uses the same rounded weights for the sum and for its normalizer, so the centring cancels the mean
@@ -30,17 +27,51 @@ enter a product (p, z, r) are scaled to max-abs 1 per row first (no fp16 overflo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ..._numerics import finite_or_zero
-from ..._triton_numerics import masked_dot
-from ..._triton_utils import autotune_enabled, configs, dot_precision
+from ..._triton_utils import config, dot_precision, launcher, strides
+from ..common.triton_math import LN2, LOG2E
+from ..common.triton_numerics import masked_dot
 from .args import LLAArgs
-from .state import combine_partials
 
-LOG2E = 1.4426950408889634
+# ----------------------------------------------------------------------------------------------- configs
+# (BLOCK_M, BLOCK_N, warps, stages) per head-dim bucket; the first entry is the default. The CG loop keeps about
+# six [BLOCK_M, D] fp32 row vectors live (x, residual, direction, A p, k_bar, the product accumulator), so query
+# tiles are smaller than in exact attention. Ordered by ptxas register spills for sm_90 (bf16): the first entries
+# compile without spills (fwd, dq) or with under 0.5 KB (dK/dV); larger tiles spill more.
+_CONFIGS = {
+    "fwd": {64: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
+            128: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)]},
+    "dq": {64: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+           128: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)]},
+    # dK/dV: BLOCK_N keys held, BLOCK_M queries streamed.
+    "dkdv": {64: [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2)],
+             128: [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (32, 64, 8, 1), (16, 32, 4, 2)]},
+}
+# Under the interpreter: small, unequal tiles so that short tests still cross tile and mask boundaries.
+_INTERPRETED = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
+# Per-row scalars handed from the dq kernel to the dK/dV kernel: g_bar, phi_bar, z scale, z_lo.k_bar, r scale,
+# r_lo.k_bar (k_bar shifted).
+ROW_FIELDS = 6
+
+
+def _tile(block_m, block_n, warps, stages):
+    return config(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+@functools.cache
+def _candidates(kind: str, block_d: int) -> tuple:
+    return tuple(_tile(*e) for e in _CONFIGS[kind][64 if block_d <= 64 else 128])
+
+
+def _launch_options(kind: str) -> dict:
+    return dict(configs=lambda args: _candidates(kind, args["BLOCK_D"]), interpreted=_tile(*_INTERPRETED[kind], 1, 1),
+                key=["BLOCK_D", "CAUSAL"])
+
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -269,12 +300,18 @@ def _output_tile(acc, z_lo, z_kbar, z_scale, gain, q, lse2, k_base, shift, v_bas
 
 
 # ----------------------------------------------------------------------------------------------- forward
+@launcher(**_launch_options("fwd"))
 @triton.jit
-def _lla_fwd_kernel(
+def lla_output_fwd_kernel(
+    # pointers (Z is laid out like KBAR: [B, Tq, H, D] fp32)
     Q, K, V, RIDGE, O, LSE, KBAR, Z,
+    # strides
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh, stride_rb, stride_rt, stride_rh, stride_sb, stride_st, stride_sh,
+    stride_ob, stride_ot, stride_oh, stride_ridgeb, stride_ridget, stride_ridgeh,
+    stride_kbarb, stride_kbart, stride_kbarh,
+    # sizes and scalars
     seqlen_q, seqlen_k, num_heads, kv_group, qk_scale2, cg_tol2, cg_max_iters,
+    # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECOND: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -299,7 +336,7 @@ def _lla_fwd_kernel(
 
     q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh, start_m, offs_m, offs_d, seqlen_q, stride_qt,
                    HEAD_DIM, EVEN_D, True)
-    lam = tl.load(RIDGE + b64 * stride_rb + rows.to(tl.int64) * stride_rt + h64 * stride_rh, mask=row_ok,
+    lam = tl.load(RIDGE + b64 * stride_ridgeb + rows.to(tl.int64) * stride_ridget + h64 * stride_ridgeh, mask=row_ok,
                   other=1.0)
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
@@ -337,10 +374,10 @@ def _lla_fwd_kernel(
     row64 = rows.to(tl.int64)
     tl.store(O + b64 * stride_ob + h64 * stride_oh + row64[:, None] * stride_ot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=ok)
-    side = b64 * stride_sb + h64 * stride_sh + row64[:, None] * stride_st + offs_d[None, :]
+    side = b64 * stride_kbarb + h64 * stride_kbarh + row64[:, None] * stride_kbart + offs_d[None, :]
     tl.store(KBAR + side, tl.where(seen[:, None], k_bar + shift[None, :], 0.0), mask=ok)
     tl.store(Z + side, z, mask=ok)
-    lse = tl.where(seen, (m + tl.log2(norm)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m + tl.log2(norm)) * LN2, float("-inf"))
     tl.store(LSE + (b64 * num_heads + h64) * seqlen_q + rows, lse, mask=row_ok)
 
 
@@ -380,13 +417,18 @@ def _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q
     return tl.dot(dlogit.to(k.dtype), ks, dq, input_precision=DOT_PRECISION)
 
 
+@launcher(**_launch_options("dq"))
 @triton.jit
-def _lla_bwd_dq_kernel(
+def lla_dq_bwd_kernel(
+    # pointers (Z, Z_LO, R_LO are laid out like KBAR; LSE, DRIDGE [B, H, Tq]; ROWS [B, H, Tq, ROW_FIELDS])
     Q, K, V, RIDGE, O, DO, LSE, KBAR, Z, DQ, Z_LO, R_LO, ROWS, DRIDGE,
+    # strides
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
-    stride_rb, stride_rt, stride_rh, stride_sb, stride_st, stride_sh,
+    stride_ridgeb, stride_ridget, stride_ridgeh, stride_kbarb, stride_kbart, stride_kbarh,
+    # sizes and scalars
     seqlen_q, seqlen_k, num_heads, kv_group, sm_scale, qk_scale2, cg_tol2, cg_max_iters,
+    # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECOND: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROW_FIELDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -417,13 +459,13 @@ def _lla_bwd_dq_kernel(
     o = _load_tile(O + b64 * stride_ob + h64 * stride_oh, start_m, offs_m, offs_d, seqlen_q, stride_ot,
                    HEAD_DIM, EVEN_D, True)
     do_o = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    side = b64 * stride_sb + h64 * stride_sh + row64[:, None] * stride_st + offs_d[None, :]
+    side = b64 * stride_kbarb + h64 * stride_kbarh + row64[:, None] * stride_kbart + offs_d[None, :]
     k_bar_stored = tl.load(KBAR + side, mask=ok, other=0.0)
-    lam = tl.load(RIDGE + b64 * stride_rb + row64 * stride_rt + h64 * stride_rh, mask=row_ok, other=1.0)
+    lam = tl.load(RIDGE + b64 * stride_ridgeb + row64 * stride_ridget + h64 * stride_ridgeh, mask=row_ok, other=1.0)
     scalar_off = (b64 * num_heads + h64) * seqlen_q + rows
     lse = tl.load(LSE + scalar_off, mask=row_ok, other=float("-inf"))
     seen = lse > float("-inf")
-    lse2 = tl.where(seen, lse * 1.4426950408889634, float("inf"))
+    lse2 = tl.where(seen, lse * LOG2E, float("inf"))
     k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
     shift = _key_origin(k_base, offs_d, seqlen_k, HEAD_DIM)
@@ -484,7 +526,7 @@ def _lla_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, ks, v, q_base, do_base, zlo_base, rlo_base, lse_base, rows_base, start_m, cols, offs_m,
-               offs_d, seqlen_q, diag, stride_qt, stride_dot, stride_st, sm_scale, qk_scale2, HEAD_DIM: tl.constexpr,
+               offs_d, seqlen_q, diag, stride_qt, stride_dot, stride_kbart, sm_scale, qk_scale2, HEAD_DIM: tl.constexpr,
                EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, ROW_FIELDS: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """One query tile's contribution to dK, dV of a key tile, on transposed tiles [BLOCK_N, BLOCK_M]."""
@@ -492,10 +534,10 @@ def _dkdv_tile(dk, dv, k, ks, v, q_base, do_base, zlo_base, rlo_base, lse_base, 
     row_ok = rows < seqlen_q
     q = _load_tile(q_base, start_m, offs_m, offs_d, seqlen_q, stride_qt, HEAD_DIM, EVEN_D, True)
     do = _load_tile(do_base, start_m, offs_m, offs_d, seqlen_q, stride_dot, HEAD_DIM, EVEN_D, True)
-    z_lo = _load_tile(zlo_base, start_m, offs_m, offs_d, seqlen_q, stride_st, HEAD_DIM, EVEN_D, True)
-    r_lo = _load_tile(rlo_base, start_m, offs_m, offs_d, seqlen_q, stride_st, HEAD_DIM, EVEN_D, True)
+    z_lo = _load_tile(zlo_base, start_m, offs_m, offs_d, seqlen_q, stride_kbart, HEAD_DIM, EVEN_D, True)
+    r_lo = _load_tile(rlo_base, start_m, offs_m, offs_d, seqlen_q, stride_kbart, HEAD_DIM, EVEN_D, True)
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, float("inf"))
+    lse2 = tl.where(lse > float("-inf"), lse * LOG2E, float("inf"))
     row_ptr = rows_base + rows.to(tl.int64) * ROW_FIELDS
     g_bar = tl.load(row_ptr + 0, mask=row_ok, other=0.0)
     phi_bar = tl.load(row_ptr + 1, mask=row_ok, other=0.0)
@@ -523,13 +565,18 @@ def _dkdv_tile(dk, dv, k, ks, v, q_base, do_base, zlo_base, rlo_base, lse_base, 
     return dk, dv
 
 
+@launcher(**_launch_options("dkdv"))
 @triton.jit
-def _lla_bwd_dkdv_kernel(
+def lla_dkdv_bwd_kernel(
+    # pointers (Z_LO, R_LO are laid out like the forward's KBAR)
     Q, K, V, DO, LSE, Z_LO, R_LO, ROWS, DK, DV,
+    # strides
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-    stride_sb, stride_st, stride_sh,
+    stride_kbarb, stride_kbart, stride_kbarh,
+    # sizes and scalars
     seqlen_q, seqlen_k, num_heads, kv_group, sm_scale, qk_scale2,
+    # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROW_FIELDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -566,18 +613,18 @@ def _lla_bwd_dkdv_kernel(
         h64 = tl.cast(h_kv * kv_group + g, tl.int64)
         q_base = Q + b64 * stride_qb + h64 * stride_qh
         do_base = DO + b64 * stride_dob + h64 * stride_doh
-        side = b64 * stride_sb + h64 * stride_sh
+        side = b64 * stride_kbarb + h64 * stride_kbarh
         scalar = (b64 * num_heads + h64) * seqlen_q
         for start_m in range(lo, full, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, ks, v, q_base, do_base, Z_LO + side, R_LO + side, LSE + scalar,
                                 ROWS + scalar * ROW_FIELDS, start_m, cols, offs_m, offs_d, seqlen_q, diag, stride_qt,
-                                stride_dot, stride_st, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, True, CAUSAL, ROW_FIELDS,
-                                DOT_PRECISION)
+                                stride_dot, stride_kbart, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, True, CAUSAL,
+                                ROW_FIELDS, DOT_PRECISION)
         for start_m in range(full, end, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, ks, v, q_base, do_base, Z_LO + side, R_LO + side, LSE + scalar,
                                 ROWS + scalar * ROW_FIELDS, start_m, cols, offs_m, offs_d, seqlen_q, diag, stride_qt,
-                                stride_dot, stride_st, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, False, CAUSAL, ROW_FIELDS,
-                                DOT_PRECISION)
+                                stride_dot, stride_kbart, sm_scale, qk_scale2, HEAD_DIM, EVEN_D, False, CAUSAL,
+                                ROW_FIELDS, DOT_PRECISION)
     ok = (cols < seqlen_k)[:, None] & (offs_d[None, :] < HEAD_DIM)
     col64 = cols.to(tl.int64)
     tl.store(DK + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + col64[:, None] * stride_dkt + offs_d[None, :],
@@ -586,123 +633,19 @@ def _lla_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=ok)
 
 
-# ------------------------------------------------------------------------------------------------ decode
-@triton.jit
-def _lla_decode_kernel(
-    Q, K, V, LENGTHS, M_OUT, L_OUT, KSUM_OUT, VSUM_OUT, KK_OUT, VK_OUT,
-    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    seqlen_k, num_heads, kv_group, num_splits, keys_per_split, qk_scale2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Partial D x D statistics of one query against one split of the KV cache, with online max rescaling.
-    Key moments are taken about the cache's first key (the covariance is shift-invariant; a shared offset of
-    the keys then costs no precision)."""
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    h_kv = h // kv_group
-    b64 = b.to(tl.int64)
-    length = seqlen_k
-    if HAS_LENGTHS:
-        length = tl.minimum(tl.load(LENGTHS + b), seqlen_k)
-    start = pid_s * keys_per_split
-    stop = tl.minimum(start + keys_per_split, length)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    k_base = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
-    # The first key is the origin if the sequence has one and it is finite (a cache row past the length may
-    # hold anything), else 0: the same rule as the launcher's.
-    shift = tl.load(k_base + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    shift = tl.where((length > 0) & (tl.abs(shift) < float("inf")), shift, 0.0)
-    m = tl.full([], float("-inf"), tl.float32)
-    l = tl.zeros([], tl.float32)
-    k_sum = tl.zeros([BLOCK_D], tl.float32)
-    v_sum = tl.zeros([BLOCK_D], tl.float32)
-    kk = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
-    vk = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
-    for start_n in range(start, stop, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < stop
-        ok = col_ok[:, None] & d_ok[None, :]
-        col64 = cols.to(tl.int64)
-        k = tl.load(k_base + col64[:, None] * stride_kt + offs_d[None, :], mask=ok, other=0.0)
-        v = tl.load(v_base + col64[:, None] * stride_vt + offs_d[None, :], mask=ok, other=0.0)
-        x = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale2
-        x = tl.where(col_ok, x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(x - m_ref)
-        alpha = tl.exp2(m - m_ref)
-        k_shifted = k.to(tl.float32) - shift[None, :]
-        wk = k_shifted * w[:, None]
-        wv = v.to(tl.float32) * w[:, None]
-        k_shifted = k_shifted.to(k.dtype)
-        l = l * alpha + tl.sum(w, 0)
-        k_sum = k_sum * alpha + tl.sum(wk, 0)
-        v_sum = v_sum * alpha + tl.sum(wv, 0)
-        kk = tl.dot(tl.trans(wk.to(k.dtype)), k_shifted, kk * alpha, input_precision=DOT_PRECISION)
-        vk = tl.dot(tl.trans(wv.to(v.dtype)), k_shifted, vk * alpha, input_precision=DOT_PRECISION)
-        m = m_new
-    part = pid_bh.to(tl.int64) * num_splits + pid_s
-    tl.store(M_OUT + part, m)
-    tl.store(L_OUT + part, l)
-    tl.store(KSUM_OUT + part * BLOCK_D + offs_d, k_sum)
-    tl.store(VSUM_OUT + part * BLOCK_D + offs_d, v_sum)
-    square = offs_d[:, None] * BLOCK_D + offs_d[None, :]
-    tl.store(KK_OUT + part * BLOCK_D * BLOCK_D + square, kk)
-    tl.store(VK_OUT + part * BLOCK_D * BLOCK_D + square, vk)
-
-
 # ---------------------------------------------------------------------------------------------- launchers
-def _cfg(block_m, block_n, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-
-
-# (BLOCK_M, BLOCK_N, warps, stages); the first entry is the default when autotuning is off. The CG loop keeps
-# about six [BLOCK_M, D] fp32 row vectors live (x, residual, direction, A p, k_bar, the product accumulator), so
-# query tiles are smaller than in exact attention. Ordered by ptxas register spills for sm_90 (bf16): the first
-# entries compile without spills (fwd, dq) or with under 0.5 KB (dK/dV); larger tiles spill more.
-_CONFIGS = {
-    "fwd": {64: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
-            128: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)]},
-    "dq": {64: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
-           128: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)]},
-    # dK/dV: BLOCK_N keys held, BLOCK_M queries streamed.
-    "dkdv": {64: [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2)],
-             128: [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (32, 64, 8, 1), (16, 32, 4, 2)]},
-}
-# Under the interpreter: small, unequal tiles so that short tests still cross tile and mask boundaries.
-_INTERPRETED = {"fwd": (32, 16, 1, 1), "dq": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1)}
-_KERNELS = {"fwd": _lla_fwd_kernel, "dq": _lla_bwd_dq_kernel, "dkdv": _lla_bwd_dkdv_kernel}
-_TUNED: dict = {}
-# Per-row scalars handed from the dq kernel to the dK/dV kernel: g_bar, phi_bar, z scale, z_lo.k_bar, r scale,
-# r_lo.k_bar (k_bar shifted).
-ROW_FIELDS = 6
-DECODE_BLOCK_N = 32
-
-
-def _tuned_kernel(kind: str, block_d: int):
-    key = (kind, block_d, autotune_enabled())
-    if key not in _TUNED:
-        entries = _CONFIGS[kind][64 if block_d <= 64 else 128]
-        candidates = configs([_cfg(*e) for e in entries], [_cfg(*_INTERPRETED[kind])])
-        _TUNED[key] = triton.autotune(configs=candidates, key=["BLOCK_D", "CAUSAL"])(_KERNELS[kind])
-    return _TUNED[key]
-
-
-def _common(q, a: LLAArgs) -> dict:
+def _features(q, a: LLAArgs) -> dict:
     d = q.shape[-1]
     return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=a.causal,
                 DOT_PRECISION=dot_precision(q.dtype))
 
 
-def _strides3(x):
-    return x.stride(0), x.stride(1), x.stride(2)
+def _token_strides(**tensors) -> dict:
+    """(batch, token, head) strides of [B, T, H, D] tensors (and of the ridge, [B, Tq, H])."""
+    out = {}
+    for name, t in tensors.items():
+        out.update(strides(name, t, "bth"))
+    return out
 
 
 def forward(q, k, v, ridge, a: LLAArgs):
@@ -716,13 +659,12 @@ def forward(q, k, v, ridge, a: LLAArgs):
     z = torch.empty_like(k_bar)
     if b * h * t_q == 0:
         return out, lse, k_bar, z
-    kernel = _tuned_kernel("fwd", max(16, triton.next_power_of_2(d)))
-    kernel[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
-        q, k, v, ridge, out, lse, k_bar, z,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_strides3(ridge), *_strides3(k_bar),
-        t_q, t_k, h, h // h_kv, a.softmax_scale * LOG2E, a.cg_tol * a.cg_tol, a.cg_max_iters,
-        PRECOND=a.cg_preconditioner, **_common(q, a),
-    )
+    lla_output_fwd_kernel.launch(
+        lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h),
+        Q=q, K=k, V=v, RIDGE=ridge, O=out, LSE=lse, KBAR=k_bar, Z=z,
+        **_token_strides(q=q, k=k, v=v, o=out, ridge=ridge, kbar=k_bar),
+        seqlen_q=t_q, seqlen_k=t_k, num_heads=h, kv_group=h // h_kv, qk_scale2=a.softmax_scale * LOG2E.value,
+        cg_tol2=a.cg_tol * a.cg_tol, cg_max_iters=a.cg_max_iters, PRECOND=a.cg_preconditioner, **_features(q, a))
     return out, lse, k_bar, z
 
 
@@ -740,63 +682,15 @@ def backward(dout, q, k, v, out, lse, k_bar, z, ridge, a: LLAArgs):
     z_lo = torch.empty(k_bar.shape, device=q.device, dtype=q.dtype)  # laid out like k_bar
     r_lo = torch.empty_like(z_lo)
     rows = torch.empty(b, h, t_q, ROW_FIELDS, device=q.device, dtype=torch.float32)
-    common = _common(q, a)
-    dq_kernel = _tuned_kernel("dq", common["BLOCK_D"])
-    dq_kernel[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
-        q, k, v, ridge, out, dout, lse, k_bar, z, dq, z_lo, r_lo, rows, dridge,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_strides3(dout), *_strides3(dq),
-        *_strides3(ridge), *_strides3(k_bar),
-        t_q, t_k, h, h // h_kv, a.softmax_scale, a.softmax_scale * LOG2E, a.cg_tol * a.cg_tol, a.cg_max_iters,
-        PRECOND=a.cg_preconditioner, ROW_FIELDS=ROW_FIELDS, **common,
-    )
-    dkdv_kernel = _tuned_kernel("dkdv", common["BLOCK_D"])
-    dkdv_kernel[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h_kv)](
-        q, k, v, dout, lse, z_lo, r_lo, rows, dk, dv,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk), *_strides3(dv),
-        *_strides3(k_bar),
-        t_q, t_k, h, h // h_kv, a.softmax_scale, a.softmax_scale * LOG2E, ROW_FIELDS=ROW_FIELDS, **common,
-    )
+    common = dict(Q=q, K=k, V=v, DO=dout, Z_LO=z_lo, R_LO=r_lo, ROWS=rows, LSE=lse,
+                  **_token_strides(q=q, k=k, v=v, do=dout, kbar=k_bar),
+                  seqlen_q=t_q, seqlen_k=t_k, num_heads=h, kv_group=h // h_kv, sm_scale=a.softmax_scale,
+                  qk_scale2=a.softmax_scale * LOG2E.value, ROW_FIELDS=ROW_FIELDS, **_features(q, a))
+    lla_dq_bwd_kernel.launch(
+        lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h),
+        RIDGE=ridge, O=out, KBAR=k_bar, Z=z, DQ=dq, DRIDGE=dridge, **_token_strides(o=out, dq=dq, ridge=ridge),
+        cg_tol2=a.cg_tol * a.cg_tol, cg_max_iters=a.cg_max_iters, PRECOND=a.cg_preconditioner, **common)
+    lla_dkdv_bwd_kernel.launch(
+        lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h_kv),
+        DK=dk, DV=dv, **_token_strides(dk=dk, dv=dv), **common)
     return dq, dk, dv, dridge.transpose(1, 2)
-
-
-def _num_splits(batch_heads: int, t_k: int) -> int:
-    """Enough programs to fill a GPU (about 2 waves of 132 SMs), at least 256 keys per split, at most 32."""
-    if t_k <= 0:
-        return 1
-    return max(1, min(triton.cdiv(t_k, 256), triton.cdiv(264, batch_heads), 32))
-
-
-def decode(q, k_cache, v_cache, cache_seqlens, ridge, a: LLAArgs):
-    """q [B, 1, H, D] against the first cache_seqlens[b] (default: all) keys of k/v_cache [B, Tk, Hkv, D]."""
-    b, _, h, d = q.shape
-    t_k, h_kv = k_cache.shape[1], k_cache.shape[2]
-    if t_k == 0 or b * h == 0:
-        return torch.zeros_like(q)
-    block_d = max(16, triton.next_power_of_2(d))
-    splits = _num_splits(b * h, t_k)
-    keys_per_split = triton.cdiv(triton.cdiv(max(t_k, 1), splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
-    f32 = dict(device=q.device, dtype=torch.float32)
-    m = torch.empty(b, h, splits, **f32)
-    l = torch.empty(b, h, splits, **f32)
-    k_sum = torch.empty(b, h, splits, block_d, **f32)
-    v_sum = torch.empty(b, h, splits, block_d, **f32)
-    kk = torch.empty(b, h, splits, block_d, block_d, **f32)
-    vk = torch.empty(b, h, splits, block_d, block_d, **f32)
-    q_rows = q[:, 0]
-    lengths = cache_seqlens if cache_seqlens is not None else q.new_empty(1, dtype=torch.int32)
-    _lla_decode_kernel[(b * h, splits)](
-        q_rows, k_cache, v_cache, lengths, m, l, k_sum, v_sum, kk, vk,
-        q_rows.stride(0), q_rows.stride(1), *_strides3(k_cache), *_strides3(v_cache),
-        t_k, h, h // h_kv, splits, keys_per_split, a.softmax_scale * LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, HAS_LENGTHS=cache_seqlens is not None,
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_N=DECODE_BLOCK_N, num_warps=4 if block_d <= 64 else 8,
-    )
-    lam = ridge[:, 0, :]
-    # the kernel's key origin [B, H, D]: the first key where the sequence has one and it is finite, else 0
-    origin = finite_or_zero(k_cache[:, 0].float())
-    if cache_seqlens is not None:
-        origin = torch.where((cache_seqlens > 0)[:, None, None], origin, torch.zeros((), device=q.device))
-    shift = origin.repeat_interleave(h // h_kv, dim=1)
-    out = combine_partials(q_rows.float() - shift, m, l, k_sum[..., :d], v_sum[..., :d], kk[..., :d, :d],
-                           vk[..., :d, :d], lam, log2=True)
-    return out.unsqueeze(1).to(q.dtype)

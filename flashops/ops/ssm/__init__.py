@@ -6,11 +6,20 @@ Dispatched ops with Triton and PyTorch backends (forward and backward as custom 
 PyTorch built on them. See docs/ssm.md.
 """
 
-from .convolution import (cauchy_kernel, dplr_kernel, fft_conv, krylov, krylov_kernel, s4d_kernel,
-                          vandermonde_kernel)
+from .convolution import cauchy_kernel, dplr_kernel, fft_conv, krylov, krylov_kernel, s4d_kernel, vandermonde_kernel
 from .discretization import METHODS, discretize
-from .hippo import (MEASURES, S4D_INITS, basis_kernels, init_dt_bias, init_log_dt, inverse_softplus, nplr,
-                    rank_correction, s4d_init, transition)
+from .hippo import (
+                          MEASURES,
+                          S4D_INITS,
+                          basis_kernels,
+                          init_dt_bias,
+                          init_log_dt,
+                          inverse_softplus,
+                          nplr,
+                          rank_correction,
+                          s4d_init,
+                          transition,
+)
 from .scans import linear_scan, selective_scan, selective_state_update
 from .step import SSMStep, default_state, forward_state, setup_step, state_output, step
 

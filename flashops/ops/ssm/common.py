@@ -1,4 +1,7 @@
-"""Shapes that every backend of the ssm family agrees on (the custom ops' fake kernels need them too)."""
+"""What the backends of the ssm family share: the shapes every backend agrees on (the custom ops' fake kernels
+need them too), and the host-side halves of the scans and kernels that the Triton and CUDA launchers both run
+around their own kernels (the linear scan's forward/backward passes, the selective scan's gradient tuple, the
+Vandermonde and Cauchy gradient sums)."""
 
 from __future__ import annotations
 
@@ -57,10 +60,28 @@ def initial_state_grad(a: torch.Tensor, g: torch.Tensor, initial_state: torch.Te
     return (a[:, :, first].float() * g[:, :, first].float()).to(initial_state.dtype)
 
 
+def selective_scan_grads(du, ddelta, dz, dA_part, dB, dC, dD_part, dbias_part, d_initial, A, B, C, D, delta_bias,
+                         initial_state) -> tuple:
+    """selective_scan_bwd's result from a kernel's outputs: dA, dD, ddelta_bias summed over their per-batch
+    shares ([B, D, N], [B, D], [B, D]), dB and dC [B, G, N, L] back to B's shape, each gradient in its input's
+    dtype and None where the input is None."""
+    if B.dim() == 3:
+        dB, dC = dB.squeeze(1), dC.squeeze(1)
+    return (du, ddelta, dA_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD_part.sum(0).to(D.dtype) if D is not None else None, dz,
+            dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+            d_initial.to(initial_state.dtype) if initial_state is not None else None)
+
+
 def fresh(t: torch.Tensor) -> torch.Tensor:
     """A custom op must return tensors that own their storage: a view (e.g. ``view_as_real`` of a complex
     result) is rebuilt from its base under AOT tracing with the wrong element size. Copy views only."""
     return t if t._base is None else t.clone()
+
+
+def contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    """A fake kernel's gradient: an empty tensor like ``t``, contiguous."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def multiprocessors(device: torch.device) -> int:

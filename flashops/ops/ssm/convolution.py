@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from ... import _cuda, _dispatch
-from ..._custom_ops import eager, register_autograd
+from ..._custom_ops import BACKEND, OpArgs, eager, register_autograd
 from ..._triton_utils import triton_reasons
-from .common import fresh
+from .args import CauchyBackend, VandermondeBackend
+from .common import contiguous_like, fresh
 from .discretization import discretize
 
 VANDERMONDE = "vandermonde_kernel"
@@ -41,10 +42,11 @@ for _op, _what in ((VANDERMONDE, "powers by multiplication from an exact start e
     _dispatch.register(_op, _dispatch.Backend("cuda", _dispatch.PRIORITY_CUDA_EXT, _cuda.supports,
                                               f"{__package__}.cuda_conv", _what, forced_only=True))
 
-for _op, _what in ((VANDERMONDE, "fused powers and state reduction, one program per (L tile, channel)"),
-                   (CAUCHY, "fused reciprocals and state reduction, one program per (L tile, row)")):
+for _op, _module, _what in (
+        (VANDERMONDE, "triton_vandermonde", "fused powers and state reduction, one program per (L tile, channel)"),
+        (CAUCHY, "triton_cauchy", "fused reciprocals and state reduction, one program per (L tile, row)")):
     _dispatch.register(_op, _dispatch.Backend(
-        "triton", _dispatch.PRIORITY_TRITON, _triton_supports, f"{__package__}.triton_conv", _what))
+        "triton", _dispatch.PRIORITY_TRITON, _triton_supports, f"{__package__}.{_module}", _what))
     _dispatch.register(_op, _dispatch.Backend(
         "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__package__}.pytorch",
         "PyTorch, chunked over L (CPU and fallback)"))
@@ -72,45 +74,41 @@ def _check_length(L) -> int:
 
 
 # -------------------------------------------------------------------------------------------- Vandermonde
-def _vandermonde_fwd_impl(x: Tensor, w: Tensor, length: int, conj: bool, backend: str) -> Tensor:
-    return fresh(_dispatch.get(VANDERMONDE, backend).load().vandermonde_fwd(x, w, length, conj))
+# The argument lists of the custom ops, written once.
+VANDERMONDE_ARGS = OpArgs(("x", Tensor), ("w", Tensor), ("length", int), ("conj", bool)) + BACKEND
+VANDERMONDE_BWD_ARGS = OpArgs(("dk", Tensor)) + VANDERMONDE_ARGS
 
 
-_vandermonde_fwd = torch.library.custom_op("flashops::vandermonde_fwd", _vandermonde_fwd_impl, mutates_args=())
+def _vandermonde_backend(a) -> VandermondeBackend:
+    return _dispatch.get(VANDERMONDE, a.backend).load()
 
 
-@_vandermonde_fwd.register_fake
-def _(x, w, length, conj, backend):
-    return x.new_empty(w.shape[0], w.shape[1], length)
+def _run_vandermonde_fwd(a) -> Tensor:
+    return fresh(_vandermonde_backend(a).vandermonde_fwd(a.x, a.w, a.length, a.conj))
 
 
-def _vandermonde_bwd_impl(dk: Tensor, x: Tensor, w: Tensor, length: int, conj: bool,
-                          backend: str) -> tuple[Tensor, Tensor]:
-    dx, dw = _dispatch.get(VANDERMONDE, backend).load().vandermonde_bwd(dk, x, w, length, conj)
+def _run_vandermonde_bwd(a) -> tuple[Tensor, Tensor]:
+    dx, dw = _vandermonde_backend(a).vandermonde_bwd(a.dk, a.x, a.w, a.length, a.conj)
     return fresh(dx.contiguous()), fresh(dw.contiguous())
 
 
-_vandermonde_bwd = torch.library.custom_op("flashops::vandermonde_bwd", _vandermonde_bwd_impl, mutates_args=())
+_vandermonde_fwd, _vandermonde_fwd_impl = VANDERMONDE_ARGS.custom_op(
+    "flashops::vandermonde_fwd", _run_vandermonde_fwd, returns=Tensor,
+    fake=lambda a: a.x.new_empty(a.w.shape[0], a.w.shape[1], a.length))
+_vandermonde_bwd, _vandermonde_bwd_impl = VANDERMONDE_BWD_ARGS.custom_op(
+    "flashops::vandermonde_bwd", _run_vandermonde_bwd, returns=tuple[Tensor, Tensor],
+    fake=lambda a: (contiguous_like(a.x), contiguous_like(a.w)))
 _vandermonde_bwd_call = eager(_vandermonde_bwd, _vandermonde_bwd_impl)
 
 
-@_vandermonde_bwd.register_fake
-def _(dk, x, w, length, conj, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), \
-        torch.empty_like(w, memory_format=torch.contiguous_format)
-
-
 def _vandermonde_setup(ctx, inputs, output):
-    x, w, length, conj, backend = inputs
-    ctx.save_for_backward(x, w)
-    ctx.config = (length, conj, backend)
+    VANDERMONDE_ARGS.save(ctx, inputs)
 
 
 def _vandermonde_backward(ctx, dk):
-    x, w = ctx.saved_tensors
-    length, conj, backend = ctx.config
-    dx, dw = _vandermonde_bwd_call(dk.contiguous(), x, w, length, conj, backend)
-    return dx, dw, None, None, None
+    a, _ = VANDERMONDE_ARGS.saved(ctx)
+    dx, dw = _vandermonde_bwd_call(*VANDERMONDE_BWD_ARGS.values(dk=dk.contiguous(), **VANDERMONDE_ARGS.pick(a)))
+    return VANDERMONDE_ARGS.grads(x=dx, w=dw)
 
 
 _vandermonde = register_autograd(_vandermonde_fwd, _vandermonde_fwd_impl, _vandermonde_backward,
@@ -153,7 +151,7 @@ def vandermonde_kernel(log_z: Tensor, w: Tensor, L: int, *, conj: Optional[bool]
     w_pairs = torch.view_as_real(w3.to(cdt))
     request = _dispatch.Request(log_z.device, x.dtype, {})
     chosen = _dispatch.select(VANDERMONDE, request, backend)
-    k = _vandermonde(x, w_pairs, L, bool(conj), chosen.name)
+    k = _vandermonde(*VANDERMONDE_ARGS.values(x=x, w=w_pairs, length=L, conj=bool(conj), backend=chosen.name))
     return k.squeeze(0) if squeeze else k
 
 
@@ -180,46 +178,44 @@ def s4d_kernel(A: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int, discretizati
 
 
 # ------------------------------------------------------------------------------------------------ Cauchy
-def _cauchy_fwd_impl(v: Tensor, z: Tensor, w: Tensor, backend: str) -> Tensor:
-    return fresh(_dispatch.get(CAUCHY, backend).load().cauchy_fwd(v, z, w))
+CAUCHY_ARGS = OpArgs(("v", Tensor), ("z", Tensor), ("w", Tensor)) + BACKEND
+CAUCHY_BWD_ARGS = OpArgs(("dout", Tensor), ("v", Tensor), ("z", Tensor), ("w", Tensor), ("want_dz", bool)) + BACKEND
 
 
-_cauchy_fwd = torch.library.custom_op("flashops::cauchy_fwd", _cauchy_fwd_impl, mutates_args=())
+def _cauchy_backend(a) -> CauchyBackend:
+    return _dispatch.get(CAUCHY, a.backend).load()
 
 
-@_cauchy_fwd.register_fake
-def _(v, z, w, backend):
-    return v.new_empty(v.shape[0], v.shape[1], z.shape[0], 2)
+def _run_cauchy_fwd(a) -> Tensor:
+    return fresh(_cauchy_backend(a).cauchy_fwd(a.v, a.z, a.w))
 
 
-def _cauchy_bwd_impl(dout: Tensor, v: Tensor, z: Tensor, w: Tensor, want_dz: bool,
-                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dv, dz, dw = _dispatch.get(CAUCHY, backend).load().cauchy_bwd(dout, v, z, w, want_dz)
-    return fresh(dv.contiguous()), (fresh(dz.contiguous()) if dz is not None else v.new_empty(0)), fresh(dw.contiguous())
+def _run_cauchy_bwd(a) -> tuple[Tensor, Tensor, Tensor]:
+    dv, dz, dw = _cauchy_backend(a).cauchy_bwd(a.dout, a.v, a.z, a.w, a.want_dz)
+    return (fresh(dv.contiguous()), fresh(dz.contiguous()) if dz is not None else a.v.new_empty(0),
+            fresh(dw.contiguous()))
 
 
-_cauchy_bwd = torch.library.custom_op("flashops::cauchy_bwd", _cauchy_bwd_impl, mutates_args=())
+_cauchy_fwd, _cauchy_fwd_impl = CAUCHY_ARGS.custom_op(
+    "flashops::cauchy_fwd", _run_cauchy_fwd, returns=Tensor,
+    fake=lambda a: a.v.new_empty(a.v.shape[0], a.v.shape[1], a.z.shape[0], 2))
+_cauchy_bwd, _cauchy_bwd_impl = CAUCHY_BWD_ARGS.custom_op(
+    "flashops::cauchy_bwd", _run_cauchy_bwd, returns=tuple[Tensor, Tensor, Tensor],
+    fake=lambda a: (contiguous_like(a.v), contiguous_like(a.z) if a.want_dz else a.v.new_empty(0),
+                    contiguous_like(a.w)))
 _cauchy_bwd_call = eager(_cauchy_bwd, _cauchy_bwd_impl)
 
 
-@_cauchy_bwd.register_fake
-def _(dout, v, z, w, want_dz, backend):
-    dz = torch.empty_like(z, memory_format=torch.contiguous_format) if want_dz else v.new_empty(0)
-    return torch.empty_like(v, memory_format=torch.contiguous_format), dz, \
-        torch.empty_like(w, memory_format=torch.contiguous_format)
-
-
 def _cauchy_setup(ctx, inputs, output):
-    v, z, w, backend = inputs
-    ctx.save_for_backward(v, z, w)
-    ctx.backend = backend
+    CAUCHY_ARGS.save(ctx, inputs)
 
 
 def _cauchy_backward(ctx, dout):
-    v, z, w = ctx.saved_tensors
-    want_dz = ctx.needs_input_grad[1]
-    dv, dz, dw = _cauchy_bwd_call(dout.contiguous(), v, z, w, want_dz, ctx.backend)
-    return dv, (dz if want_dz else None), dw, None
+    a, _ = CAUCHY_ARGS.saved(ctx)
+    want_dz = CAUCHY_ARGS.needs_grad(ctx, "z")
+    dv, dz, dw = _cauchy_bwd_call(*CAUCHY_BWD_ARGS.values(dout=dout.contiguous(), want_dz=want_dz,
+                                                          **CAUCHY_ARGS.pick(a)))
+    return CAUCHY_ARGS.grads(v=dv, z=dz if want_dz else None, w=dw)
 
 
 _cauchy = register_autograd(_cauchy_fwd, _cauchy_fwd_impl, _cauchy_backward, _cauchy_setup)
@@ -255,7 +251,7 @@ def cauchy_kernel(v: Tensor, z: Tensor, w: Tensor, *, backend: Optional[str] = N
     z1 = torch.view_as_real(z.to(cdt))
     request = _dispatch.Request(v.device, v3.dtype, {})
     chosen = _dispatch.select(CAUCHY, request, backend)
-    out = torch.view_as_complex(_cauchy(v3, z1, w2, chosen.name))
+    out = torch.view_as_complex(_cauchy(*CAUCHY_ARGS.values(v=v3, z=z1, w=w2, backend=chosen.name)))
     return out.reshape(*m_shape, *g_shape, z.shape[0])
 
 

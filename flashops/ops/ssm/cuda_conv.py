@@ -1,5 +1,6 @@
 """The CUDA backend of the convolution-kernel generators: Vandermonde (csrc/cuda/ssm/vandermonde.cu) and Cauchy
-(csrc/cuda/ssm/cauchy.cu), forward and backward; same signatures as triton_conv.py and pytorch.py.
+(csrc/cuda/ssm/cauchy.cu), forward and backward: the ``VandermondeBackend`` and ``CauchyBackend`` contracts
+(args.py).
 
 Complex numbers travel as fp32 (re, im) pairs. Backward passes reduce over L in ranges that separate blocks
 sum; the launcher adds the partial sums (no atomics: deterministic).

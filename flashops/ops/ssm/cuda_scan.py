@@ -1,5 +1,6 @@
 """The CUDA backend of the scans: ``linear_scan`` (csrc/cuda/ssm/linear_scan.cu) and ``selective_scan``
-(csrc/cuda/ssm/selective_scan.cu), forward and backward; same signatures as triton_scan.py and pytorch.py.
+(csrc/cuda/ssm/selective_scan.cu), forward and backward: the ``LinearScanBackend`` and ``SelectiveScanBackend``
+contracts (args.py).
 
 Kernels compute in fp32 and take fp16 / bf16 / fp32 tensors as they are (B and C of the selective scan in u's
 dtype or fp32; the small parameters A, D, delta_bias and the states in fp32). Every block owns one row (one
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ... import _cuda
-from .common import CUDA_SCAN_CHUNK, linear_scan_backward, linear_scan_forward
+from .common import CUDA_SCAN_CHUNK, linear_scan_backward, linear_scan_forward, selective_scan_grads
 
 _TYPES = tuple(_cuda.C_TYPES.items())
 
@@ -138,8 +139,9 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softp
     return out, last, saved
 
 
-def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, saved, softplus: bool):
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, d initial_state), None where an input is None."""
+def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, softplus: bool):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, d initial_state), None where an input is None;
+    ckpt: the chunk-entering states selective_scan_fwd saved."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -166,14 +168,10 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial
         kernel = SELECTIVE_SCAN.kernel(_selective_expression("bwd", _cuda.C_TYPES[u.dtype], weight))
         kernel(grid=batch * dim, block=_BWD_SHAPE[0], shared=(3 * n_state + 2 * chunk) * 4,
                dout=dout, dlast=dlast32, u=u, delta=delta, A=A32, B=Bg, C=Cg, D=D32, z=z,
-               delta_bias=bias32, saved=saved.contiguous(), du=du, ddelta=ddelta, dz=dz, dB=dB, dC=dC,
+               delta_bias=bias32, saved=ckpt.contiguous(), du=du, ddelta=ddelta, dz=dz, dB=dB, dC=dC,
                dA_part=dA_part, dD_part=dD_part, dbias_part=dbias_part, dinitial=dinitial,
                **row_strides("dout", dout), **row_strides("u", u), **row_strides("delta", delta),
                **row_strides("z", z), **_group_strides("B", Bg), **_group_strides("C", Cg),
                dim=dim, n_groups=n_groups, n_state=n_state, length=length, softplus_dt=softplus)
-    if B.dim() == 3:
-        dB, dC = dB.squeeze(1), dC.squeeze(1)
-    return (du, ddelta, dA_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            dD_part.sum(0).to(D.dtype) if D is not None else None, dz,
-            dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
-            dinitial.to(initial_state.dtype) if dinitial is not None else None)
+    return selective_scan_grads(du, ddelta, dz, dA_part, dB, dC, dD_part, dbias_part, dinitial, A, B, C, D, delta_bias,
+                                initial_state)

@@ -1,5 +1,5 @@
 """The CUDA backend of ``selective_state_update`` (csrc/cuda/ssm/state_update.cu): one recurrent step, forward and
-backward; same signatures as the functions of the same names in pytorch.py."""
+backward: the ``StateUpdateBackend`` contract (args.py)."""
 
 from __future__ import annotations
 

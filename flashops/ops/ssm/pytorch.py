@@ -369,7 +369,8 @@ def cauchy_bwd(dout, v, z, w, want_dz: bool):
         s1 += torch.einsum("mgl,gnl->mgn", gl, c1 * c1)
         s2 += torch.einsum("mgl,gnl->mgn", gl, c2 * c2)
         if want_dz:
-            deriv = torch.einsum("mgn,gnl->mgl", vc, r1 * r1) + torch.einsum("mgn,gnl->mgl", vc.conj_physical(), r2 * r2)
+            deriv = (torch.einsum("mgn,gnl->mgl", vc, r1 * r1)
+                     + torch.einsum("mgn,gnl->mgl", vc.conj_physical(), r2 * r2))
             dz[l0:l1] = -(deriv.conj_physical() * gl).sum((0, 1))
     dv = t1 + t2.conj_physical()
     dw = (vc.conj_physical() * (s1 + s2.conj_physical())).sum(0)

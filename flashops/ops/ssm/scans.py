@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from ... import _cuda, _dispatch, _ext
-from ..._custom_ops import eager, register_autograd
+from ..._custom_ops import BACKEND, OpArgs, eager, register_autograd
 from ..._triton_utils import triton_reasons
 from ..._validation import check_same, check_tensor
-from .common import fresh, state_spacing
+from .args import LinearScanBackend, SelectiveScanBackend, StateUpdateBackend
+from .common import contiguous_like, fresh, state_spacing
 
 LINEAR_SCAN = "linear_scan"
 SELECTIVE_SCAN = "selective_scan"
@@ -66,8 +67,8 @@ _dispatch.register(SELECTIVE_STATE_UPDATE, _dispatch.Backend(
 _dispatch.register_probe(SELECTIVE_STATE_UPDATE, lambda device, dtype: _dispatch.Request(device, dtype, {}))
 
 for _op, _triton_module, _what in (
-    (LINEAR_SCAN, "triton_scan", "tl.associative_scan over time tiles with an fp32 carry"),
-    (SELECTIVE_SCAN, "triton_scan", "fused Mamba-1 scan, states recomputed in the backward from saved tiles"),
+    (LINEAR_SCAN, "triton_linear_scan", "tl.associative_scan over time tiles with an fp32 carry"),
+    (SELECTIVE_SCAN, "triton_selective_scan", "fused Mamba-1 scan, states recomputed in the backward from saved tiles"),
 ):
     _dispatch.register(_op, _dispatch.Backend(
         "triton", _dispatch.PRIORITY_TRITON, _triton_supports, f"{__package__}.{_triton_module}", _what))
@@ -90,47 +91,44 @@ def _contiguous_grad(g: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ linear scan
-def _linear_scan_fwd_impl(a: Tensor, b: Tensor, initial_state: Optional[Tensor], reverse: bool,
-                          backend: str) -> Tensor:
-    return fresh(_dispatch.get(LINEAR_SCAN, backend).load().linear_scan_fwd(a, b, initial_state, reverse))
+# The argument lists of the custom ops, written once.
+LINEAR_SCAN_ARGS = (OpArgs(("a", Tensor), ("b", Tensor), ("initial_state", Optional[Tensor]), ("reverse", bool))
+                    + BACKEND)
+LINEAR_SCAN_BWD_ARGS = (OpArgs(("dh", Tensor), ("a", Tensor), ("h", Tensor), ("initial_state", Optional[Tensor]),
+                               ("reverse", bool)) + BACKEND)
 
 
-_linear_scan_fwd = torch.library.custom_op("flashops::linear_scan_fwd", _linear_scan_fwd_impl, mutates_args=())
+def _linear_scan_backend(a) -> LinearScanBackend:
+    return _dispatch.get(LINEAR_SCAN, a.backend).load()
 
 
-@_linear_scan_fwd.register_fake
-def _(a, b, initial_state, reverse, backend):
-    return torch.empty_like(b, memory_format=torch.contiguous_format)
+def _run_linear_scan_fwd(a) -> Tensor:
+    return fresh(_linear_scan_backend(a).linear_scan_fwd(a.a, a.b, a.initial_state, a.reverse))
 
 
-def _linear_scan_bwd_impl(dh: Tensor, a: Tensor, h: Tensor, initial_state: Optional[Tensor], reverse: bool,
-                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    da, db, dh0 = _dispatch.get(LINEAR_SCAN, backend).load().linear_scan_bwd(dh, a, h, initial_state, reverse)
-    return fresh(da), fresh(db), fresh(_empty_if_none(dh0, a))
+def _run_linear_scan_bwd(a) -> tuple[Tensor, Tensor, Tensor]:
+    da, db, dh0 = _linear_scan_backend(a).linear_scan_bwd(a.dh, a.a, a.h, a.initial_state, a.reverse)
+    return fresh(da), fresh(db), fresh(_empty_if_none(dh0, a.a))
 
 
-_linear_scan_bwd = torch.library.custom_op("flashops::linear_scan_bwd", _linear_scan_bwd_impl, mutates_args=())
+_linear_scan_fwd, _linear_scan_fwd_impl = LINEAR_SCAN_ARGS.custom_op(
+    "flashops::linear_scan_fwd", _run_linear_scan_fwd, returns=Tensor, fake=lambda a: contiguous_like(a.b))
+_linear_scan_bwd, _linear_scan_bwd_impl = LINEAR_SCAN_BWD_ARGS.custom_op(
+    "flashops::linear_scan_bwd", _run_linear_scan_bwd, returns=tuple[Tensor, Tensor, Tensor],
+    fake=lambda a: (contiguous_like(a.a), contiguous_like(a.dh),
+                    torch.empty_like(a.initial_state) if a.initial_state is not None else a.a.new_empty(0)))
 _linear_scan_bwd_call = eager(_linear_scan_bwd, _linear_scan_bwd_impl)
 
 
-@_linear_scan_bwd.register_fake
-def _(dh, a, h, initial_state, reverse, backend):
-    dh0 = torch.empty_like(initial_state) if initial_state is not None else a.new_empty(0)
-    return (torch.empty_like(a, memory_format=torch.contiguous_format),
-            torch.empty_like(dh, memory_format=torch.contiguous_format), dh0)
-
-
 def _linear_setup(ctx, inputs, output):
-    a, b, initial_state, reverse, backend = inputs
-    ctx.save_for_backward(a, output, initial_state)
-    ctx.config = (reverse, backend)
+    LINEAR_SCAN_ARGS.save(ctx, inputs, (output,), skip=("b",))  # the backward needs the states, not b
 
 
 def _linear_backward(ctx, dh):
-    a, h, initial_state = ctx.saved_tensors
-    reverse, backend = ctx.config
-    da, db, dh0 = _linear_scan_bwd_call(_contiguous_grad(dh), a, h, initial_state, reverse, backend)
-    return da, db, (dh0 if initial_state is not None else None), None, None
+    a, (h,) = LINEAR_SCAN_ARGS.saved(ctx)
+    da, db, dh0 = _linear_scan_bwd_call(*LINEAR_SCAN_BWD_ARGS.values(
+        dh=_contiguous_grad(dh), a=a.a, h=h, initial_state=a.initial_state, reverse=a.reverse, backend=a.backend))
+    return LINEAR_SCAN_ARGS.grads(a=da, b=db, initial_state=dh0 if a.initial_state is not None else None)
 
 
 _linear_scan = register_autograd(_linear_scan_fwd, _linear_scan_fwd_impl, _linear_backward, _linear_setup)
@@ -200,7 +198,8 @@ def linear_scan(a, b, initial_state=None, reverse: bool = False, *, backend: Opt
         raise ValueError(f"a and b must have 3 dimensions {_SEQ}, got shapes {tuple(a_s.shape[:a_s.dim() - complex_])}"
                          f" and {tuple(b_s.shape[:b_s.dim() - complex_])}")
     if a_s.shape != b_s.shape:
-        raise ValueError(f"a and b must have the same shape {_SEQ}, got {tuple(a_s.shape[:3])} and {tuple(b_s.shape[:3])}")
+        raise ValueError(f"a and b must have the same shape {_SEQ}, got {tuple(a_s.shape[:3])} and "
+                         f"{tuple(b_s.shape[:3])}")
     check_same((("a", a_s), ("b", b_s)), "device")
     if a_s.dtype != b_s.dtype:
         raise ValueError(f"a and b must have the same dtype, got {a_s.dtype} and {b_s.dtype}")
@@ -222,7 +221,7 @@ def linear_scan(a, b, initial_state=None, reverse: bool = False, *, backend: Opt
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     request = _dispatch.Request(b_s.device, b_s.dtype, {"complex": complex_})
     chosen = _dispatch.select(LINEAR_SCAN, request, backend)
-    h = _linear_scan(a_s, b_s, h0, reverse, chosen.name)
+    h = _linear_scan(*LINEAR_SCAN_ARGS.values(a=a_s, b=b_s, initial_state=h0, reverse=reverse, backend=chosen.name))
     if "complex" in kinds:
         return torch.view_as_complex(h)
     if "pair" in kinds:
@@ -235,70 +234,73 @@ def linear_scan(a, b, initial_state=None, reverse: bool = False, *, backend: Opt
 _FP64_STATE_BACKENDS = ("torch", "cpp")
 
 
-def _selective_scan_fwd_impl(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-    delta_bias: Optional[Tensor], initial_state: Optional[Tensor], delta_softplus: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    out = _dispatch.get(SELECTIVE_SCAN, backend).load().selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+SELECTIVE_SCAN_ARGS = (OpArgs(("u", Tensor), ("delta", Tensor), ("A", Tensor), ("B", Tensor), ("C", Tensor),
+                              ("D", Optional[Tensor]), ("z", Optional[Tensor]), ("delta_bias", Optional[Tensor]),
+                              ("initial_state", Optional[Tensor]), ("delta_softplus", bool)) + BACKEND)
+SELECTIVE_SCAN_BWD_ARGS = (OpArgs(("dout", Tensor), ("dlast", Optional[Tensor]))
+                           + SELECTIVE_SCAN_ARGS.without("delta_softplus", "backend")
+                           + OpArgs(("saved", Tensor), ("delta_softplus", bool)) + BACKEND)
+# The inputs that get a gradient, in the order the backends return them.
+_SELECTIVE_GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def _selective_scan_backend(a) -> SelectiveScanBackend:
+    return _dispatch.get(SELECTIVE_SCAN, a.backend).load()
+
+
+def _run_selective_scan_fwd(a) -> tuple[Tensor, Tensor, Tensor]:
+    out = _selective_scan_backend(a).selective_scan_fwd(a.u, a.delta, a.A, a.B, a.C, a.D, a.z, a.delta_bias,
+                                                        a.initial_state, a.delta_softplus)
     return tuple(fresh(t) for t in out)
 
 
-_selective_scan_fwd = torch.library.custom_op("flashops::selective_scan_fwd", _selective_scan_fwd_impl,
-                                              mutates_args=())
+def _selective_scan_fwd_fake(a) -> tuple[Tensor, Tensor, Tensor]:
+    batch, dim, length = a.u.shape
+    n_state = a.A.shape[1]
+    fp64 = a.u.dtype == torch.float64 and a.backend in _FP64_STATE_BACKENDS
+    state_dtype = torch.float64 if fp64 else torch.float32
+    n_saved = -(-length // state_spacing(n_state, a.backend))
+    return (contiguous_like(a.u), a.u.new_empty(batch, dim, n_state, dtype=state_dtype),
+            a.u.new_empty(batch, dim, n_state, n_saved, dtype=state_dtype))
 
 
-@_selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, backend):
-    batch, dim, length = u.shape
-    n_state = A.shape[1]
-    state_dtype = torch.float64 if u.dtype == torch.float64 and backend in _FP64_STATE_BACKENDS else torch.float32
-    n_saved = -(-length // state_spacing(n_state, backend))
-    return (torch.empty_like(u, memory_format=torch.contiguous_format),
-            u.new_empty(batch, dim, n_state, dtype=state_dtype),
-            u.new_empty(batch, dim, n_state, n_saved, dtype=state_dtype))
+def _run_selective_scan_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _selective_scan_backend(a).selective_scan_bwd(
+        a.dout, a.dlast, a.u, a.delta, a.A, a.B, a.C, a.D, a.z, a.delta_bias, a.initial_state, a.saved,
+        a.delta_softplus)
+    return tuple(fresh(_empty_if_none(g, a.u)) for g in grads)
 
 
-def _selective_scan_bwd_impl(
-    dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
-    saved: Tensor, delta_softplus: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _dispatch.get(SELECTIVE_SCAN, backend).load().selective_scan_bwd(
-        dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, saved, delta_softplus)
-    return tuple(fresh(_empty_if_none(g, u)) for g in grads)
+def _selective_scan_bwd_fake(a):
+    return tuple(contiguous_like(x) if x is not None else a.u.new_empty(0)
+                 for x in (getattr(a, name) for name in _SELECTIVE_GRADS))
 
 
-_selective_scan_bwd = torch.library.custom_op("flashops::selective_scan_bwd", _selective_scan_bwd_impl,
-                                              mutates_args=())
+_selective_scan_fwd, _selective_scan_fwd_impl = SELECTIVE_SCAN_ARGS.custom_op(
+    "flashops::selective_scan_fwd", _run_selective_scan_fwd, fake=_selective_scan_fwd_fake,
+    returns=tuple[Tensor, Tensor, Tensor])
+_selective_scan_bwd, _selective_scan_bwd_impl = SELECTIVE_SCAN_BWD_ARGS.custom_op(
+    "flashops::selective_scan_bwd", _run_selective_scan_bwd, fake=_selective_scan_bwd_fake,
+    returns=tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor])
 _selective_scan_bwd_call = eager(_selective_scan_bwd, _selective_scan_bwd_impl)
 
 
-@_selective_scan_bwd.register_fake
-def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, saved, delta_softplus, backend):
-    def like(x):
-        return torch.empty_like(x, memory_format=torch.contiguous_format) if x is not None else u.new_empty(0)
-    return tuple(like(x) for x in (u, delta, A, B, C, D, z, delta_bias, initial_state))
-
-
 def _selective_setup(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, backend = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
-    ctx.config = (delta_softplus, backend)
     ctx.mark_non_differentiable(output[2])
+    SELECTIVE_SCAN_ARGS.save(ctx, inputs, (output[2],))
 
 
 def _selective_backward(ctx, dout, dlast, _dsaved):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, saved = ctx.saved_tensors
-    delta_softplus, backend = ctx.config
-    grads = _selective_scan_bwd_call(_contiguous_grad(dout), dlast, u, delta, A, B, C, D, z, delta_bias,
-                                initial_state, saved, delta_softplus, backend)
-    present = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    return (*(g if x is not None else None for g, x in zip(grads, present)), None, None)
+    a, (saved,) = SELECTIVE_SCAN_ARGS.saved(ctx)
+    grads = _selective_scan_bwd_call(*SELECTIVE_SCAN_BWD_ARGS.values(
+        dout=_contiguous_grad(dout), dlast=dlast, saved=saved, **SELECTIVE_SCAN_ARGS.pick(a)))
+    return SELECTIVE_SCAN_ARGS.grads(**{name: g for name, g in zip(_SELECTIVE_GRADS, grads)
+                                        if getattr(a, name) is not None})
 
 
 _selective_scan = register_autograd(_selective_scan_fwd, _selective_scan_fwd_impl, _selective_backward,
                                     _selective_setup)
+
 
 def _check_shape(name, t, shape, layout):
     if t is not None and tuple(t.shape) != tuple(shape):
@@ -375,63 +377,61 @@ def selective_scan(
         raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus).__name__}")
     request = _dispatch.Request(u.device, u.dtype, {"state_size": n_state})
     chosen = _dispatch.select(SELECTIVE_SCAN, request, backend)
-    out, last, _ = _selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                                       chosen.name)
+    out, last, _ = _selective_scan(*SELECTIVE_SCAN_ARGS.values(
+        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+        delta_softplus=delta_softplus, backend=chosen.name))
     return (out, last) if return_last_state else out
 
 
 # ------------------------------------------------------------------------------- selective state update
-def _state_update_fwd_impl(
-    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-    dt_bias: Optional[Tensor], dt_softplus: bool, backend: str,
-) -> tuple[Tensor, Tensor]:
-    y, new_state = _dispatch.get(SELECTIVE_STATE_UPDATE, backend).load().selective_state_update_fwd(
-        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+STATE_UPDATE_ARGS = (OpArgs(("state", Tensor), ("x", Tensor), ("dt", Tensor), ("A", Tensor), ("B", Tensor),
+                            ("C", Tensor), ("D", Optional[Tensor]), ("z", Optional[Tensor]),
+                            ("dt_bias", Optional[Tensor]), ("dt_softplus", bool)) + BACKEND)
+STATE_UPDATE_BWD_ARGS = OpArgs(("dy", Tensor), ("d_new_state", Optional[Tensor])) + STATE_UPDATE_ARGS
+# The inputs that get a gradient, in the order the backends return them.
+_STATE_UPDATE_GRADS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+
+def _state_update_backend(a) -> StateUpdateBackend:
+    return _dispatch.get(SELECTIVE_STATE_UPDATE, a.backend).load()
+
+
+def _run_state_update_fwd(a) -> tuple[Tensor, Tensor]:
+    y, new_state = _state_update_backend(a).selective_state_update_fwd(
+        a.state, a.x, a.dt, a.A, a.B, a.C, a.D, a.z, a.dt_bias, a.dt_softplus)
     return fresh(y), fresh(new_state)
 
 
-_state_update_fwd = torch.library.custom_op("flashops::selective_state_update_fwd", _state_update_fwd_impl,
-                                            mutates_args=())
+def _run_state_update_bwd(a) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _state_update_backend(a).selective_state_update_bwd(
+        a.dy, a.d_new_state, a.state, a.x, a.dt, a.A, a.B, a.C, a.D, a.z, a.dt_bias, a.dt_softplus)
+    return tuple(fresh(_empty_if_none(g, a.x)) for g in grads)
 
 
-@_state_update_fwd.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), \
-        torch.empty_like(state, memory_format=torch.contiguous_format)
+def _state_update_bwd_fake(a):
+    return tuple(contiguous_like(x) if x is not None else a.x.new_empty(0)
+                 for x in (getattr(a, name) for name in _STATE_UPDATE_GRADS))
 
 
-def _state_update_bwd_impl(
-    dy: Tensor, d_new_state: Optional[Tensor], state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _dispatch.get(SELECTIVE_STATE_UPDATE, backend).load().selective_state_update_bwd(
-        dy, d_new_state, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return tuple(fresh(_empty_if_none(g, x)) for g in grads)
-
-
-_state_update_bwd = torch.library.custom_op("flashops::selective_state_update_bwd", _state_update_bwd_impl,
-                                            mutates_args=())
+_state_update_fwd, _state_update_fwd_impl = STATE_UPDATE_ARGS.custom_op(
+    "flashops::selective_state_update_fwd", _run_state_update_fwd, returns=tuple[Tensor, Tensor],
+    fake=lambda a: (contiguous_like(a.x), contiguous_like(a.state)))
+_state_update_bwd, _state_update_bwd_impl = STATE_UPDATE_BWD_ARGS.custom_op(
+    "flashops::selective_state_update_bwd", _run_state_update_bwd, fake=_state_update_bwd_fake,
+    returns=tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor])
 _state_update_bwd_call = eager(_state_update_bwd, _state_update_bwd_impl)
 
 
-@_state_update_bwd.register_fake
-def _(dy, d_new_state, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
-    def like(t):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
-    return tuple(like(t) for t in (state, x, dt, A, B, C, D, z, dt_bias))
-
-
 def _state_update_setup(ctx, inputs, output):
-    *tensors, dt_softplus, backend = inputs
-    ctx.save_for_backward(*tensors)
-    ctx.config = (dt_softplus, backend)
+    STATE_UPDATE_ARGS.save(ctx, inputs)
 
 
 def _state_update_backward(ctx, dy, d_new_state):
-    tensors = ctx.saved_tensors
-    dt_softplus, backend = ctx.config
-    grads = _state_update_bwd_call(dy.contiguous(), d_new_state, *tensors, dt_softplus, backend)
-    return (*(g if t is not None else None for g, t in zip(grads, tensors)), None, None)
+    a, _ = STATE_UPDATE_ARGS.saved(ctx)
+    grads = _state_update_bwd_call(*STATE_UPDATE_BWD_ARGS.values(dy=dy.contiguous(), d_new_state=d_new_state,
+                                                                 **STATE_UPDATE_ARGS.pick(a)))
+    return STATE_UPDATE_ARGS.grads(**{name: g for name, g in zip(_STATE_UPDATE_GRADS, grads)
+                                      if getattr(a, name) is not None})
 
 
 _state_update = register_autograd(_state_update_fwd, _state_update_fwd_impl, _state_update_backward,
@@ -482,4 +482,5 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         raise TypeError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
     request = _dispatch.Request(x.device, torch.promote_types(x.dtype, state.dtype), {"state_size": n_state})
     chosen = _dispatch.select(SELECTIVE_STATE_UPDATE, request, backend)
-    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, chosen.name)
+    return _state_update(*STATE_UPDATE_ARGS.values(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z,
+                                                    dt_bias=dt_bias, dt_softplus=dt_softplus, backend=chosen.name))

@@ -108,7 +108,7 @@ class Emulator:
             raise EmulationError(f"{kernel.expression} grid={grid} block={block}: {error.value.decode()}")
 
 
-_SHARED: "Emulator | None" = None
+_SHARED: Emulator | None = None
 
 
 def shared() -> Emulator:

@@ -11,12 +11,6 @@ import triton.language as tl
 
 
 @triton.jit
-def finite_or_zero(x):
-    """``x`` with NaN/Inf replaced by 0 (``|x| < inf`` is False for NaN too)."""
-    return tl.where(tl.abs(x.to(tl.float32)) < float("inf"), x, 0.0).to(x.dtype)
-
-
-@triton.jit
 def masked_dot(p, v, visible, acc, DOT: tl.constexpr):
     """``acc + p @ v`` for ``p`` [M, N] that is 0 outside ``visible`` [M, N] and ``v`` [N, D]: a non-finite
     ``v[j, d]`` reaches only ``out[i, d]`` of rows i that see j (as NaN), never the other rows."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .kvcache_args import KVCacheArgs, cache_capacity
+from .args import KVCacheArgs, cache_capacity
 
 # One [B, H, Cq, Ck] score tile stays within this many elements. Decode steps (few queries) take the keys in
 # chunks as long as that allows (one chunk for most caches: fewer, larger matmuls); long query blocks take
