@@ -71,10 +71,8 @@ class _Problem:
 
     def pairs(self, i0: int, i1: int) -> int:
         """Visible (query, key) pairs of queries [i0, i1), over every head."""
-        b, h_kv, g, _, t_k, _ = self.sizes
-        if not self.a.causal:
-            return b * h_kv * g * (i1 - i0) * t_k
-        return b * h_kv * g * sum(max(0, min(t_k, i + self.off + 1)) for i in range(i0, i1))
+        b, h_kv, g, t_q, t_k, _ = self.sizes
+        return b * h_kv * g * int(cg_stats.visible_keys(t_q, t_k, self.a.causal)[i0:i1].sum())
 
 
 def rows(x, i0: int, i1: int):
