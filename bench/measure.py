@@ -192,6 +192,8 @@ class Timing:
     # The timed calls of all functions of a case are spread over this many rounds; each round calls every
     # function in turn, so a burst of load from elsewhere hits all of them alike.
     rounds: int = 10
+    # CPU: time a call by the CPU time of the process instead of the wall clock (see _CpuClock)
+    cpu_time: bool = False
 
 
 @dataclass
@@ -247,6 +249,17 @@ class _WallClock:
         return done
 
 
+class _CpuClock(_WallClock):
+    """CPU timing by the process's CPU time (every thread's): the time slices other processes take on a shared
+    machine do not count (their contention for caches and memory bandwidth still does). With one thread it is
+    the call's compute time; with more it adds up the threads' times (work, not latency)."""
+
+    def call(self, key, fn):
+        start = time.process_time()
+        fn()
+        self.pending.append((key, (time.process_time() - start) * 1e3))
+
+
 class _CudaEvents:
     """GPU timing as triton's do_bench: the L2 cache is flushed before each call, CUDA events around it."""
 
@@ -280,7 +293,7 @@ def time_interleaved(fns: dict, device: torch.device, timing: Timing) -> tuple:
     ``timing.rounds`` rounds in which every function takes its turn, in an order that rotates from round to
     round. Returns ``(samples, failures)``: key -> :class:`Samples`, and key -> the exception a function raised
     (it is dropped from the later rounds)."""
-    timer = _CudaEvents(device) if device.type == "cuda" else _WallClock()
+    timer = _CudaEvents(device) if device.type == "cuda" else _CpuClock() if timing.cpu_time else _WallClock()
     failures, estimates = {}, {}
     for key, fn in fns.items():
         try:

@@ -106,6 +106,11 @@ class Op:
     # outputs (by name), inputs, case -> {metric name: value}: extra metrics of a provider's forward output,
     # reported next to each of its timings (e.g. an approximation's error against exact attention), or None
     extra_metrics: Optional[Callable[[dict, dict, Case], dict]] = None
+    # call, case, mode -> what one call of a provider in a mode did, for work that depends on the data (e.g. the
+    # iterations of an iterative solver): runs call() (no arguments) once and returns {"flops": ..., **metrics};
+    # "flops" replaces flops(case, mode) in that provider's rate (None: no rate), the rest are reported as
+    # extra metrics. None: every provider's work is flops(case, mode).
+    measured_work: Optional[Callable[[Callable[[], Any], Case, str], dict]] = None
     # case, mode -> bytes one call must move through device memory (each input read once, each output written
     # once), for memory-bound ops; reported as GB/s next to the time. ``byte_formula`` states it in words.
     bytes_moved: Optional[Callable[[Case, str], float]] = None

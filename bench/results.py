@@ -40,7 +40,7 @@ METRICS = {
 # The spread of a timing: metric suffix -> Samples attribute (time_ms is the median)
 SPREAD = {"": "median", "_min": "minimum", "_q1": "q1", "_q3": "q3", "_max": "maximum"}
 COLUMNS = ("date", "device", "op", "family", "suite", "provider", "peer", "mode", "shape")
-TRAILING = ("dtype", "metric", "value", "status", "note", "x_name", "panel", "sweep", "torch", "triton",
+TRAILING = ("dtype", "metric", "value", "status", "note", "x_name", "panel", "sweep", "clock", "torch", "triton",
             "flashops")
 
 
@@ -119,13 +119,14 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def environment(device: torch.device, sweep: str) -> dict:
+def environment(device: torch.device, sweep: str, clock: str = "") -> dict:
     import flashops
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
         "sweep": sweep,
+        "clock": clock,
         "torch": torch.__version__,
         "triton": _version("triton"),
         "flashops": flashops.__version__,
@@ -142,7 +143,8 @@ def to_rows(results: list, env: dict) -> list:
             "provider": r.provider, "peer": r.peer, "mode": r.mode, "shape": r.case.shape,
             **{k: _plain(v) for k, v in r.case.params},
             "dtype": r.case.dtype_name, "status": r.status, "note": r.note, "x_name": r.x_name,
-            "panel": r.panel, "sweep": env["sweep"], "torch": env["torch"], "triton": env["triton"],
+            "panel": r.panel, "sweep": env["sweep"], "clock": env.get("clock", ""), "torch": env["torch"],
+            "triton": env["triton"],
             "flashops": env["flashops"],
         }
         rows.append({**base, "metric": "status", "value": r.status})

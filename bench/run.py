@@ -82,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="count the global-memory bytes of every Triton kernel (Triton interpreter, on the CPU) "
                         "instead of timing: traffic vs the minimum and, for exact attention, a lower bound")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="CPU: time each call by the process's CPU time, not the wall clock (a shared machine's "
+                        "other processes then cost only their cache and bandwidth contention; with --threads 1 "
+                        "it is the compute time, with more the threads' times added up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -198,7 +202,11 @@ def check_case(op: Op, case: Case, providers: list, modes: list, device, seed: i
                     wrong.append(m)
                     continue
                 call = measure.mode_fn(op, provider, case, inputs, checked.douts, m)
-                checked.calls[(provider.name, m)] = (provider, call, dict(extra=extra, **errors))
+                metrics = dict(extra=extra, **errors)
+                if op.measured_work is not None:
+                    work = dict(op.measured_work(call, case, m))
+                    metrics.update(flops=work.pop("flops", None), extra={**extra, **work})
+                checked.calls[(provider.name, m)] = (provider, call, metrics)
         except ReferenceFailed:
             raise
         except Exception as error:  # a peer that rejects an input is a skip; a flashops failure is an error
@@ -239,7 +247,8 @@ def _time_checked(op: Op, case: Case, timed: dict, device, timing, graphs: bool,
         if (*key, "graph") in failures:
             graph_notes[key] = f"graph replay failed: {_error_text(failures[(*key, 'graph')])}"
         ms = samples[key].median
-        flops = op.flops(case, mode)
+        metrics = dict(metrics)
+        flops = metrics.pop("flops") if "flops" in metrics else op.flops(case, mode)
         moved = op.bytes_moved(case, mode) if op.bytes_moved is not None else None
         record(provider, mode, OK, note, samples=samples[key], graph_samples=samples.get((*key, "graph")),
                graph_note=graph_notes.get(key) or "", mem_mib=measure.peak_memory_mib(fn, device),
@@ -353,7 +362,8 @@ def main(argv=None) -> int:
     sweep = "quick" if args.quick else "full" if args.full else ("full" if device.type == "cuda" else "quick")
     gpu = device.type == "cuda"
     timing = measure.Timing(warmup_ms=args.warmup_ms if args.warmup_ms is not None else (25.0 if gpu else 10.0),
-                            rep_ms=args.rep_ms if args.rep_ms is not None else 100.0)
+                            rep_ms=args.rep_ms if args.rep_ms is not None else 100.0,
+                            cpu_time=args.cpu_time and not gpu)
     progress_enabled = not args.no_progress
     threads = torch.get_num_threads()
     if args.threads:
@@ -380,9 +390,10 @@ def _main(args, device, sweep, timing, progress_enabled, launched) -> int:
         print(f"note: {note}", file=sys.stderr)
     ops = select_ops(registry.ops, _names(args.op), launched.world)
     check_param_filters(ops, sweep, device, _param_filters(args.set))
-    env = environment(device, sweep)
+    env = environment(device, sweep, "cuda events" if device.type == "cuda" else "cpu time" if timing.cpu_time
+                      else "wall")
     print(f"flashops {env['flashops']} | torch {env['torch']} | triton {env['triton']} | {env['device']} | "
-          f"{sweep} sweep", file=sys.stderr)
+          f"{sweep} sweep | clock: {env['clock']}", file=sys.stderr)
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
 
     results = []

@@ -19,8 +19,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def all_finite(*tensors) -> bool:
-    """Whether every given tensor (``None`` skipped) holds only finite values."""
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+    """Whether every given tensor (``None`` skipped) holds only finite values.
+
+    A finite sum proves it in one reduction (a NaN or an Inf makes the sum NaN or Inf); only a sum that is not
+    finite (a non-finite entry, or an overflow of finite ones) needs the entry-wise check."""
+    def finite(t):
+        total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+        return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+    return all(finite(t) for t in tensors if t is not None)
 
 
 def finite_or_zero(x: torch.Tensor) -> torch.Tensor:

@@ -211,6 +211,51 @@ def test_a_new_case_file_needs_no_framework_change(tmp_path, monkeypatch):
     assert {v for (p, _, _), v in status.items() if p == "toy-off"} == {"WRONG"}
 
 
+_TOY_MEASURED = '''
+import torch
+from bench.registry import Op, Provider, case
+
+CALLS = []
+
+def _work(call, c, mode):
+    call()
+    CALLS.append(mode)
+    return {"flops": 7.0 * c["T"] if mode == "fwd" else None, "steps": 3.0}
+
+OPS = [Op(
+    name="toy_measured", family="toy_measured",
+    cases=lambda sweep, device: [case("toy_measured", torch.float32, ("fwd", "bwd"), T=16)],
+    make_inputs=lambda c, device, g: {"x": torch.randn(c["T"], generator=g, device=device)},
+    reference=lambda inputs, c, upcast: inputs["x"] * 2,
+    flops=lambda c, mode: 1.0,
+    flop_formula="measured",
+    providers=[Provider("toy-mul", lambda inputs, c: inputs["x"] * 2, peer=False)],
+    differentiable=("x",),
+    measured_work=_work,
+)]
+'''
+
+
+def test_measured_work_replaces_the_flop_formula(tmp_path, monkeypatch):
+    """An op whose work depends on the data (measured_work) gets its rate from what one call did, and the other
+    things measured as metrics; a measured "flops" of None means no rate."""
+    cases_dir = tmp_path / "cases"
+    cases_dir.mkdir()
+    (cases_dir / "toy_measured.py").write_text(textwrap.dedent(_TOY_MEASURED))
+    import bench.cases
+
+    monkeypatch.setattr(bench.cases, "__path__", [*bench.cases.__path__, str(cases_dir)])
+    monkeypatch.setattr(registry, "_REGISTRY", None)
+    code = run.main(["--quick", "--device", "cpu", "--op", "toy_measured", "--no-progress", "--out",
+                     str(tmp_path / "out")])
+    rows = _rows(tmp_path / "out" / "quick.csv")
+    metric = {(r["mode"], r["metric"]): float(r["value"]) for r in rows if r["metric"] != "status"}
+    assert code == 0 and sys.modules["bench.cases.toy_measured"].CALLS == ["fwd", "bwd"]
+    assert math.isclose(metric[("fwd", "tflops")], 7.0 * 16 / (metric[("fwd", "time_ms")] * 1e-3) / 1e12)
+    assert ("bwd", "tflops") not in metric
+    assert metric[("fwd", "steps")] == metric[("bwd", "steps")] == 3.0
+
+
 def test_attention_flops_and_check_slice():
     c = case("flash_attention", torch.bfloat16, B=2, T=20000, H=16, D=64, causal=True)
     fwd = 4 * 2 * 16 * 20000 * 20000 * 64 / 2
@@ -277,6 +322,24 @@ def test_interleaved_timing_alternates_functions_and_reports_the_spread():
     s = samples["slow"]
     assert s.minimum <= s.q1 <= s.median <= s.q3 <= s.maximum and s.minimum >= 20.0
     assert Samples([1, 2, 5, 6]).overlaps(Samples([4, 5, 6, 7])) and not Samples([1, 2]).overlaps(Samples([5, 6]))
+
+
+def test_cpu_time_clock_leaves_out_sleeping_and_is_recorded(tmp_path):
+    """--cpu-time times a call by the CPU time it uses: a call that sleeps 20 ms costs (almost) nothing; every row
+    says which clock timed it."""
+    from bench.measure import Timing, time_interleaved
+
+    fns = {"sleep": lambda: time.sleep(0.02), "spin": lambda: sum(range(200_000))}
+    for cpu_time in (False, True):
+        samples, _ = time_interleaved(fns, torch.device("cpu"), Timing(warmup_ms=0, rep_ms=1, min_reps=3,
+                                                                       max_reps=3, rounds=1, cpu_time=cpu_time))
+        assert (samples["sleep"].maximum < 5.0) if cpu_time else (samples["sleep"].minimum >= 20.0)
+        assert samples["spin"].minimum > 0
+    assert run.main([*TINY, "--provider", "flashops-torch", "--mode", "fwd", "--no-memory", "--cpu-time",
+                     "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "quick.csv")
+    assert {r["clock"] for r in rows} == {"cpu time"}
+    assert float(next(r["value"] for r in rows if r["metric"] == "time_ms")) > 0
 
 
 def _timed_result(provider, peer, times):

@@ -46,16 +46,23 @@ def _quick(family, tmp_path, *args):
     return code, _rows(tmp_path / "quick.csv")
 
 
-def _forward_flops(row):
+def _metric(rows, row, metric):
+    """The value of another metric of the same result as ``row``."""
+    key = ("op", "shape", "mode", "provider")
+    return next(float(x["value"]) for x in rows if x["metric"] == metric and all(x[k] == row[k] for k in key))
+
+
+def _forward_flops(row, rows):
     """The FLOP formulas of the case files, written out again from docs/linear.md, docs/lla.md, docs/hyper.md."""
     b, t, h, d = (int(row[k]) for k in ("B", "T", "H", "D"))
     attention = 4 * b * h * t * t * d * (0.5 if row.get("causal") in ("1", None) else 1.0)
+    if row["op"] == "local_linear_attention":  # its own count, with the CG iterations the call ran
+        return 2 * d * b * h * t * (t + 1) / 2 * (4 + 2 * _metric(rows, row, "cg_iters_fwd"))
     causal_linear = b * t * h * (2 * 64 * 2 * d + 4 * d * d)  # h: the query heads (GQA included)
     return {
         **{f"{name}{variant}": causal_linear for name in ("lightning_attention", "gated_linear_attention")
            for variant in ("", "_gqa", "_reverse")},
         "linear_attention": 4 * b * t * h * d * d,
-        "local_linear_attention": 2 * b * h * t * t * d,
         "local_linear_attention_decode": b * h * t * (4 * d * d + 6 * d),
     }.get(row["op"], attention)
 
@@ -80,9 +87,14 @@ def test_quick_sweep_checks_and_times_every_op(family, tmp_path):
     # TFLOP/s follow the stated forward formulas.
     for r in rows:
         if r["metric"] == "tflops" and r["mode"] == "fwd":
-            ms = next(float(x["value"]) for x in rows if x["metric"] == "time_ms" and
-                      (x["op"], x["shape"], x["mode"], x["provider"]) == (r["op"], r["shape"], "fwd", r["provider"]))
-            assert math.isclose(float(r["value"]), _forward_flops(r) / (ms * 1e-3) / 1e12, rel_tol=1e-6), r["op"]
+            ms = _metric(rows, r, "time_ms")
+            assert math.isclose(float(r["value"]), _forward_flops(r, rows) / (ms * 1e-3) / 1e12, rel_tol=1e-6), r["op"]
+    # LLA reports the CG iterations its timed calls ran, per solve that the mode makes.
+    if family == "lla":
+        for r in rows:
+            if r["op"] == "local_linear_attention" and r["metric"] == "time_ms":
+                stages = ("fwd",) if r["mode"] == "fwd" else ("fwd", "bwd")
+                assert all(1.0 <= _metric(rows, r, f"cg_iters_{s}") <= 32 for s in stages)
     # HyperAttention reports its error against exact attention next to every timing.
     if family == "hyper":
         timed = {(r["shape"], r["mode"]) for r in rows if r["op"] == "hyper_attention" and r["metric"] == "time_ms"}

@@ -11,11 +11,15 @@ Sweeps:
   CPU quick: fp32, B = 1, H = 2, D = 16, T in {64, 192}.   CPU full: fp32, B = 1, H = 4, D in {32, 64}, T to 1k.
   Decode:    GPU bf16, B = 8, H = 16, D in {64, 128}, cache T in {1k, 4k, 16k, 64k}; CPU fp32 tiny.
   Memory (fwd+bwd vs T, B = 1): GPU bf16 H = 8, D = 64, T in {1k .. 8k}; CPU full sweep only.
-FLOPs: attention-equivalent, i.e. FlashAttention's count at the same shape (causal fwd ``2*B*H*T^2*D``, bwd
-2.5x, fwd+bwd 3.5x), so the TFLOP/s of LLA and of lla_vs_exact compare directly. The work LLA does is larger
-and data dependent: by docs/lla.md about ``(5 + 3*iters)`` forward and ``(16 + 3*iters)`` backward T x T x D
-products (halved when causal) against 2 and 5 for exact attention, iters = CG iterations (about 9 at ridge 1,
-D = 64). Decode: ``B*H*T*(4*D^2 + 6*D)`` (the cache's D x D moments and the weighted sums).
+FLOPs: LLA's own count, with the CG iterations each provider actually ran (``flashops.ops.lla.cg_stats``, read
+from one call per provider and mode, reported as ``cg_iters_fwd`` / ``cg_iters_bwd``: per-tile iterations weighted by
+the tile's (query, key) pairs). Over the P visible (query, key) pairs (causal: ``B*H*T*(T+1)/2``) the algorithm makes
+``4 + 2*iters_fwd`` forward and ``10 + 2*iters_bwd`` backward products of 2*D flops per pair (docs/lla.md, which
+lists them), so ``fwd = 2*D*P*(4 + 2*iters_fwd)``. Recomputation is not counted (the Triton kernels recompute the
+logits on every pass over the keys). Exact attention's causal forward is ``2*B*H*T^2*D`` (2 products per pair):
+lla_vs_exact's rate, read beside LLA's, compares the efficiency of the two at equal shapes. ``flops(case, mode)``
+(planning only, e.g. gpu_check's time estimate) assumes ``ESTIMATED_ITERS``. Decode: ``B*H*T*(4*D^2 + 6*D)``
+(the cache's D x D moments and the weighted sums).
 Reference: ``flashops/ops/lla/reference.py``. It materializes a ``[Tq, Tk, D]`` product per head, so it runs on
 query-row pieces under activation checkpointing when that product would pass 1 GiB (each piece of queries
 with the keys it sees: the same math, peak memory of one piece); past 16k head-tokens the check runs on the
@@ -28,6 +32,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import flashops
+from flashops.ops.lla import cg_stats
 from flashops.ops.lla import reference as lla_reference
 
 from ..registry import Op, case, flashops_providers
@@ -35,6 +40,8 @@ from .attention import exact_attention_baseline, exact_case
 
 RIDGE = 1.0
 MODES = ("fwd", "fwd+bwd")
+# CG iterations assumed where none were measured (planning): about what ridge 1 needs at D = 64 (docs/lla.md)
+ESTIMATED_ITERS = 16
 GPU_BATCH, GPU_HEADS = 2, 16
 CHECK_HEAD_TOKENS = 16384
 REFERENCE_PIECE_BYTES = 2**30
@@ -112,9 +119,27 @@ def check_slice(c, device):
     return (lambda name, x: x[-1:, :, -heads:]), f"checked on batch {b - 1}, heads {h - heads}..{h - 1}"
 
 
+def lla_flops(c, mode, iters_fwd: float, iters_bwd: float) -> float:
+    """LLA's own count at these CG iterations (see the module docstring)."""
+    pairs = c["B"] * c["H"] * c["T"] * (c["T"] + 1) / 2
+    products = (4 + 2 * iters_fwd if mode != "bwd" else 0.0) + (10 + 2 * iters_bwd if mode != "fwd" else 0.0)
+    return 2 * c["D"] * pairs * products
+
+
 def flops(c, mode) -> float:
-    """Attention-equivalent (see the module docstring): causal exact attention's count at this shape."""
-    return 2 * c["B"] * c["H"] * c["T"] ** 2 * c["D"] * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+    return lla_flops(c, mode, ESTIMATED_ITERS, ESTIMATED_ITERS)
+
+
+def measured_work(call, c, mode) -> dict:
+    """The CG iterations one call ran, and the FLOPs they make; no rate when a solve the mode needs reported
+    nothing (a backend that does not record its iterations)."""
+    with cg_stats.record_cg() as solves:
+        call()
+    stages = [s for s, runs in (("fwd", mode != "bwd"), ("bwd", mode != "fwd")) if runs]
+    if not all(any(solve.stage == s for solve in solves) for s in stages):
+        return {"flops": None}
+    iters = {s: cg_stats.mean_iterations(solves, s) for s in ("fwd", "bwd")}
+    return {"flops": lla_flops(c, mode, iters["fwd"], iters["bwd"]), **{f"cg_iters_{s}": iters[s] for s in stages}}
 
 
 def decode_flops(c, mode) -> float:
@@ -145,7 +170,9 @@ OPS = [
         make_inputs=make_inputs,
         reference=reference,
         flops=flops,
-        flop_formula="attention-equivalent: fwd = 2*B*H*T*T*D (causal); bwd = 2.5x fwd; fwd+bwd = 3.5x fwd",
+        flop_formula="LLA's own, with the CG iterations run: P = B*H*T*(T+1)/2 (causal); "
+                     "fwd = 2*D*P*(4 + 2*iters_fwd); bwd = 2*D*P*(10 + 2*iters_bwd)",
+        measured_work=measured_work,
         providers=flashops_providers("local_linear_attention", _lla_call, _features),
         differentiable=("q", "k", "v"),
         x="T",

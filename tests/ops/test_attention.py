@@ -76,6 +76,71 @@ def test_matches_reference_fp32(backend, causal, shape):
     run_and_compare(*make_qkv(b, t_q, t_k, h, h_kv, d, torch.float32), backend, causal=causal)
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="torch's fused CPU kernels serve the torch backend on a CPU only")
+def test_torch_backend_runs_torchs_fused_cpu_kernels_where_they_apply(monkeypatch):
+    """Unmasked, causal (Tq = Tk, SDPA's top-left Tq < Tk, bottom-right Tq < Tk as two calls), GQA and varlen calls
+    run torch's fused CPU kernels forward and backward and match the reference; a gradient on the lse, a window,
+    rows that see no key (bottom-right Tq > Tk) and a bottom-right offset in half precision take the chunked
+    path."""
+    from flashops.ops.attention import pytorch as attention_pytorch
+
+    calls = {"FORWARD": 0, "BACKWARD": 0}
+    for name in calls:
+        kernel = getattr(attention_pytorch._Fused, name)
+
+        def counted(*args, _kernel=kernel, _name=name, **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+
+        monkeypatch.setattr(attention_pytorch._Fused, name, staticmethod(counted))
+
+    def run(q, k, v, *, op=flashops.flash_attention, lse_grad=False, **kwargs):
+        """The torch backend's out and gradients for a random cotangent, checked against the fp32 reference;
+        returns the fused (forward, backward) calls it made."""
+        for name in calls:
+            calls[name] = 0
+        out, lse = op(q, k, v, return_lse=True, backend="torch", **kwargs)
+        d_out = torch.randn_like(out)
+        d_lse = torch.randn_like(lse) if lse_grad else torch.zeros_like(lse)
+        grads = torch.autograd.grad((out, lse), (q, k, v), (d_out, d_lse))
+        ref_kwargs = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("cu_seqlens_q", "cu_seqlens_k")}
+        if op is flashops.flash_attention_varlen:
+            ref_kwargs.update(cu_seqlens_q=kwargs["cu_seqlens_q"], cu_seqlens_k=kwargs["cu_seqlens_k"])
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        o, l = reference.attention(*leaves, upcast=True, **ref_kwargs)
+        want = (o, l, *torch.autograd.grad((o, l), leaves, (d_out, d_lse)))
+        for name, actual, expected in zip(["out", "lse", "dq", "dk", "dv"], (out, lse, *grads), want):
+            assert_close(name, actual, expected)
+        return calls["FORWARD"], calls["BACKWARD"]
+
+    q, k, v = make_qkv(2, 77, 77, 4, 2, 40, torch.float32)
+    assert run(q, k, v, causal=True) == (1, 1)
+    assert run(q, k, v) == (1, 1)
+    assert run(q, k, v, causal=True, lse_grad=True) == (1, 0)
+    assert run(q, k, v, causal=True, window_size=(8, 0)) == (0, 0)
+    q, k, v = make_qkv(1, 30, 77, 4, 2, 40, torch.float32)
+    assert run(q, k, v, causal=True) == (2, 2)  # the prefix unmasked, the last 30 keys top-left causal
+    assert run(*make_qkv(1, 77, 30, 4, 2, 40, torch.float32), causal=True) == (0, 0)
+    q16, k16, v16 = make_qkv(1, 30, 77, 4, 2, 40, torch.bfloat16)
+    flashops.flash_attention(q16, k16, v16, causal=True, backend="torch")
+    assert calls["FORWARD"] == 0
+    cu_q = torch.tensor([0, 30, 30, 107], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_qkv(1, 107, 107, 4, 2, 40, torch.float32, packed=True)
+    assert run(q, k, v, op=flashops.flash_attention_varlen, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, causal=True) == (2, 2)
+    # SDPA's is_causal with Tq < Tk is the fused kernels' own (top-left) mask.
+    q, k, v = (x.transpose(1, 2) for x in make_qkv(2, 33, 47, 4, 2, 16, torch.float32))
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    calls.update(FORWARD=0, BACKWARD=0)
+    actual = flashops.sdpa(*leaves, is_causal=True, enable_gqa=True, backend="torch")
+    grads = torch.autograd.grad(actual.sum(), leaves)
+    assert (calls["FORWARD"], calls["BACKWARD"]) == (1, 1)
+    expected_leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*expected_leaves, is_causal=True, enable_gqa=True)
+    assert_close("sdpa", actual, expected)
+    for name, a, e in zip("qkv", grads, torch.autograd.grad(expected.sum(), expected_leaves)):
+        assert_close(f"sdpa d{name}", a, e)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])

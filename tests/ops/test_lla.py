@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import flashops
+from flashops.ops.lla import cg_stats
 from flashops.ops.lla import pytorch as lla_pytorch
 from flashops.ops.lla import reference as ref
 from flashops.testing import GRAD_FACTOR, assert_close
@@ -81,9 +82,8 @@ SHAPES = [
 def test_matches_reference_fp32(backend, shape, device, monkeypatch):
     b, t_q, t_k, h, h_kv, d, causal = shape
     require(OP, backend, torch.float32, device, head_dim=d)
-    # Small chunks, so that the PyTorch path crosses query and key chunk boundaries (online rescaling).
+    # Small query chunks, so that the PyTorch path crosses chunk boundaries (causal masks on later chunks).
     monkeypatch.setattr(lla_pytorch, "MAX_QUERY_CHUNK", 16)
-    monkeypatch.setattr(lla_pytorch, "MAX_KEY_CHUNK", 16)
     q, k, v = (x.requires_grad_() for x in _qkv(b, t_q, t_k, h, h_kv, d, device))
     ridge = torch.linspace(0.3, 2.0, h, device=device).requires_grad_()
     out = flashops.local_linear_attention(q, k, v, ridge_lambda=ridge, causal=causal, backend=backend)
@@ -183,20 +183,30 @@ def test_ill_conditioned_contexts_are_finite(backend, device):
     assert_close("T=1", out, v[:, :1].expand_as(out))
 
 
-def test_cg_controls_are_honoured(device):
-    require(OP, "triton", torch.float32, device, head_dim=16)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cg_controls_are_honoured(backend, device):
+    require(OP, backend, torch.float32, device, head_dim=16)
     q, k, v = _qkv(1, 32, 32, 1, 1, 16, device)
     want = ref.local_linear_attention(q.double(), k.double(), v.double(), ridge_lambda=0.05)
     errors = []
     for iters in (1, 3, 32):
         out = flashops.local_linear_attention(q, k, v, ridge_lambda=0.05, cg_max_iters=iters, cg_tol=0.0,
-                                              backend="triton")
+                                              backend=backend)
         errors.append(float((out.double() - want).abs().max()))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-4
     pre = flashops.local_linear_attention(q, k, v, ridge_lambda=0.05, cg_preconditioner=True, cg_tol=1e-7,
-                                          backend="triton")
+                                          backend=backend)
     assert_close("jacobi", pre, want)
+    # The iterations each solve ran are recorded on request (the benchmark's FLOP count reads them).
+    with cg_stats.record_cg() as solves:
+        out = flashops.local_linear_attention(q.requires_grad_(), k, v, ridge_lambda=0.05, cg_max_iters=5,
+                                              backend=backend)
+        out.sum().backward()
+    assert {s.stage for s in solves} == {"fwd", "bwd"} and all(s.backend == backend for s in solves)
+    assert all(int(s.iterations.max()) == 5 for s in solves)  # a ridge this small needs more than 5
+    assert sum(int(s.pairs.sum()) for s in solves if s.stage == "fwd") == 32 * 33 // 2
+    assert cg_stats.mean_iterations(solves, "fwd") == 5.0
 
 
 # ------------------------------------------------------------------------------------------------- decode

@@ -12,6 +12,8 @@ reaches only the rows that see it, and gradients of masked-out positions stay ex
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..._numerics import all_finite, compute_dtype, finite_or_zero, masked_matmul
@@ -52,7 +54,7 @@ class _Sequence:
     """One dense problem in grouped layout: q [B, Hkv, G, Tq, D], k/v [B, Hkv, 1, Tk, D] in the compute dtype
     (fp32, or fp64 for fp64 inputs)."""
 
-    def __init__(self, q, k, v, a: AttentionArgs, batch_ids, slopes, block_mask, bias):
+    def __init__(self, q, k, v, a: AttentionArgs, batch_ids, slopes, block_mask, bias, finite: bool):
         b, t_q, h, d = q.shape
         t_k, h_kv = k.shape[1], k.shape[2]
         g = h // h_kv
@@ -64,7 +66,7 @@ class _Sequence:
         self.k = k.to(self.dtype).permute(0, 2, 1, 3).unsqueeze(2)
         self.v = v.to(self.dtype).permute(0, 2, 1, 3).unsqueeze(2)
         # Non-finite inputs take the contained path in masked chunks (checked once: cheap next to the matmuls).
-        self.finite = all_finite(q, k, v)
+        self.finite = finite
         self.slopes = None if slopes is None else slopes.to(self.dtype).reshape(-1, h_kv, g, 1, 1)
         self.block_mask = None if block_mask is None else self._grouped(block_mask.bool())
         self.bias = None if bias is None else self._grouped(bias)
@@ -225,10 +227,11 @@ def _ungroup(x):
 
 
 def _sequences(q, k, v, a: AttentionArgs):
-    """Yield (query slice, key slice, _Sequence) per dense problem: the whole batch, or each varlen sequence."""
+    """Yield (query slice, key slice, [q, k, v] of the slices, the rest of their _Sequence's arguments) per dense
+    problem: the whole batch, or each varlen sequence."""
     if not a.varlen:
         batch_ids = torch.arange(q.shape[0], device=q.device)
-        yield slice(None), slice(None), _Sequence(q, k, v, a, batch_ids, a.alibi_slopes, a.block_mask, a.bias)
+        yield slice(None), slice(None), (q, k, v), (batch_ids, a.alibi_slopes, a.block_mask, a.bias)
         return
     cu_q, cu_k = a.cu_seqlens_q.tolist(), a.cu_seqlens_k.tolist()
     for n in range(len(cu_q) - 1):
@@ -238,7 +241,115 @@ def _sequences(q, k, v, a: AttentionArgs):
             slopes = slopes[n]
         block_mask = None if a.block_mask is None else a.block_mask[n : n + 1]
         batch_ids = torch.tensor([n], device=q.device)
-        yield qs, ks, _Sequence(q[:, qs], k[:, ks], v[:, ks], a, batch_ids, slopes, block_mask, None)
+        yield qs, ks, (q[:, qs], k[:, ks], v[:, ks]), (batch_ids, slopes, block_mask, None)
+
+
+class _Fused:
+    """One dense problem on torch's fused flash-attention kernels for the CPU (a forward that returns the log-sum-exp,
+    and its backward), about twice as fast as the chunked path; used where they compute exactly what this path
+    promises (:meth:`plan`).
+
+    The kernels know no mask but SDPA's top-left causal one. flash-attn's bottom-right causal mask with a prefix
+    (Tk > Tq: query i sees keys j <= i + Tk - Tq) is two of their calls: the prefix every query sees, unmasked,
+    and the last Tq keys, top-left causal; their outputs merge by their log-sum-exps, and each call's backward
+    given the merged output and log-sum-exp gives that part's gradients (fp32/fp64 only: the parts' outputs are
+    rounded to the input dtype before the merge).
+
+    They multiply masked-out probabilities (exact zeros) by the values inside a block, so a NaN/Inf would leak
+    through ``0 * NaN``: non-finite entries are replaced by 0 before the call (a select), which leaves every
+    output that does not see them bitwise as it is without them, and the outputs that do see them are set to NaN
+    afterwards (a row that sees a non-finite key, or whose query is one, is NaN with its log-sum-exp; a value
+    poisons its column of the rows that see it). The backward of such a problem is that of the zeroed inputs only
+    where no row sees a non-finite entry; otherwise the chunked path computes it (:attr:`exact_backward`)."""
+
+    FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    @staticmethod
+    def plan(q, k, v, a: AttentionArgs) -> Optional[_Fused]:
+        """The fused problem where its kernels cover the call: no mask, SDPA's top-left causal mask (query i sees
+        keys j <= i: every row sees a key) or flash-attn's bottom-right one with Tk >= Tq (fp32/fp64); no softcap,
+        ALiBi, block or additive mask, no dropout (flashops draws its own counter-based stream); on a CPU, not
+        empty. Else None: the chunked path."""
+        t_q, t_k = q.shape[1], k.shape[1]
+        if (q.device.type != "cpu" or q.numel() == 0 or t_k == 0 or a.dropout_p > 0 or a.softcap > 0
+                or a.alibi_slopes is not None or a.block_mask is not None or a.bias is not None
+                or a.window_left is not None):
+            return None
+        if a.window_right is None:
+            return _Fused(q, k, v, causal=False, prefix=0)
+        if a.window_right == t_q - t_k:
+            return _Fused(q, k, v, causal=True, prefix=0)
+        if a.window_right == 0 and t_k > t_q and q.dtype in (torch.float32, torch.float64):
+            return _Fused(q, k, v, causal=True, prefix=t_k - t_q)
+        return None
+
+    def __init__(self, q, k, v, causal: bool, prefix: int):
+        self.causal = causal
+        self.prefix = prefix  # keys every query sees before the causal part (bottom-right alignment)
+        self.finite = all_finite(q, k, v)
+        self.inputs = (q, k, v) if self.finite else tuple(finite_or_zero(x) for x in (q, k, v))
+        self.hit_rows = self.hit_values = None
+        if not self.finite:
+            self.hit_rows, self.hit_values = self._hits(q, k, v)
+
+    def _hits(self, q, k, v):
+        """Rows [B, Tq, H] and entries [B, Tq, H, D] of the output that see a non-finite input."""
+        t_q, t_k, group = q.shape[1], k.shape[1], q.shape[2] // k.shape[2]
+
+        def seen(bad):  # [B, Tk, Hkv, ...] -> [B, Tq, H, ...]: whether a row sees a bad key or value
+            if self.causal:  # row i sees the keys j <= i + prefix
+                up_to = bad.to(torch.int32).cumsum(dim=1) > 0
+                bad = up_to[:, (torch.arange(t_q, device=bad.device) + self.prefix).clamp(max=t_k - 1)]
+            else:
+                bad = bad.any(dim=1, keepdim=True).expand(-1, t_q, *bad.shape[2:])
+            return bad.repeat_interleave(group, dim=2)
+
+        rows = ~torch.isfinite(q).all(-1) | seen(~torch.isfinite(k).all(-1))
+        return rows, seen(~torch.isfinite(v))
+
+    def _parts(self):
+        """(key slice, is_causal) of each kernel call."""
+        if not self.prefix:
+            return [(slice(None), self.causal)]
+        return [(slice(0, self.prefix), False), (slice(self.prefix, None), True)]
+
+    @property
+    def exact_backward(self) -> bool:
+        return self.finite or not (bool(self.hit_rows.any()) or bool(self.hit_values.any()))
+
+    def forward(self, scale: float):
+        """out [B, Tq, H, D] (a [B, H, Tq, D]-strided view), lse [B, H, Tq]."""
+        q, k, v = _heads_first(*self.inputs)
+        parts = [self.FORWARD(q, k[:, :, keys], v[:, :, keys], 0.0, causal, scale=scale)
+                 for keys, causal in self._parts()]
+        out, lse = parts[0]
+        if len(parts) == 2:
+            (out_a, lse_a), (out_b, lse_b) = parts
+            lse = torch.logaddexp(lse_a, lse_b)
+            out = out_a * torch.exp(lse_a - lse)[..., None] + out_b * torch.exp(lse_b - lse)[..., None]
+        out = out.transpose(1, 2)
+        if not self.finite:
+            out = out.masked_fill(self.hit_rows[..., None] | self.hit_values, float("nan"))
+            lse = lse.masked_fill(self.hit_rows.transpose(1, 2), float("nan"))
+        return out, lse
+
+    def backward(self, dout, out, lse, scale: float):
+        """(dq, dk, dv) [B, T, H, D] of the problem (only where :attr:`exact_backward`)."""
+        q, k, v = _heads_first(*self.inputs)
+        dout, out = _heads_first(dout, out)
+        parts = [self.BACKWARD(dout, q, k[:, :, keys], v[:, :, keys], out, lse, 0.0, causal, scale=scale)
+                 for keys, causal in self._parts()]
+        dq, dk, dv = parts[0]
+        if len(parts) == 2:
+            dq = dq + parts[1][0]
+            dk, dv = (torch.cat([a, b], dim=2) for a, b in zip(parts[0][1:], parts[1][1:]))
+        return [x.transpose(1, 2) for x in (dq, dk, dv)]
+
+
+def _heads_first(*tensors):
+    """[B, T, H, D] -> [B, H, T, D] views (torch's layout)."""
+    return [x.transpose(1, 2) for x in tensors]
 
 
 def forward(q, k, v, a: AttentionArgs):
@@ -248,9 +359,14 @@ def forward(q, k, v, a: AttentionArgs):
     h = q.shape[2]
     lse_shape = (h, q.shape[1]) if a.varlen else (q.shape[0], h, q.shape[1])
     lse = torch.empty(lse_shape, device=q.device, dtype=compute_dtype(q.dtype))
-    for qs, _, seq in _sequences(q, k, v, a):
-        o, l = _forward_one(seq)
-        out[:, qs] = _ungroup(o).to(q.dtype)
+    for qs, _, (q_n, k_n, v_n), rest in _sequences(q, k, v, a):
+        fused = _Fused.plan(q_n, k_n, v_n, a)
+        if fused is not None:
+            o, l = fused.forward(a.softmax_scale)
+        else:
+            o, l = _forward_one(_Sequence(q_n, k_n, v_n, a, *rest, finite=all_finite(q_n, k_n, v_n)))
+            o = _ungroup(o)
+        out[:, qs] = o
         l = l.reshape(l.shape[0], h, l.shape[-1])
         if a.varlen:
             lse[:, qs] = l[0]
@@ -264,26 +380,33 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
     h, h_kv = q.shape[2], k.shape[2]
     g = h // h_kv
     dt = compute_dtype(q.dtype)
-    # delta_i = rowsum(dO_i * O_i) - dLSE_i: the softmax Jacobian's diagonal term plus the lse gradient.
-    delta = (dout.to(dt) * out.to(dt)).sum(-1)  # [B, Tq, H]
-    delta = delta.permute(0, 2, 1)  # [B, H, Tq]
     lse_bht = (lse.unsqueeze(0) if a.varlen else lse).to(dt)
-    if dlse is not None:
-        delta = delta - (dlse.unsqueeze(0) if a.varlen else dlse).to(dt)
+    # The fused kernels take no lse gradient (they form delta themselves); an all-zero one is none.
+    lse_grad = dlse is not None and bool(dlse.ne(0).any())
+    delta = None  # for the chunked path, computed once when a problem needs it
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbias = None
-    for qs, ks, seq in _sequences(q, k, v, a):
-        b, t_q = seq.shape[0], seq.shape[3]
-        grouped = lambda x: x.reshape(b, h_kv, g, t_q)  # noqa: E731
-        do_g = dout[:, qs].to(dt).reshape(b, t_q, h_kv, g, q.shape[-1]).permute(0, 2, 3, 1, 4)
-        dq_s, dk_s, dv_s, dbias = _backward_one(
-            seq, do_g, grouped(lse_bht[..., qs]), grouped(delta[..., qs]), want_dbias
-        )
-        dq[:, qs] = _ungroup(dq_s).to(q.dtype)
-        dk[:, ks] = dk_s.permute(0, 2, 1, 3).to(k.dtype)
-        dv[:, ks] = dv_s.permute(0, 2, 1, 3).to(v.dtype)
+    for qs, ks, (q_n, k_n, v_n), rest in _sequences(q, k, v, a):
+        b, t_q = q_n.shape[:2]
+        fused = None if lse_grad else _Fused.plan(q_n, k_n, v_n, a)
+        if fused is not None and fused.exact_backward:
+            dq_n, dk_n, dv_n = fused.backward(dout[:, qs], out[:, qs], lse_bht[..., qs], a.softmax_scale)
+        else:
+            if delta is None:
+                # delta_i = rowsum(dO_i * O_i) - dLSE_i: the softmax Jacobian's diagonal term plus the lse gradient.
+                delta = (dout.to(dt) * out.to(dt)).sum(-1).permute(0, 2, 1)  # [B, H, Tq]
+                if lse_grad:
+                    delta = delta - (dlse.unsqueeze(0) if a.varlen else dlse).to(dt)
+            seq = _Sequence(q_n, k_n, v_n, a, *rest, finite=all_finite(q_n, k_n, v_n))
+            do_g = dout[:, qs].to(dt).reshape(b, t_q, h_kv, g, q.shape[-1]).permute(0, 2, 3, 1, 4)
+            dq_s, dk_s, dv_s, dbias = _backward_one(seq, do_g, lse_bht[..., qs].reshape(b, h_kv, g, t_q),
+                                                    delta[..., qs].reshape(b, h_kv, g, t_q), want_dbias)
+            dq_n, dk_n, dv_n = _ungroup(dq_s), dk_s.permute(0, 2, 1, 3), dv_s.permute(0, 2, 1, 3)
+        dq[:, qs] = dq_n
+        dk[:, ks] = dk_n
+        dv[:, ks] = dv_n
     if dbias is not None:
         b, h_kv_, g_, t_q, t_k = dbias.shape
         dbias = dbias.reshape(b, h, t_q, t_k)

@@ -53,7 +53,7 @@ for _op, _module, _what in (
                                               f"{__name__}.{_module}", _what))
     _dispatch.register(_op, _dispatch.Backend(
         "torch", _dispatch.PRIORITY_TORCH, _torch_supports, f"{__name__}.pytorch",
-        "chunked PyTorch: online-rescaled statistics, exact D x D solve per query chunk (linear memory in T)"))
+        "chunked PyTorch: weights kept per query chunk, matrix-free CG (linear memory in T); exact D x D decode"))
     _dispatch.register_probe(_op, lambda device, dtype: _dispatch.Request(device, dtype, {"head_dim": 64}))
 
 
@@ -209,12 +209,11 @@ def local_linear_attention(
             tensor that requires grad gets its exact gradient.
         softmax_scale: multiplies q.k; default ``1/sqrt(D)``. ``scale=`` is the same argument.
         causal: query i sees keys j <= i + Tk - Tq (bottom-right aligned, as flash-attn). Otherwise all keys.
-        cg_max_iters, cg_tol, cg_preconditioner: the matrix-free conjugate-gradient solve of the Triton
-            backend (forward and backward): at most ``cg_max_iters`` iterations, stopping per query when the
-            relative residual is <= ``cg_tol`` (default 1e-6 for fp32, 1e-4 for fp16/bf16), optionally with
-            a Jacobi preconditioner (off by default: it rarely helps here, docs/lla.md). CG converges in at
-            most D iterations in exact arithmetic; ill-conditioned systems (tiny ridge) need more. The
-            torch backend solves each D x D system directly and ignores these.
+        cg_max_iters, cg_tol, cg_preconditioner: the matrix-free conjugate-gradient solve (every backend,
+            forward and backward): at most ``cg_max_iters`` iterations, stopping per query when the relative
+            residual is <= ``cg_tol`` (default 1e-12 for fp64, 1e-6 for fp32, 1e-4 for fp16/bf16), optionally
+            with a Jacobi preconditioner (off by default: it rarely helps here, docs/lla.md). CG converges in at
+            most D iterations in exact arithmetic; ill-conditioned systems (tiny ridge) need more.
         backend: force ``"triton"`` or ``"torch"``; default: the first that supports the inputs.
 
     Returns:

@@ -1,15 +1,20 @@
-"""Memory-efficient Local Linear Attention in pure PyTorch: the CPU path and the fallback on any device.
+"""Local Linear Attention in pure PyTorch: the CPU path and the fallback on any device.
 
-Queries are processed in chunks; for each chunk the keys are streamed in chunks with an online max
-rescaling of the accumulated statistics (softmax normalizer, weighted key sum and weighted second moment).
-With them the chunk's D x D systems ``(C_kk + lambda I) z = k_bar - q`` are formed and solved directly,
-which is exact (no iterative tolerance) and costs O(chunk * D^2) memory, independent of T. A second pass
-applies the equivalent kernel ``l_ij = s_ij (1 - z_i . (k_j - k_bar_i))`` to the values. The backward
-recomputes the systems, solves the adjoint system ``A r = c`` and applies the closed-form gradient
-(docs/lla.md) chunk by chunk. The conjugate-gradient controls of ``LLAArgs`` are not used here.
+The algorithm of the Triton kernels (docs/lla.md), laid out for a CPU. Queries are processed in chunks; a chunk
+(every head of its rows at once, the heads of a GQA group as more rows of the same product) computes its
+softmax weights over all the keys it sees once and keeps them. Against those weights the system
+``A_i z_i = k_bar_i - q_i`` is solved by conjugate gradient, each product ``A p`` being two matrix products
+over the kept weights (``t = p . y_ij``, then ``sum_j s_ij t_ij y_ij``), and the output is
+``o_i = sum_j s_ij (1 - z_i . y_ij) v_j``. So a chunk costs (4 + 2 * iterations) [rows, keys, D] products and
+no D x D matrix per query. The backward recomputes the weights from the saved log-sum-exp, solves the adjoint
+system ``A r = c`` the same way and applies the closed-form gradient. Memory: the weights and a few temporaries
+of one chunk, ``[B*H, rows, Tk]``, within about TILE_ELEMENTS (fewer rows as Tk grows, at least 16): linear in T.
 
-Computation is in fp32 (fp64 for fp64 inputs). When q, k or v hold a NaN/Inf, chunks with masked keys keep
-the masked entries out of every product (``flashops._numerics``): a non-finite key or value reaches only the
+Decode (one query against a cache) keeps the exact D x D statistics instead (``state.combine_partials``): for a
+single query they cost less than the CG passes and need no tolerance.
+
+Computation is in fp32 (fp64 for fp64 inputs). When q, k or v hold a NaN/Inf, chunks that hide keys keep the
+hidden entries out of every product (``flashops._numerics``): a non-finite key or value reaches only the
 queries that see it.
 """
 
@@ -18,167 +23,176 @@ from __future__ import annotations
 import torch
 
 from ..._numerics import all_finite, compute_dtype, finite_or_zero, masked_matmul
+from . import cg_stats
 from .args import LLAArgs
+from .state import combine_partials
 
-# Temporaries stay within about this many fp32 elements per chunk (chunk sizes adapt to B*H and D).
-TILE_ELEMENTS = 1 << 22
-MAX_QUERY_CHUNK = 256
-MAX_KEY_CHUNK = 512
-
-
-def _chunk_sizes(bh: int, bh_kv: int, d: int, t_q: int, t_k: int) -> tuple[int, int]:
-    per_row = max(1, bh * d * d)
-    query_chunk = max(16, min(MAX_QUERY_CHUNK, TILE_ELEMENTS // per_row, t_q))
-    key_chunk = max(16, min(MAX_KEY_CHUNK, TILE_ELEMENTS // max(1, bh_kv * d * d), t_k))
-    return query_chunk, key_chunk
+# The weights of one query chunk against its keys, [B*H, rows, Tk], stay within about this many elements.
+TILE_ELEMENTS = 1 << 21
+MAX_QUERY_CHUNK = 128
+BACKEND = "torch"
 
 
 class _Problem:
-    """One dense problem in grouped layout: q [B, Hkv, G, Tq, D], k/v [B, Hkv, 1, Tk, D] in the compute dtype
-    (fp32, or fp64 for fp64 inputs)."""
+    """One dense problem, heads grouped by KV head: q [N, G, Tq, D] (N = B * Hkv), keys and values [N, Tk, D],
+    in the compute dtype (fp32, or fp64 for fp64 inputs)."""
 
-    def __init__(self, q, k, v, ridge, a: LLAArgs, key_lengths=None):
+    def __init__(self, q, k, v, ridge, a: LLAArgs):
         b, t_q, h, d = q.shape
         t_k, h_kv = k.shape[1], k.shape[2]
-        g = h // h_kv
-        self.shape = (b, h_kv, g, t_q, t_k, d)
+        self.sizes = (b, h_kv, h // h_kv, t_q, t_k, d)
         self.a = a
         self.off = t_k - t_q
         self.dtype = dt = compute_dtype(q.dtype)
-        self.q = q.to(dt).reshape(b, t_q, h_kv, g, d).permute(0, 2, 3, 1, 4)
-        self.k = k.to(dt).permute(0, 2, 1, 3).unsqueeze(2)
-        # Keys shifted by one of them: the covariance is shift-invariant, and moments of keys that share a
-        # large common offset lose less to cancellation. q, k_bar are shifted alike where they meet keys.
-        # (A non-finite first key is no origin: it may be one that no query sees.)
-        self.shift = finite_or_zero(self.k[..., :1, :]) if t_k else torch.zeros_like(self.k[..., :1, :])
+        self.q = self.grouped(q)
+        self.k = k.to(dt).permute(0, 2, 1, 3).reshape(b * h_kv, t_k, d)
+        self.v = v.to(dt).permute(0, 2, 1, 3).reshape(b * h_kv, t_k, d)
+        # Keys shifted by one of them: the covariance is shift-invariant, and moments of keys that share a large
+        # common offset lose less to cancellation (q and k_bar are shifted alike where they meet keys). A
+        # non-finite first key is no origin: it may be one that no query sees.
+        self.shift = finite_or_zero(self.k[:, :1]) if t_k else self.k.new_zeros(b * h_kv, 1, d)
         self.ks = self.k - self.shift
-        self.v = v.to(dt).permute(0, 2, 1, 3).unsqueeze(2)
-        self.lam = ridge.to(dt).expand(b, t_q, h).reshape(b, t_q, h_kv, g).permute(0, 2, 3, 1)
-        self.key_lengths = key_lengths
-        self.min_length = None if key_lengths is None else int(key_lengths.min()) if key_lengths.numel() else 0
-        self.eye = torch.eye(d, device=q.device, dtype=dt)
+        self.lam = self.grouped(ridge.expand(b, t_q, h)[..., None])[..., 0]  # [N, G, Tq]
         self.finite = all_finite(q, k, v)
 
     def grouped(self, x):
-        """[B, Tq, H, D] -> [B, Hkv, G, Tq, D] (compute dtype)."""
-        b, h_kv, g, t_q, _, d = self.shape
-        return x.to(self.dtype).reshape(b, t_q, h_kv, g, d).permute(0, 2, 3, 1, 4)
+        """[B, Tq, H, D] -> [N, G, Tq, D] in the compute dtype."""
+        b, h_kv, g, t_q, _, _ = self.sizes
+        return x.to(self.dtype).reshape(b, t_q, h_kv, g, x.shape[-1]).permute(0, 2, 3, 1, 4).flatten(0, 1)
 
-    def chunks(self):
-        b, h_kv, g, t_q, t_k, d = self.shape
-        return _chunk_sizes(b * h_kv * g, b * h_kv, d, t_q, t_k)
+    def query_chunk(self) -> int:
+        b, h_kv, g, t_q, t_k, _ = self.sizes
+        return max(16, min(MAX_QUERY_CHUNK, TILE_ELEMENTS // max(1, b * h_kv * g * t_k), t_q))
 
     def key_end(self, i1: int) -> int:
         """One past the last key visible to any query before i1."""
-        t_k = self.shape[4]
+        t_k = self.sizes[4]
         return max(0, min(t_k, i1 + self.off)) if self.a.causal else t_k
 
-    def logits(self, i0, i1, j0, j1):
-        """Logits of queries [i0, i1) against keys [j0, j1), -inf where a key is hidden, and the visibility
-        mask when the chunk hides keys and an input is not finite (the products must then be contained)."""
-        x = torch.matmul(self.q[..., i0:i1, :], self.k[..., j0:j1, :].transpose(-1, -2)) * self.a.softmax_scale
-        causal_cut = self.a.causal and j1 - 1 > i0 + self.off
-        length_cut = self.key_lengths is not None and j1 > self.min_length
-        visible = None
-        if causal_cut or length_cut:
-            cols = torch.arange(j0, j1, device=x.device)
-            visible = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=x.device)
-            if causal_cut:
-                rows = torch.arange(i0, i1, device=x.device)
-                visible = cols[None, :] <= rows[:, None] + self.off
-            visible = visible.expand(x.shape[0], 1, 1, -1, -1)
-            if length_cut:
-                visible = visible & (cols < self.key_lengths.reshape(-1, 1, 1, 1, 1))
-            x = x.masked_fill(~visible, float("-inf"))
-        return x, (None if self.finite else visible)
-
-    def weights(self, i0, i1, j0, j1, row_lse):
-        """Softmax weights s [.., Ci, Cj] (exact zeros where hidden) and the visibility mask (or None)."""
-        x, visible = self.logits(i0, i1, j0, j1)
-        s = torch.exp(x - row_lse)
-        return (s if visible is None else torch.where(visible, s, torch.zeros((), dtype=s.dtype))), visible
-
-    def outer(self, j0, j1):
-        """k_j k_j^T of a chunk of shifted keys, flattened: [B, Hkv, 1, Ck, D*D]."""
-        k = self.ks[..., j0:j1, :]
-        return (k[..., :, None] * k[..., None, :]).flatten(-2)
-
-    def system(self, second, k_bar, i0, i1):
-        """A = E_s[k k^T] - k_bar k_bar^T + lambda I for queries [i0, i1) from shifted moments."""
-        d = self.shape[-1]
-        cov = second.reshape(*second.shape[:-1], d, d) - k_bar[..., :, None] * k_bar[..., None, :]
-        return cov + self.lam[..., i0:i1, None, None] * self.eye
+    def pairs(self, i0: int, i1: int) -> int:
+        """Visible (query, key) pairs of queries [i0, i1), over every head."""
+        b, h_kv, g, t_q, t_k, _ = self.sizes
+        return b * h_kv * g * int(cg_stats.visible_keys(t_q, t_k, self.a.causal)[i0:i1].sum())
 
 
-def _weighted_sum(w, x, visible):
-    """w @ x over keys; contained (a hidden non-finite key reaches no row) when ``visible`` is given."""
-    return torch.matmul(w, x) if visible is None else masked_matmul(w, x, visible)
+def rows(x, i0: int, i1: int):
+    """Rows [i0, i1) of every group of x [N, G, T, ...] as [N, G * (i1 - i0), ...]."""
+    return x[:, :, i0:i1].flatten(1, 2)
 
 
-def _select(visible, x):
-    """x where visible (hidden entries exactly 0, even where x is NaN); x itself when nothing is hidden."""
-    return x if visible is None else torch.where(visible, x, torch.zeros((), dtype=x.dtype, device=x.device))
+class _Chunk:
+    """Queries [i0, i1) of every head, with their softmax weights s over the keys [0, hi) they see (exact zeros
+    where hidden) and the weighted mean k_bar of the shifted keys. ``saved`` = (lse, k_bar) [N, R, 1], [N, R, D]
+    from a forward takes them instead of computing them."""
+
+    def __init__(self, p: _Problem, i0: int, i1: int, saved=None):
+        self.p = p
+        self.span = (i0, i1)
+        g = p.sizes[2]
+        self.hi = hi = p.key_end(i1)
+        self.q = q = rows(p.q, i0, i1)
+        self.lam = rows(p.lam[..., None], i0, i1)
+        self.ks = p.ks[:, :hi]
+        self.ks_t = self.ks.transpose(1, 2)
+        x = torch.bmm(q, p.k[:, :hi].transpose(1, 2)).mul_(p.a.softmax_scale)
+        self.visible = None
+        if p.a.causal and hi - 1 > i0 + p.off:  # the chunk's first query does not see its last key
+            query = torch.arange(i0, i1, device=x.device).repeat(g)
+            visible = torch.arange(hi, device=x.device)[None, :] <= query[:, None] + p.off
+            x.masked_fill_(~visible, float("-inf"))
+            if not p.finite:  # then hidden entries must stay out of every product
+                self.visible = visible
+        if saved is None:
+            m = x.amax(dim=-1, keepdim=True)
+            s = x.sub_(m.masked_fill(torch.isneginf(m), 0.0)).exp_()
+            total = s.sum(dim=-1, keepdim=True)
+            self.seen = total > 0
+            s.div_(total.masked_fill(~self.seen, 1.0))
+            self.lse = (m + torch.log(total)).masked_fill(~self.seen, float("-inf"))
+            self.s = self.select(s)
+            self.k_bar = self.weighted(self.s, self.ks)  # shifted, as every key-side quantity here
+        else:
+            self.lse, k_bar = saved
+            self.seen = self.lse > float("-inf")
+            self.s = self.select(x.sub_(self.lse.masked_fill(~self.seen, float("inf"))).exp_())
+            self.k_bar = k_bar - p.shift
+        self.q_shifted = q - p.shift
+        self._scratch = torch.empty_like(self.s)
+
+    def select(self, x):
+        """x where the key is visible (hidden entries exactly 0, even where x is NaN)."""
+        return x if self.visible is None else torch.where(self.visible, x, torch.zeros((), dtype=x.dtype,
+                                                                                          device=x.device))
+
+    def weighted(self, w, x):
+        """w @ x over the keys; a hidden non-finite key reaches no row."""
+        return torch.bmm(w, x) if self.visible is None else masked_matmul(w, x, self.visible)
+
+    def linear_factor(self, z, out=None):
+        """1 - z_i . y_ij = 1 - z_i . (k'_j - k_bar_i) for every row and key, [N, R, hi]: the factor of the
+        softmax weight in the equivalent kernel l_ij = s_ij (1 - z_i . y_ij)."""
+        return torch.baddbmm(1.0 + _dot(z, self.k_bar), z, self.ks_t, alpha=-1.0, out=out)
+
+    def apply(self, p):
+        """A p = sum_j s_ij (p . y_ij) y_ij + lambda p for every row: two products over the kept weights.
+
+        With u_ij = s_ij (p . k'_j): sum_j s (p . y) y = sum_j u k'_j - k_bar sum_j u, since sum_j s k'_j = k_bar
+        and sum_j s = 1 (the centring of p . k'_j cancels). Centring t = p . y first costs a pass over the tile
+        and is no more precise: t is formed from p . k'_j either way."""
+        u = self.select(torch.bmm(p, self.ks_t, out=self._scratch).mul_(self.s))
+        return self.weighted(u, self.ks).addcmul_(u.sum(-1, keepdim=True), self.k_bar, value=-1.0).addcmul_(self.lam, p)
+
+    def inverse_diagonal(self):
+        """Jacobi preconditioner 1 / diag(A) = 1 / (E_s[k'^2] - k_bar^2 + lambda), guarded against rounding."""
+        squares = self.weighted(self.s, self.ks * self.ks)
+        return 1.0 / ((squares - self.k_bar * self.k_bar).clamp_min(0.0) + self.lam)
+
+    def solve(self, rhs, stage: str):
+        """Conjugate gradient for A x = rhs on every row at once (``LLAArgs`` controls it). A row stops when
+        ||rhs - A x|| <= tol ||rhs|| (or on a non-positive / NaN curvature), the chunk when all rows have. Each
+        row's arithmetic depends on its own data only (a converged row is frozen by selects), so results do not
+        depend on which rows share a chunk."""
+        a = self.p.a
+        inv_diag = self.inverse_diagonal() if a.cg_preconditioner else None
+        x = torch.zeros_like(rhs)
+        res = rhs
+        direction = pre = res if inv_diag is None else res * inv_diag
+        rr = _dot(res, res)
+        rz = rr if inv_diag is None else _dot(res, pre)
+        threshold = a.cg_tol * a.cg_tol * rr
+        active = self.seen & (rr > threshold)
+        zero = torch.zeros((), dtype=rhs.dtype, device=rhs.device)
+        iterations = 0
+        while iterations < a.cg_max_iters and bool(active.any()):
+            ap = self.apply(direction)
+            curvature = _dot(direction, ap)
+            step_ok = active & (curvature > 0)
+            alpha = torch.where(step_ok, rz / curvature, zero)
+            # where, not a zero step: a row stopped on an inf/NaN product must not pick up 0 * inf
+            x = torch.where(step_ok, x.addcmul(alpha, direction), x)
+            res = torch.where(step_ok, res.addcmul(alpha, ap, value=-1.0), res)
+            rr = _dot(res, res)
+            active = step_ok & (rr > threshold)
+            pre = res if inv_diag is None else res * inv_diag
+            rz_new = rr if inv_diag is None else _dot(res, pre)
+            # rz > 0 on an active row (its residual is above the threshold, >= 0)
+            direction = torch.addcmul(pre, torch.where(active, rz_new / rz, zero), direction)
+            rz = rz_new
+            iterations += 1
+        if cg_stats.recording():
+            cg_stats.report(stage, BACKEND, iterations, self.p.pairs(*self.span))
+        return x
 
 
-def _solve(system, rhs):
-    return torch.linalg.solve_ex(system, rhs[..., None])[0][..., 0]
+def _dot(x, y):
+    """Row-wise x . y over the last dimension, kept as a [..., 1] column."""
+    return torch.linalg.vecdot(x, y).unsqueeze(-1)
 
 
-def _forward_one(p: _Problem):
-    b, h_kv, g, t_q, t_k, d = p.shape
-    dev, dt = p.q.device, p.dtype
-    out = torch.zeros(b, h_kv, g, t_q, d, device=dev, dtype=dt)
-    lse = torch.full((b, h_kv, g, t_q), float("-inf"), device=dev, dtype=dt)
-    k_bar_all = torch.zeros(b, h_kv, g, t_q, d, device=dev, dtype=dt)
-    z_all = torch.zeros(b, h_kv, g, t_q, d, device=dev, dtype=dt)
-    query_chunk, key_chunk = p.chunks()
-    for i0 in range(0, t_q, query_chunk):
-        i1 = min(i0 + query_chunk, t_q)
-        hi = p.key_end(i1)
-        if hi == 0:
-            continue
-        rows = (b, h_kv, g, i1 - i0)
-        m = torch.full((*rows, 1), float("-inf"), device=dev, dtype=dt)
-        total = torch.zeros(*rows, 1, device=dev, dtype=dt)
-        k_sum = torch.zeros(*rows, d, device=dev, dtype=dt)
-        second = torch.zeros(*rows, d * d, device=dev, dtype=dt)
-        for j0 in range(0, hi, key_chunk):
-            j1 = min(j0 + key_chunk, hi)
-            x, visible = p.logits(i0, i1, j0, j1)
-            m_new = torch.maximum(m, x.amax(dim=-1, keepdim=True))
-            m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
-            w = _select(visible, torch.exp(x - m_safe))
-            alpha = torch.exp(m - m_safe)
-            total = total * alpha + w.sum(dim=-1, keepdim=True)
-            k_sum = k_sum * alpha + _weighted_sum(w, p.ks[..., j0:j1, :], visible)
-            second = second * alpha + _weighted_sum(w, p.outer(j0, j1), visible)
-            m = m_new
-        seen = total > 0
-        norm = total.masked_fill(~seen, 1.0)
-        k_bar = k_sum / norm  # shifted
-        z = _solve(p.system(second / norm, k_bar, i0, i1), k_bar - (p.q[..., i0:i1, :] - p.shift))
-        z = torch.where(seen, z, torch.zeros((), dtype=dt, device=dev))
-        row_lse = (m + torch.log(norm)).masked_fill(~seen, float("-inf"))
-        # Rows with no key get +inf so that their weights vanish.
-        lse_safe = row_lse.masked_fill(~seen, float("inf"))
-        z_kbar = (z * k_bar).sum(-1, keepdim=True)
-        acc = torch.zeros(*rows, d, device=dev, dtype=dt)
-        for j0 in range(0, hi, key_chunk):
-            j1 = min(j0 + key_chunk, hi)
-            s, visible = p.weights(i0, i1, j0, j1, lse_safe)
-            centred = torch.matmul(z, p.ks[..., j0:j1, :].transpose(-1, -2)) - z_kbar
-            acc = acc + _weighted_sum(_select(visible, s * (1.0 - centred)), p.v[..., j0:j1, :], visible)
-        out[..., i0:i1, :] = acc
-        lse[..., i0:i1] = row_lse.squeeze(-1)
-        k_bar_all[..., i0:i1, :] = torch.where(seen, k_bar + p.shift, torch.zeros((), dtype=dt, device=dev))
-        z_all[..., i0:i1, :] = z
-    return out, lse, k_bar_all, z_all
-
-
-def _ungroup(x):
-    """[B, Hkv, G, T, D] -> [B, T, H, D]."""
-    b, h_kv, g, t, d = x.shape
-    return x.permute(0, 3, 1, 2, 4).reshape(b, t, h_kv * g, d)
+def _ungroup(x, sizes):
+    """[N, G, T, D] -> [B, T, H, D]."""
+    b, h_kv, g = sizes[:3]
+    return x.reshape(b, h_kv, g, x.shape[2], x.shape[3]).permute(0, 3, 1, 2, 4).flatten(2, 3)
 
 
 def _like(template, values):
@@ -186,86 +200,124 @@ def _like(template, values):
     return torch.empty_like(template).copy_(values)
 
 
-def forward(q, k, v, ridge, a: LLAArgs, key_lengths=None):
+def forward(q, k, v, ridge, a: LLAArgs):
     """q [B, Tq, H, D], k/v [B, Tk, Hkv, D], ridge broadcastable to [B, Tq, H] -> out [B, Tq, H, D] (input
     dtype), lse [B, H, Tq] (natural log), k_bar and z [B, Tq, H, D] (fp32; fp64 for fp64 inputs)."""
-    b, t_q, h, _ = q.shape
-    p = _Problem(q, k, v, ridge, a, key_lengths)
-    out, lse, k_bar, z = _forward_one(p)
-    return (_like(q, _ungroup(out)), lse.reshape(b, h, t_q), _ungroup(k_bar).contiguous(),
-            _ungroup(z).contiguous())
+    b, t_q, h, d = q.shape
+    p = _Problem(q, k, v, ridge, a)
+    n, g = p.q.shape[:2]
+    dev, dt = p.q.device, p.dtype
+    out = torch.zeros(n, g, t_q, d, device=dev, dtype=dt)
+    lse = torch.full((n, g, t_q, 1), float("-inf"), device=dev, dtype=dt)
+    k_bar = torch.zeros_like(out)
+    z = torch.zeros_like(out)
+    zero = torch.zeros((), dtype=dt, device=dev)
+    chunk = p.query_chunk()
+    for i0 in range(0, t_q, chunk):
+        i1 = min(i0 + chunk, t_q)
+        if p.key_end(i1) == 0:
+            continue
+        c = _Chunk(p, i0, i1)
+        z_c = c.solve(torch.where(c.seen, c.k_bar - c.q_shifted, zero), "fwd")
+        ell = c.select(c.linear_factor(z_c, out=c._scratch).mul_(c.s))
+        part = (n, g, i1 - i0)
+        out[:, :, i0:i1] = c.weighted(ell, p.v[:, :c.hi]).view(*part, d)
+        lse[:, :, i0:i1] = c.lse.view(*part, 1)
+        k_bar[:, :, i0:i1] = torch.where(c.seen, c.k_bar + p.shift, zero).view(*part, d)
+        z[:, :, i0:i1] = z_c.view(*part, d)
+    return (_like(q, _ungroup(out, p.sizes)), lse[..., 0].reshape(b, h, t_q), _ungroup(k_bar, p.sizes).contiguous(),
+            _ungroup(z, p.sizes).contiguous())
 
 
 def backward(dout, q, k, v, out, lse, k_bar, z, ridge, a: LLAArgs):
-    """Gradients (dq, dk, dv in the input dtypes, dridge [B, Tq, H] fp32, fp64 for fp64 inputs) of the exact
-    LLA output."""
+    """Gradients (dq, dk, dv in the input dtypes, dridge [B, Tq, H] fp32, fp64 for fp64 inputs) of the LLA output."""
     p = _Problem(q, k, v, ridge, a)
-    b, h_kv, g, t_q, t_k, d = p.shape
-    dev, dt = q.device, p.dtype
+    b, h_kv, g, t_q, t_k, d = p.sizes
+    n = b * h_kv
+    dev, dt = p.q.device, p.dtype
     do_all, o_all = p.grouped(dout), p.grouped(out)
     k_bar_all, z_all = p.grouped(k_bar), p.grouped(z)
-    lse_all = lse.to(dt).reshape(b, h_kv, g, t_q)
-    dq = torch.zeros(b, h_kv, g, t_q, d, device=dev, dtype=dt)
-    dk = torch.zeros(b, h_kv, t_k, d, device=dev, dtype=dt)
-    dv = torch.zeros(b, h_kv, t_k, d, device=dev, dtype=dt)
-    dlam = torch.zeros(b, h_kv, g, t_q, device=dev, dtype=dt)
+    lse_all = lse.to(dt).reshape(n, g, t_q, 1)
+    dq = torch.zeros(n, g, t_q, d, device=dev, dtype=dt)
+    dk = torch.zeros(n, t_k, d, device=dev, dtype=dt)
+    dv = torch.zeros(n, t_k, d, device=dev, dtype=dt)
+    dlam = torch.zeros(n, g, t_q, 1, device=dev, dtype=dt)
     scale = a.softmax_scale
-    query_chunk, key_chunk = p.chunks()
-    for i0 in range(0, t_q, query_chunk):
-        i1 = min(i0 + query_chunk, t_q)
+    chunk = p.query_chunk()
+    for i0 in range(0, t_q, chunk):
+        i1 = min(i0 + chunk, t_q)
         hi = p.key_end(i1)
         if hi == 0:
             continue
-        rows = (b, h_kv, g, i1 - i0)
-        q_c, do_c = p.q[..., i0:i1, :], do_all[..., i0:i1, :]
-        k_bar_c, z_c = k_bar_all[..., i0:i1, :] - p.shift, z_all[..., i0:i1, :]  # shifted k_bar
-        row_lse = lse_all[..., i0:i1, None]
-        lse_safe = row_lse.masked_fill(torch.isneginf(row_lse), float("inf"))
-        # c = sum_j s_ij G_ij (k_j - k_bar_i) with G_ij = g_i . v_j: the right-hand side of the adjoint solve.
-        second = torch.zeros(*rows, d * d, device=dev, dtype=dt)
-        c = torch.zeros(*rows, d, device=dev, dtype=dt)
-        g_bar = torch.zeros(*rows, 1, device=dev, dtype=dt)
-        for j0 in range(0, hi, key_chunk):
-            j1 = min(j0 + key_chunk, hi)
-            s, visible = p.weights(i0, i1, j0, j1, lse_safe)
-            second = second + _weighted_sum(s, p.outer(j0, j1), visible)
-            sg = _select(visible, s * torch.matmul(do_c, p.v[..., j0:j1, :].transpose(-1, -2)))
-            c = c + _weighted_sum(sg, p.ks[..., j0:j1, :], visible)
-            g_bar = g_bar + sg.sum(-1, keepdim=True)
-        c = c - g_bar * k_bar_c
-        lam = p.lam[..., i0:i1, None]
-        r = _solve(p.system(second, k_bar_c, i0, i1), c)
+        c = _Chunk(p, i0, i1, saved=(rows(lse_all, i0, i1), rows(k_bar_all, i0, i1)))
+        s = c.s
+        do_c, z_c = rows(do_all, i0, i1), rows(z_all, i0, i1)
+        # Adjoint right-hand side c_i = sum_j s_ij G_ij y_ij with G_ij = g_i . v_j, and g_bar_i = sum_j s_ij G_ij.
+        gv = torch.bmm(do_c, p.v[:, :hi].transpose(1, 2))
+        sg = c.select(s * gv)
+        g_bar = sg.sum(-1, keepdim=True)
+        r = c.solve(c.weighted(sg, c.ks) - g_bar * c.k_bar, "bwd")
         r_z = (r * z_c).sum(-1, keepdim=True)
-        phi_bar = ((do_c * o_all[..., i0:i1, :]).sum(-1, keepdim=True)
-                   + (r * (k_bar_c - (q_c - p.shift))).sum(-1, keepdim=True) - lam * r_z)
-        dlam[..., i0:i1] = r_z.squeeze(-1)
-        z_kbar = (z_c * k_bar_c).sum(-1, keepdim=True)
-        r_kbar = (r * k_bar_c).sum(-1, keepdim=True)
-        dq_c = r.clone()
-        for j0 in range(0, hi, key_chunk):
-            j1 = min(j0 + key_chunk, hi)
-            k_c, ks_c, v_c = p.k[..., j0:j1, :], p.ks[..., j0:j1, :], p.v[..., j0:j1, :]
-            s, visible = p.weights(i0, i1, j0, j1, lse_safe)
-            gv = torch.matmul(do_c, v_c.transpose(-1, -2))
-            zy = torch.matmul(z_c, ks_c.transpose(-1, -2)) - z_kbar
-            ry = torch.matmul(r, ks_c.transpose(-1, -2)) - r_kbar
-            ell = _select(visible, s * (1.0 - zy))
-            # dL/dlogit_ij and the coefficient of z_i in the direct (non-logit) dependence on k_j.
-            dlogit = _select(visible, ell * gv + s * (g_bar * zy - ry + ry * zy - phi_bar))
-            coef_z = _select(visible, s * (g_bar - gv + ry))
-            dq_c = dq_c + scale * _weighted_sum(dlogit, k_c, visible)
-            dk[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", dlogit * scale, q_c)
-            dk[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", coef_z, z_c)
-            dk[..., j0:j1, :] -= torch.einsum("bhgqk,bhgqd->bhkd", ell, r)
-            dv[..., j0:j1, :] += torch.einsum("bhgqk,bhgqd->bhkd", ell, do_c)
-        dq[..., i0:i1, :] = dq_c
-    h = h_kv * g
-    dridge = dlam.permute(0, 3, 1, 2).reshape(b, t_q, h)
-    return _like(q, _ungroup(dq)), _like(k, dk.permute(0, 2, 1, 3)), _like(v, dv.permute(0, 2, 1, 3)), dridge
+        phi_bar = ((do_c * rows(o_all, i0, i1)).sum(-1, keepdim=True)
+                   + (r * (c.k_bar - c.q_shifted)).sum(-1, keepdim=True) - c.lam * r_z)
+        # With w = 1 - z.y (so l = s w) and e = G - r.y - g_bar, the closed-form gradient (docs/lla.md) reads
+        # dL/dlogit = s (e w + g_bar - phi_bar) and the coefficient of z_i in the direct dependence of the loss
+        # on k_j is -s e: three [rows, keys] tiles, each formed in place where it can be.
+        w = c.linear_factor(z_c)
+        se = c.select(gv.add_(_dot(r, c.k_bar) - g_bar).baddbmm_(r, c.ks_t, alpha=-1.0).mul_(s))
+        ell = c.select(s * w)
+        dlogit = c.select(torch.addcmul(s * (g_bar - phi_bar), se, w))
+        dq[:, :, i0:i1] = (r + scale * c.weighted(dlogit, c.ks)).view(n, g, i1 - i0, d)
+        dk_c = torch.bmm(dlogit.transpose(1, 2), c.q).mul_(scale)
+        dk_c.baddbmm_(se.transpose(1, 2), z_c, alpha=-1.0).baddbmm_(ell.transpose(1, 2), r, alpha=-1.0)
+        dk[:, :hi] += dk_c
+        dv[:, :hi].baddbmm_(ell.transpose(1, 2), do_c)
+        dlam[:, :, i0:i1] = r_z.view(n, g, i1 - i0, 1)
+    dridge = _ungroup(dlam, p.sizes)[..., 0]
+    return (_like(q, _ungroup(dq, p.sizes)), _like(k, dk.view(b, h_kv, t_k, d).transpose(1, 2)),
+            _like(v, dv.view(b, h_kv, t_k, d).transpose(1, 2)), dridge)
+
+
+# The decode statistics of one chunk of the cache, [B, H, chunk, D], stay within about this many elements.
+DECODE_TILE_ELEMENTS = 1 << 21
 
 
 def decode(q, k_cache, v_cache, cache_seqlens, ridge, a: LLAArgs):
-    """One query per sequence ([B, 1, H, D]) against the first cache_seqlens[b] keys of the cache."""
-    a_full = LLAArgs(softmax_scale=a.softmax_scale, causal=False)
-    out, _, _, _ = forward(q, k_cache, v_cache, ridge, a_full, key_lengths=cache_seqlens)
-    return out
+    """One query per sequence ([B, 1, H, D]) against the first cache_seqlens[b] (default: all) keys of the cache:
+    exact D x D statistics of chunks of the cache, merged by max rescaling, one direct solve per (batch, head)."""
+    b, _, h, d = q.shape
+    t_k, h_kv = k_cache.shape[1], k_cache.shape[2]
+    g = h // h_kv
+    if t_k == 0 or b * h == 0:
+        return torch.zeros_like(q)
+    dt = compute_dtype(q.dtype)
+    dev = q.device
+    zero = torch.zeros((), dtype=dt, device=dev)
+    q_rows = q[:, 0].to(dt).reshape(b, h_kv, g, d)
+    k = k_cache.to(dt).transpose(1, 2)  # [B, Hkv, T, D]
+    v = v_cache.to(dt).transpose(1, 2)
+    origin = finite_or_zero(k[:, :, :1])  # the first key, where finite
+    valid = None
+    if cache_seqlens is not None:
+        valid = (torch.arange(t_k, device=dev)[None, :] < cache_seqlens[:, None])[:, None, :, None]  # [B, 1, T, 1]
+        # Cache rows past a sequence's length may hold anything (torch.empty): they never enter arithmetic.
+        k, v = torch.where(valid, k, zero), torch.where(valid, v, zero)
+        origin = torch.where(cache_seqlens[:, None, None, None] > 0, origin, zero)
+    shifted = k - origin
+    chunk = max(1, DECODE_TILE_ELEMENTS // max(1, b * h * d))
+    parts = []
+    for j0 in range(0, t_k, chunk):
+        j1 = min(j0 + chunk, t_k)
+        ks, v_c = shifted[:, :, None, j0:j1], v[:, :, None, j0:j1]  # [B, Hkv, 1, C, D]
+        x = torch.matmul(q_rows, k[:, :, j0:j1].transpose(-1, -2)) * a.softmax_scale  # [B, Hkv, G, C]
+        if valid is not None:
+            x = x.masked_fill(~valid[:, :, j0:j1, 0][:, :, None], float("-inf"))
+        m = x.amax(dim=-1)
+        w = torch.exp(x - m.masked_fill(torch.isneginf(m), 0.0)[..., None])
+        wk = w[..., None] * ks  # [B, Hkv, G, C, D]
+        parts.append((m, w.sum(-1), wk.sum(-2), torch.matmul(w[..., None, :], v_c)[..., 0, :],
+                      torch.matmul(wk.transpose(-1, -2), ks), torch.matmul((w[..., None] * v_c).transpose(-1, -2), ks)))
+    m, total, k_sum, v_sum, kk, vk = (torch.stack(t, dim=3) for t in zip(*parts))
+    lam = ridge[:, 0].to(dt).reshape(b, h_kv, g)
+    out = combine_partials(q_rows - origin, m, total, k_sum, v_sum, kk, vk, lam)
+    return out.reshape(b, 1, h, d).to(q.dtype)

@@ -36,6 +36,7 @@ import triton.language as tl
 from ..._triton_utils import config, dot_precision, launcher, strides
 from ..common.triton_math import LN2, LOG2E
 from ..common.triton_numerics import masked_dot
+from . import cg_stats
 from .args import LLAArgs
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -57,6 +58,7 @@ _INTERPRETED = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
 # Per-row scalars handed from the dq kernel to the dK/dV kernel: g_bar, phi_bar, z scale, z_lo.k_bar, r scale,
 # r_lo.k_bar (k_bar shifted).
 ROW_FIELDS = 6
+BACKEND = "triton"
 
 
 def _tile(block_m, block_n, warps, stages):
@@ -240,7 +242,8 @@ def _cg_solve(rhs, inv_diag, active, q, k_bar, lam, lse2, k_base, shift, rows, o
               EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, PRECOND: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Preconditioned conjugate gradient for A_i x_i = rhs_i on every row of the tile at once. A row stops
-    when ||rhs - A x|| <= tol ||rhs|| (or on a non-positive / NaN curvature); the tile stops when all have."""
+    when ||rhs - A x|| <= tol ||rhs|| (or on a non-positive / NaN curvature); the tile stops when all have.
+    Returns x and the iterations the tile ran."""
     x = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     res = rhs
     if PRECOND:
@@ -273,7 +276,7 @@ def _cg_solve(rhs, inv_diag, active, q, k_bar, lam, lse2, k_base, shift, rows, o
         rz = rz_new
         n_active = tl.sum(active.to(tl.int32), 0)
         it += 1
-    return x
+    return x, it
 
 
 @triton.jit
@@ -303,8 +306,8 @@ def _output_tile(acc, z_lo, z_kbar, z_scale, gain, q, lse2, k_base, shift, v_bas
 @launcher(**_launch_options("fwd"))
 @triton.jit
 def lla_output_fwd_kernel(
-    # pointers (Z is laid out like KBAR: [B, Tq, H, D] fp32)
-    Q, K, V, RIDGE, O, LSE, KBAR, Z,
+    # pointers (Z is laid out like KBAR: [B, Tq, H, D] fp32; ITERS int32 [B, H, Tq], written if RECORD_ITERS)
+    Q, K, V, RIDGE, O, LSE, KBAR, Z, ITERS,
     # strides
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_ridgeb, stride_ridget, stride_ridgeh,
@@ -313,7 +316,7 @@ def lla_output_fwd_kernel(
     seqlen_q, seqlen_k, num_heads, kv_group, qk_scale2, cg_tol2, cg_max_iters,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECOND: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RECORD_ITERS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -351,9 +354,9 @@ def lla_output_fwd_kernel(
     lse2 = tl.where(seen, m + tl.log2(norm), float("inf"))  # +inf: a row with no key gets zero weights
     inv_diag = _inverse_diagonal(k_sq / norm[:, None], k_bar, lam)
     rhs = tl.where(seen[:, None], k_bar - (q.to(tl.float32) - shift[None, :]), 0.0)
-    z = _cg_solve(rhs, inv_diag, seen & row_ok, q, k_bar, lam, lse2, k_base, shift, rows, offs_n, offs_d, seqlen_k,
-                  diag, stride_kt, qk_scale2, full, end, cg_tol2, cg_max_iters, HEAD_DIM, EVEN_D, BLOCK_M,
-                  BLOCK_N, BLOCK_D, CAUSAL, PRECOND, DOT_PRECISION)
+    z, iterations = _cg_solve(rhs, inv_diag, seen & row_ok, q, k_bar, lam, lse2, k_base, shift, rows, offs_n,
+                              offs_d, seqlen_k, diag, stride_kt, qk_scale2, full, end, cg_tol2, cg_max_iters,
+                              HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECOND, DOT_PRECISION)
 
     z_lo, z_scale = _row_scaled(z)
     z_lo = z_lo.to(q.dtype)
@@ -379,6 +382,9 @@ def lla_output_fwd_kernel(
     tl.store(Z + side, z, mask=ok)
     lse = tl.where(seen, (m + tl.log2(norm)) * LN2, float("-inf"))
     tl.store(LSE + (b64 * num_heads + h64) * seqlen_q + rows, lse, mask=row_ok)
+    if RECORD_ITERS:  # every row carries its tile's CG iterations (cg_stats)
+        tl.store(ITERS + (b64 * num_heads + h64) * seqlen_q + rows, tl.zeros([BLOCK_M], tl.int32) + iterations,
+                 mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -420,8 +426,8 @@ def _dq_tile(dq, z_lo, z_scale, z_kbar, r_lo, r_scale, r_kbar, g_bar, phi_bar, q
 @launcher(**_launch_options("dq"))
 @triton.jit
 def lla_dq_bwd_kernel(
-    # pointers (Z, Z_LO, R_LO are laid out like KBAR; LSE, DRIDGE [B, H, Tq]; ROWS [B, H, Tq, ROW_FIELDS])
-    Q, K, V, RIDGE, O, DO, LSE, KBAR, Z, DQ, Z_LO, R_LO, ROWS, DRIDGE,
+    # pointers (Z, Z_LO, R_LO are laid out like KBAR; LSE, DRIDGE, ITERS [B, H, Tq]; ROWS [B, H, Tq, ROW_FIELDS])
+    Q, K, V, RIDGE, O, DO, LSE, KBAR, Z, DQ, Z_LO, R_LO, ROWS, DRIDGE, ITERS,
     # strides
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
@@ -430,7 +436,8 @@ def lla_dq_bwd_kernel(
     seqlen_q, seqlen_k, num_heads, kv_group, sm_scale, qk_scale2, cg_tol2, cg_max_iters,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECOND: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ROW_FIELDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RECORD_ITERS: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_FIELDS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -485,9 +492,10 @@ def lla_dq_bwd_kernel(
                                        offs_d, seqlen_k, diag, stride_kt, stride_vt, qk_scale2, HEAD_DIM, EVEN_D,
                                        True, CAUSAL, PRECOND, DOT_PRECISION)
     c = c - g_bar[:, None] * k_bar
-    r = _cg_solve(c, _inverse_diagonal(k_sq, k_bar, lam), seen & row_ok, q, k_bar, lam, lse2, k_base, shift, rows,
-                  offs_n, offs_d, seqlen_k, diag, stride_kt, qk_scale2, full, end, cg_tol2, cg_max_iters, HEAD_DIM,
-                  EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECOND, DOT_PRECISION)
+    r, iterations = _cg_solve(c, _inverse_diagonal(k_sq, k_bar, lam), seen & row_ok, q, k_bar, lam, lse2, k_base,
+                              shift, rows, offs_n, offs_d, seqlen_k, diag, stride_kt, qk_scale2, full, end, cg_tol2,
+                              cg_max_iters, HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECOND,
+                              DOT_PRECISION)
 
     z = tl.load(Z + side, mask=ok, other=0.0)
     r_z = tl.sum(r * z, 1)
@@ -522,6 +530,8 @@ def lla_dq_bwd_kernel(
     tl.store(row_base + 4, r_scale, mask=row_ok)
     tl.store(row_base + 5, r_kbar, mask=row_ok)
     tl.store(DRIDGE + scalar_off, r_z, mask=row_ok)
+    if RECORD_ITERS:  # every row carries its tile's CG iterations (cg_stats)
+        tl.store(ITERS + scalar_off, tl.zeros([BLOCK_M], tl.int32) + iterations, mask=row_ok)
 
 
 @triton.jit
@@ -648,6 +658,15 @@ def _token_strides(**tensors) -> dict:
     return out
 
 
+def _iterations(q):
+    """(ITERS, RECORD_ITERS): an int32 [B, H, Tq] buffer for the kernel to write each row's CG iterations into
+    while cg_stats records, else a placeholder it never touches."""
+    if cg_stats.recording():
+        b, t_q, h, _ = q.shape
+        return torch.zeros(b, h, t_q, device=q.device, dtype=torch.int32), True
+    return q, False
+
+
 def forward(q, k, v, ridge, a: LLAArgs):
     """q [B, Tq, H, D], k/v [B, Tk, Hkv, D], ridge fp32 view broadcast to [B, Tq, H] ->
     out (input dtype), lse fp32 [B, H, Tq] (natural log), k_bar and z fp32 [B, Tq, H, D]."""
@@ -659,12 +678,16 @@ def forward(q, k, v, ridge, a: LLAArgs):
     z = torch.empty_like(k_bar)
     if b * h * t_q == 0:
         return out, lse, k_bar, z
+    iterations, record = _iterations(q)
     lla_output_fwd_kernel.launch(
         lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h),
-        Q=q, K=k, V=v, RIDGE=ridge, O=out, LSE=lse, KBAR=k_bar, Z=z,
+        Q=q, K=k, V=v, RIDGE=ridge, O=out, LSE=lse, KBAR=k_bar, Z=z, ITERS=iterations,
         **_token_strides(q=q, k=k, v=v, o=out, ridge=ridge, kbar=k_bar),
         seqlen_q=t_q, seqlen_k=t_k, num_heads=h, kv_group=h // h_kv, qk_scale2=a.softmax_scale * LOG2E.value,
-        cg_tol2=a.cg_tol * a.cg_tol, cg_max_iters=a.cg_max_iters, PRECOND=a.cg_preconditioner, **_features(q, a))
+        cg_tol2=a.cg_tol * a.cg_tol, cg_max_iters=a.cg_max_iters, PRECOND=a.cg_preconditioner,
+        RECORD_ITERS=record, **_features(q, a))
+    if record:
+        cg_stats.report_rows("fwd", BACKEND, iterations, t_k, a.causal)
     return out, lse, k_bar, z
 
 
@@ -686,10 +709,14 @@ def backward(dout, q, k, v, out, lse, k_bar, z, ridge, a: LLAArgs):
                   **_token_strides(q=q, k=k, v=v, do=dout, kbar=k_bar),
                   seqlen_q=t_q, seqlen_k=t_k, num_heads=h, kv_group=h // h_kv, sm_scale=a.softmax_scale,
                   qk_scale2=a.softmax_scale * LOG2E.value, ROW_FIELDS=ROW_FIELDS, **_features(q, a))
+    iterations, record = _iterations(q)
     lla_dq_bwd_kernel.launch(
         lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h),
-        RIDGE=ridge, O=out, KBAR=k_bar, Z=z, DQ=dq, DRIDGE=dridge, **_token_strides(o=out, dq=dq, ridge=ridge),
-        cg_tol2=a.cg_tol * a.cg_tol, cg_max_iters=a.cg_max_iters, PRECOND=a.cg_preconditioner, **common)
+        RIDGE=ridge, O=out, KBAR=k_bar, Z=z, DQ=dq, DRIDGE=dridge, ITERS=iterations,
+        **_token_strides(o=out, dq=dq, ridge=ridge), cg_tol2=a.cg_tol * a.cg_tol, cg_max_iters=a.cg_max_iters,
+        PRECOND=a.cg_preconditioner, RECORD_ITERS=record, **common)
+    if record:
+        cg_stats.report_rows("bwd", BACKEND, iterations, t_k, a.causal)
     lla_dkdv_bwd_kernel.launch(
         lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h_kv),
         DK=dk, DV=dv, **_token_strides(dk=dk, dv=dv), **common)
