@@ -38,8 +38,10 @@ TEST_SHARE, BENCH_SHARE = 0.42, 0.42
 # covered by the tests) and FlexAttention (about a minute of compilation per shape and grad mode).
 EXCLUDED_PROVIDERS = ("flashops-torch", "sdpa-math", "flex")
 # Crossover cases (an op beside exact attention as T grows) time exact attention over and over: `make bench`
-# runs them, the 10-minute check does not (--all-providers keeps them).
-EXCLUDED_OPS = ("linear_vs_exact", "hyper_vs_exact", "lla_vs_exact")
+# runs them, the 10-minute check does not (--all-providers keeps them). Nor does it run the GQA and reverse
+# variants of the linear ops (the same kernels as the plain cases, which it times; `make bench` has them).
+EXCLUDED_OPS = ("linear_vs_exact", "hyper_vs_exact", "lla_vs_exact", "lightning_attention_gqa",
+                "gated_linear_attention_gqa", "lightning_attention_reverse", "gated_linear_attention_reverse")
 GPU_TESTS = ["tests/ops", "tests/modules", "tests/test_integrations.py", "tests/test_dispatch.py"]
 DRY_RUN_TESTS = ["tests/test_dispatch.py"]
 # One small op with a Triton kernel (interpreted) and a peer; the C++ extension would compile on first use.

@@ -8,7 +8,8 @@ here, so that a change of those internals is mended in this file alone:
 - ``flashops.ops.attention``: ``OP`` (its dispatch name), ``FWD_ARGS``/``BWD_ARGS`` with
   ``_attention_fwd_impl``/``_attention_bwd_impl`` (the argument lists and plain implementations behind the
   ``flashops::attention_fwd/bwd`` custom ops, whose ``window_left/right`` take any integers), ``_window`` and
-  ``_scalars`` (the checks of ``window_size`` and ``softmax_scale``); ``args.AttentionArgs``;
+  ``_scalars`` (the checks of ``window_size`` and ``softmax_scale``); ``args.AttentionArgs``; the torch
+  backend's ``pytorch.backward`` with ``fused=False`` (see :func:`block_backward`);
 - ``flashops._dispatch`` (backend selection) and ``flashops._validation`` (input checks);
 - ``flashops.ops.linear.common.LOG_GATE_FLOOR`` (the floor the linear kernels apply to log-gates, which a
   state computed outside them must apply too);
@@ -26,6 +27,7 @@ from .. import _dispatch
 from .._numerics import compute_dtype
 from .._validation import check_attention_inputs, check_tensor
 from ..ops import attention as _attention
+from ..ops.attention import pytorch as _attention_pytorch
 from ..ops.attention.args import AttentionArgs
 from ..ops.linear.common import LOG_GATE_FLOOR
 
@@ -75,6 +77,14 @@ def block_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
     every block) for these queries: with the global statistics, the FlashAttention backward of one block
     yields exactly that block's terms of the gradients."""
     fields = _block_args(q, k, scale, window_left, window_right)
+    if backend == "torch":
+        # The statistics are global: a NaN on another rank reaches them while this block's q, k, v are finite.
+        # torch's fused CPU backward forms delta from them, and falling back from it only where they are not
+        # finite would change the rounding of every row; the chunked path gives the same bits either way and
+        # keeps a poisoned row out of the other rows' gradients.
+        grads = _attention_pytorch.backward(dout, dlse, q, k, v, out, lse.contiguous(), AttentionArgs(**fields),
+                                            fused=False)
+        return grads[0], grads[1], grads[2]
     dq, dk, dv, _ = _attention._attention_bwd_impl(*_attention.BWD_ARGS.values(
         dout=dout, dlse=dlse, q=q, k=k, v=v, out=out, lse=lse.contiguous(), **fields, want_dbias=False,
         backend=backend))

@@ -375,8 +375,9 @@ def forward(q, k, v, a: AttentionArgs):
     return out, lse
 
 
-def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool = False):
-    """Gradients (dq, dk, dv, dbias-or-None) in the input dtypes; dlse may be None."""
+def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool = False, *, fused: bool = True):
+    """Gradients (dq, dk, dv, dbias-or-None) in the input dtypes; dlse may be None. ``fused=False`` keeps to the
+    chunked path (ring attention: see distributed/_internals.block_backward)."""
     h, h_kv = q.shape[2], k.shape[2]
     g = h // h_kv
     dt = compute_dtype(q.dtype)
@@ -390,9 +391,9 @@ def backward(dout, dlse, q, k, v, out, lse, a: AttentionArgs, want_dbias: bool =
     dbias = None
     for qs, ks, (q_n, k_n, v_n), rest in _sequences(q, k, v, a):
         b, t_q = q_n.shape[:2]
-        fused = None if lse_grad else _Fused.plan(q_n, k_n, v_n, a)
-        if fused is not None and fused.exact_backward:
-            dq_n, dk_n, dv_n = fused.backward(dout[:, qs], out[:, qs], lse_bht[..., qs], a.softmax_scale)
+        plan = _Fused.plan(q_n, k_n, v_n, a) if fused and not lse_grad else None
+        if plan is not None and plan.exact_backward:
+            dq_n, dk_n, dv_n = plan.backward(dout[:, qs], out[:, qs], lse_bht[..., qs], a.softmax_scale)
         else:
             if delta is None:
                 # delta_i = rowsum(dO_i * O_i) - dLSE_i: the softmax Jacobian's diagonal term plus the lse gradient.
