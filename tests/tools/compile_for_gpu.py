@@ -248,15 +248,21 @@ def main(argv=None) -> int:
             results[vid] = (None, {k: v for k, v in entry.items() if k != "hash"})
         else:
             todo.append(spec)
+    args.cache.parent.mkdir(parents=True, exist_ok=True)
+
+    def proved():
+        return {vid: {"hash": hashes[vid], **res} for vid, (error, res) in results.items() if not error}
+
     if todo:
         with tempfile.TemporaryDirectory() as cache_dir, ProcessPoolExecutor(
                 args.jobs, initializer=_worker_setup, initargs=(cache_dir,)) as pool:
             outcomes = pool.map(_compile, [json.dumps(s) for s in todo], [args.arch] * len(todo))
-            for spec, outcome in zip(todo, outcomes):
+            for done, (spec, outcome) in enumerate(zip(todo, outcomes), 1):
                 results[variant_id(spec)] = outcome
+                if done % 50 == 0:  # a long run that is stopped keeps what it proved
+                    args.cache.write_text(json.dumps({**cache, **proved()}, sort_keys=True))
     compiled = {variant_id(s) for s in todo}
-    entries = {vid: {"hash": hashes[vid], **res} for vid, (error, res) in results.items() if not error}
-    args.cache.parent.mkdir(parents=True, exist_ok=True)
+    entries = proved()
     args.cache.write_text(json.dumps({**cache, **entries}, sort_keys=True))
     if args.update_baseline:
         write_baseline(args.baseline, args.arch, entries)
