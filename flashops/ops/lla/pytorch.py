@@ -4,7 +4,7 @@ The algorithm of the Triton kernels (docs/lla.md), laid out for a CPU. Queries a
 (every head of its rows at once, the heads of a GQA group as more rows of the same product) computes its
 softmax weights over all the keys it sees once and keeps them. Against those weights the system
 ``A_i z_i = k_bar_i - q_i`` is solved by conjugate gradient, each product ``A p`` being two matrix products
-over the kept weights (``t = p . y_ij``, then ``sum_j s_ij t_ij y_ij``), and the output is
+over the kept weights (``u_ij = s_ij p_i . k'_j``, then ``sum_j u_ij k'_j``, see ``_Chunk.apply``), and the output is
 ``o_i = sum_j s_ij (1 - z_i . y_ij) v_j``. So a chunk costs (4 + 2 * iterations) [rows, keys, D] products and
 no D x D matrix per query. The backward recomputes the weights from the saved log-sum-exp, solves the adjoint
 system ``A r = c`` the same way and applies the closed-form gradient. Memory: the weights and a few temporaries
