@@ -319,8 +319,9 @@ def gla_intra_bwd_kernel(
         weight = tl.exp(tl.where(causal[:, :, None], g_s[:, None, :] - g_s[None, :, :], float("-inf")))
         d_scores = tl.load(da_base + rows[:, None] * a_stride + rows[None, :], mask=r_ok[:, None], other=0.0)
         d_weighted = d_scores[:, :, None] * weight
-        dq += tl.sum(d_weighted * k_s.to(tl.float32)[None, :, :], axis=1)
-        dk_diag += tl.sum(d_weighted * q_s.to(tl.float32)[:, None, :], axis=0)
+        # Selects: a NaN/Inf k_c (q_r) must not reach dq (dk) of the rows (columns) that do not see it.
+        dq += tl.sum(tl.where(causal[:, :, None], d_weighted * k_s.to(tl.float32)[None, :, :], 0.0), axis=1)
+        dk_diag += tl.sum(tl.where(causal[:, :, None], d_weighted * q_s.to(tl.float32)[:, None, :], 0.0), axis=0)
         tl.store(buffer_base(DQ, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM)
                  + rows[:, None] * (num_heads * K_DIM) + offs_k[None, :], dq, mask=tile_mask(r_ok, k_ok, EVEN_K))
     dk = dk_off * tl.exp(tl.where(r_ok[:, None], g_last[None, :] - g_s, float("-inf"))) + dk_diag

@@ -141,7 +141,9 @@ def lightning_dv_bwd_kernel(
             decay_t = tl.exp(tl.where(causal_t, -slope * (rows[None, :] - rows[:, None]), float("-inf")))
             do = load_tile(row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh), stride_dot,
                            offs_t, t_ok, offs_v, v_ok, EVEN_V)
-            acc += tl.dot((scores_t * decay_t * scale).to(do.dtype), do, input_precision=DOT_PRECISION)
+            # A select, not the zero decay: a NaN/Inf q_r must not reach dv of the later positions c > r.
+            scores_t = tl.where(causal_t, scores_t * decay_t * scale, 0.0)
+            acc += tl.dot(scores_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dv_base = row_base(DV, b, origin, t0, kv, stride_dvb, stride_dvt, stride_dvh)
     tl.store(dv_base + offs_t[:, None] * stride_dvt + offs_v[None, :], acc.to(DV.dtype.element_ty),
              mask=tile_mask(t_ok, v_ok, EVEN_V))
@@ -208,13 +210,14 @@ def lightning_dqdk_bwd_kernel(
                 dq += tl.dot(do, state_t.to(do.dtype), input_precision=DOT_PRECISION)
             causal = offs_t[:, None] >= offs_t[None, :]
             decay = tl.exp(tl.where(causal, -slope * (rows[:, None] - rows[None, :]), float("-inf")))
-            d_scores = d_scores * decay * scale
+            d_scores = tl.where(causal, d_scores * decay * scale, 0.0)  # no 0 * NaN from a later v
             q = load_tile(row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
                           offs_t, t_ok, offs_k, k_ok, EVEN_K)
             k = load_tile(k_base, stride_kt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
             dq = dq * (tl.exp(-slope * (rows + 1.0)) * scale)[:, None]
-            dq += tl.dot(d_scores.to(k.dtype), k, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(d_scores).to(q.dtype), q, input_precision=DOT_PRECISION)
+            # A NaN/Inf k (q) reaches only dq (dk) of the rows that see it.
+            dq = masked_dot(d_scores, k, causal, dq, DOT_PRECISION)
+            dk = masked_dot(tl.trans(d_scores), q, tl.trans(causal), dk, DOT_PRECISION)
             tl.store(row_base(DQ, b, origin, t0, h, stride_dqb, stride_dqt, stride_dqh)
                      + offs_t[:, None] * stride_dqt + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
     tl.store(row_base(DK, b, origin, t0, kv, stride_dkb, stride_dkt, stride_dkh)
