@@ -112,13 +112,13 @@ PINNED = {
     "lightning": (lambda: _bench_traffic("lightning_attention", B=1, T=100, H=2, D=16), {
         "linear_state_fwd_kernel": (2, 51216, 8192), "lightning_output_fwd_kernel": (1, 42512, 12800),
         "linear_state_bwd_kernel": (1, 25608, 4096), "lightning_dv_bwd_kernel": (1, 42512, 12800),
-        "lightning_dqdk_bwd_kernel": (1, 72208, 25600)}),
+        "lightning_dqdk_bwd_kernel": (1, 59408, 25600)}),
     "gla": (lambda: _bench_traffic("gated_linear_attention", B=1, T=70, H=1, D=16), {
         "chunk_cumsum_fwd_kernel": (2, 8960, 8960), "linear_state_fwd_kernel": (2, 27136, 4096),
         "gla_intra_fwd_kernel": (2, 76800, 35840), "gla_output_fwd_kernel": (1, 33408, 4480),
         "linear_state_bwd_kernel": (1, 13568, 2048), "gla_dv_bwd_kernel": (1, 33536, 4480),
         "gla_dscores_bwd_kernel": (1, 8960, 17920), "gla_intra_bwd_kernel": (1, 55424, 8960),
-        "gla_inter_bwd_kernel": (1, 44544, 13440)}),
+        "gla_inter_bwd_kernel": (1, 40064, 13440)}),
     "noncausal": (lambda: _bench_traffic("linear_attention", B=1, T=100, H=2, D=16), {
         "noncausal_partial_fwd_kernel": (3, 76800, 6144), "noncausal_reduce_fwd_kernel": (3, 6144, 6144),
         "noncausal_apply_fwd_kernel": (4, 67584, 51200)}),

@@ -476,17 +476,26 @@ def _linear_cases():
                                                             initial_state=x["h0"], output_final_state=True,
                                                             backend=backend)
 
-    def causal_sites(names):
-        return lambda x: [future(x, names, 1, {0: 1, 1: None})] if x["q"].shape[1] > 2 else []
-
-    def reverse_sites(names):
-        """reverse=True: inputs before t0 reach only outputs before t0 (and the final state, taken at t = 0)."""
+    def direction_sites(reverse):
+        """k and v from t0 on (causal; before t0 with reverse=True) reach only the outputs from t0 on and the
+        final state; q before t0 (from t0 on, reversed) only the outputs before t0. Their gradients (a loss on every
+        output) change only where they depend on them: the poisoned k, v reach dq of the rows that see them and dk,
+        dv of their own positions; q reaches dk and dv of the positions it sees and the initial state's gradient.
+        GLA's dg: a gate's gradient sums q dq - k dk over the rest of its 64-row chunk, where the poison cancels
+        only in exact arithmetic (k, v: all of dg may change; q: the gates it sees)."""
         def sites(x):
             t = x["q"].shape[1]
             if t <= 2:
                 return []
-            past = along(1, slice(0, t // 2))
-            return [Site(f"past t<{t // 2} (reverse)", {n: past for n in names}, {0: past, 1: ...})]
+            t0 = t // 2 + 1
+            seen, unseen = along(1, slice(0, t0)), along(1, slice(t0, None))
+            if reverse:
+                seen, unseen = unseen, seen
+            kv_grads = {"q": unseen, "k": unseen, "v": unseen, "g": ...}
+            q_grads = {"q": seen, "k": seen, "v": seen, "h0": ..., "g": seen}
+            when = "before" if reverse else "from"
+            return [Site(f"k, v {when} t0={t0}", {"k": unseen, "v": unseen}, {0: unseen, 1: ...}, grads=kv_grads),
+                    Site(f"q not {when} t0={t0}", {"q": seen}, {0: seen}, grads=q_grads)]
         return sites
 
     def varlen_sites(x):
@@ -517,18 +526,18 @@ def _linear_cases():
                                                     backend=backend)
 
     return [
-        Case("lightning_attention", ATTENTION_BACKENDS, make(), lightning(), causal_sites(("q", "k", "v")),
+        Case("lightning_attention", ATTENTION_BACKENDS, make(), lightning(), direction_sites(False),
              length=70),
         Case("lightning_attention[varlen]", ATTENTION_BACKENDS, make(varlen=True), lightning(), varlen_sites,
              length=70, empty=("length",)),
         Case("lightning_attention[gqa,reverse]", ATTENTION_BACKENDS, make(heads=4, kv_heads=2), lightning(True),
-             reverse_sites(("q", "k", "v")), length=70),
+             direction_sites(True), length=70),
         # g is not poisoned here: a NaN log-gate is out of domain (tests/ops/test_linear.py covers it).
         Case("gated_linear_attention", ATTENTION_BACKENDS, make(gated=True), gla(),
-             causal_sites(("q", "k", "v")), length=27),
+             direction_sites(False), length=27),
         Case("gated_linear_attention[mqa,reverse]", ATTENTION_BACKENDS, make(gated=True, heads=2), gla(True),
-             reverse_sites(("q", "k", "v")), length=27),
-        Case("linear_attention[causal]", ATTENTION_BACKENDS, make(), plain(True), causal_sites(("q", "k", "v")),
+             direction_sites(True), length=27),
+        Case("linear_attention[causal]", ATTENTION_BACKENDS, make(), plain(True), direction_sites(False),
              length=70),
         Case("linear_attention[non-causal]", ATTENTION_BACKENDS, make(), plain(False), length=70),
         Case("lightning_attention_step", CUDA + ATTENTION_BACKENDS, step_make(False), lightning_step,

@@ -237,8 +237,12 @@ def _intra_grads(d_scores, q, k, gc):
     c = q.shape[-2]
     if gc.shape[-1] == 1:
         gs = gc[..., 0]
-        weighted = d_scores * _causal_exp(gs[..., :, None] - gs[..., None, :], _tril(c, q.device))
-        return weighted @ k, weighted.transpose(-1, -2) @ q
+        tril = _tril(c, q.device)
+        weighted = d_scores * _causal_exp(gs[..., :, None] - gs[..., None, :], tril)
+        # A NaN/Inf k (q) must not reach dq (dk) of the rows that do not see it through a masked zero.
+        dq = weighted @ k if all_finite(k) else masked_matmul(weighted, k, tril)
+        dk = weighted.transpose(-1, -2) @ q if all_finite(q) else masked_matmul(weighted.transpose(-1, -2), q, tril.T)
+        return dq, dk
     shape = (*_batch_shape(d_scores, q, k, gc), c, q.shape[-1])
     dq = q.new_zeros(shape)
     dk = q.new_zeros(shape)
@@ -260,12 +264,13 @@ def _intra_grads(d_scores, q, k, gc):
     idx = torch.arange(SUB, device=q.device)[:, None]
     dq_diag = torch.zeros_like(dq.unflatten(-2, (c // SUB, SUB)))
     dk_diag = torch.zeros_like(dq_diag)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
     for j in range(SUB):
-        # column j of the diagonal block feeds rows r >= j; row j feeds columns c <= j.
-        dq_diag += ds_sub[..., :, j : j + 1] * k_sub[..., j : j + 1, :] * _causal_exp(
-            g_sub - g_sub[..., j : j + 1, :], idx >= j)
-        dk_diag += ds_sub[..., j, :, None] * q_sub[..., j : j + 1, :] * _causal_exp(
-            g_sub[..., j : j + 1, :] - g_sub, idx <= j)
+        # column j of the diagonal block feeds rows r >= j; row j feeds columns c <= j (selects: no 0 * NaN).
+        dq_diag += torch.where(idx >= j, ds_sub[..., :, j : j + 1] * k_sub[..., j : j + 1, :] * _causal_exp(
+            g_sub - g_sub[..., j : j + 1, :], idx >= j), zero)
+        dk_diag += torch.where(idx <= j, ds_sub[..., j, :, None] * q_sub[..., j : j + 1, :] * _causal_exp(
+            g_sub[..., j : j + 1, :] - g_sub, idx <= j), zero)
     return dq + dq_diag.flatten(-3, -2), dk + dk_diag.flatten(-3, -2)
 
 

@@ -319,13 +319,49 @@ def gla_intra_bwd_kernel(
         weight = tl.exp(tl.where(causal[:, :, None], g_s[:, None, :] - g_s[None, :, :], float("-inf")))
         d_scores = tl.load(da_base + rows[:, None] * a_stride + rows[None, :], mask=r_ok[:, None], other=0.0)
         d_weighted = d_scores[:, :, None] * weight
-        dq += tl.sum(d_weighted * k_s.to(tl.float32)[None, :, :], axis=1)
-        dk_diag += tl.sum(d_weighted * q_s.to(tl.float32)[:, None, :], axis=0)
+        # Selects: a NaN/Inf k_c (q_r) must not reach dq (dk) of the rows (columns) that do not see it.
+        dq += tl.sum(tl.where(causal[:, :, None], d_weighted * k_s.to(tl.float32)[None, :, :], 0.0), axis=1)
+        dk_diag += tl.sum(tl.where(causal[:, :, None], d_weighted * q_s.to(tl.float32)[:, None, :], 0.0), axis=0)
         tl.store(buffer_base(DQ, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM)
                  + rows[:, None] * (num_heads * K_DIM) + offs_k[None, :], dq, mask=tile_mask(r_ok, k_ok, EVEN_K))
     dk = dk_off * tl.exp(tl.where(r_ok[:, None], g_last[None, :] - g_s, float("-inf"))) + dk_diag
     tl.store(buffer_base(DK, b, bos, t0, kv, seqlen, gc_stride, K_DIM) + rows[:, None] * gc_stride + offs_k[None, :],
              dk, mask=tile_mask(r_ok, k_ok, EVEN_K))
+
+
+@triton.jit
+def _inter_head(dk, d_last, d_cum, Q, DO, DQ, DQ_INTRA, HS, DHS, v_base, gc_base, gc_stride, b, bos, origin, t0, h, kv,
+                pid_c, num_heads, num_kv_heads, seqlen, scale, offs_t, t_ok, offs_k, k_ok, mask, stride_qb, stride_qt,
+                stride_qh, stride_vt, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+                K_DIM: tl.constexpr, V_DIM: tl.constexpr, FIRST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr, EVEN_V: tl.constexpr):
+    """Query head h: stores dq_h = scale exp(gc) do_h h^T + dq_intra_h and adds q_h dq_h to d_cum; the FIRST head of
+    the group also the kv head's v dH^T (to dk) and sum_v(h dH) (to d_last) from the same V loop. Returns
+    (dk, d_last, d_cum, the chunk's gates gc)."""
+    do_base = row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh)
+    dq = tl.zeros([BT, BK], dtype=tl.float32)
+    for vt in range(tl.cdiv(V_DIM, BV)):
+        offs_v = vt * BV + tl.arange(0, BV)
+        v_ok = offs_v < V_DIM
+        do = load_tile(do_base, stride_dot, offs_t, t_ok, offs_v, v_ok, EVEN_V)
+        state_t = tl.load(state_ptrs_t(HS, pid_c, kv, num_kv_heads, offs_k, offs_v, K_DIM, V_DIM),
+                          mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)  # [BV, BK]
+        dq += tl.dot(do, state_t.to(do.dtype), input_precision=DOT_PRECISION)
+        if FIRST:
+            v = load_tile(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
+            d_state_t = tl.load(state_ptrs_t(DHS, pid_c, kv, num_kv_heads, offs_k, offs_v, K_DIM, V_DIM),
+                                mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)
+            dk += tl.dot(v, d_state_t.to(v.dtype), input_precision=DOT_PRECISION)
+            d_last += tl.sum(state_t.to(tl.float32) * d_state_t.to(tl.float32), axis=0)
+    g = load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+    q = load_tile(row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
+                  offs_t, t_ok, offs_k, k_ok, EVEN_K).to(tl.float32)
+    intra_off = offs_t[:, None] * (num_heads * K_DIM) + offs_k[None, :]
+    dq = dq * tl.exp(g) * scale + tl.load(
+        buffer_base(DQ_INTRA, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM) + intra_off, mask=mask, other=0.0)
+    tl.store(row_base(DQ, b, origin, t0, h, stride_dqb, stride_dqt, stride_dqh)
+             + offs_t[:, None] * stride_dqt + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
+    return dk, d_last, d_cum + q * dq, g
 
 
 @launcher(**chunk_launch_options(GRAD_CONFIGS))
@@ -358,36 +394,20 @@ def gla_inter_bwd_kernel(
     v_base = row_base(V, b, origin, t0, kv, stride_vb, stride_vt, stride_vh)
     gc_stride = num_kv_heads * K_DIM
     gc_base = buffer_base(GC, b, bos, t0, kv, seqlen, gc_stride, K_DIM)
-    dk = tl.zeros([BT, BK], dtype=tl.float32)
-    d_last = tl.zeros([BK], dtype=tl.float32)
-    d_cum = tl.zeros([BT, BK], dtype=tl.float32)  # dL/dgc: sum_h q_h dq_h - k dk
-    for r in range(GROUP):
-        h = kv * GROUP + r
-        do_base = row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh)
-        dq = tl.zeros([BT, BK], dtype=tl.float32)
-        for vt in range(tl.cdiv(V_DIM, BV)):
-            offs_v = vt * BV + tl.arange(0, BV)
-            v_ok = offs_v < V_DIM
-            do = load_tile(do_base, stride_dot, offs_t, t_ok, offs_v, v_ok, EVEN_V)
-            state_t = tl.load(state_ptrs_t(HS, pid_c, kv, num_kv_heads, offs_k, offs_v, K_DIM, V_DIM),
-                              mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)  # [BV, BK]
-            dq += tl.dot(do, state_t.to(do.dtype), input_precision=DOT_PRECISION)
-            if r == 0:  # the kv head's own terms, once (fused into the first head's V loop)
-                v = load_tile(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
-                d_state_t = tl.load(state_ptrs_t(DHS, pid_c, kv, num_kv_heads, offs_k, offs_v, K_DIM, V_DIM),
-                                    mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)
-                dk += tl.dot(v, d_state_t.to(v.dtype), input_precision=DOT_PRECISION)
-                d_last += tl.sum(state_t.to(tl.float32) * d_state_t.to(tl.float32), axis=0)
-        g = load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok, EVEN_K)
-        q = load_tile(row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
-                      offs_t, t_ok, offs_k, k_ok, EVEN_K).to(tl.float32)
-        intra_off = offs_t[:, None] * (num_heads * K_DIM) + offs_k[None, :]
-        dq = dq * tl.exp(g) * scale + tl.load(
-            buffer_base(DQ_INTRA, b, bos, t0, h, seqlen, num_heads * K_DIM, K_DIM) + intra_off, mask=mask, other=0.0)
-        d_cum += q * dq
-        tl.store(row_base(DQ, b, origin, t0, h, stride_dqb, stride_dqt, stride_dqh)
-                 + offs_t[:, None] * stride_dqt + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
-    g = load_tile(gc_base, gc_stride, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+    zeros = tl.zeros([BT, BK], dtype=tl.float32)
+    # d_cum = dL/dgc: sum_h q_h dq_h - k dk. The group's first head also takes the kv head's own terms (peeled, so
+    # that its V loop has no branch); the chunk's gates it loads serve the kv head's terms below.
+    dk, d_last, d_cum, g = _inter_head(
+        zeros, tl.zeros([BK], dtype=tl.float32), zeros, Q, DO, DQ, DQ_INTRA, HS, DHS, v_base, gc_base, gc_stride, b,
+        bos, origin, t0, kv * GROUP, kv, pid_c, num_heads, num_kv_heads, seqlen, scale, offs_t, t_ok, offs_k, k_ok,
+        mask, stride_qb, stride_qt, stride_qh, stride_vt, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt,
+        stride_dqh, K_DIM, V_DIM, True, DOT_PRECISION, BT, BK, BV, EVEN_K, EVEN_V)
+    for r in range(1, GROUP):
+        dk, d_last, d_cum, _ = _inter_head(
+            dk, d_last, d_cum, Q, DO, DQ, DQ_INTRA, HS, DHS, v_base, gc_base, gc_stride, b, bos, origin, t0,
+            kv * GROUP + r, kv, pid_c, num_heads, num_kv_heads, seqlen, scale, offs_t, t_ok, offs_k, k_ok, mask,
+            stride_qb, stride_qt, stride_qh, stride_vt, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt,
+            stride_dqh, K_DIM, V_DIM, False, DOT_PRECISION, BT, BK, BV, EVEN_K, EVEN_V)
     g_last = tl.load(gc_base + (length - 1) * gc_stride + offs_k, mask=k_ok, other=0.0)
     k = load_tile(row_base(K, b, origin, t0, kv, stride_kb, stride_kt, stride_kh), stride_kt,
                   offs_t, t_ok, offs_k, k_ok, EVEN_K).to(tl.float32)

@@ -141,10 +141,55 @@ def lightning_dv_bwd_kernel(
             decay_t = tl.exp(tl.where(causal_t, -slope * (rows[None, :] - rows[:, None]), float("-inf")))
             do = load_tile(row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh), stride_dot,
                            offs_t, t_ok, offs_v, v_ok, EVEN_V)
-            acc += tl.dot((scores_t * decay_t * scale).to(do.dtype), do, input_precision=DOT_PRECISION)
+            # A select, not the zero decay: a NaN/Inf q_r must not reach dv of the later positions c > r.
+            scores_t = tl.where(causal_t, scores_t * decay_t * scale, 0.0)
+            acc += tl.dot(scores_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dv_base = row_base(DV, b, origin, t0, kv, stride_dvb, stride_dvt, stride_dvh)
     tl.store(dv_base + offs_t[:, None] * stride_dvt + offs_v[None, :], acc.to(DV.dtype.element_ty),
              mask=tile_mask(t_ok, v_ok, EVEN_V))
+
+
+@triton.jit
+def _dqdk_head(dk, Q, DO, DQ, k_base, v_base, HS, DHS, b, origin, t0, h, pid_c, s, num_state_heads, slope, scale,
+               offs_t, t_ok, length, offs_k, k_ok, mask, stride_qb, stride_qt, stride_qh, stride_kt, stride_vt,
+               stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+               K_DIM: tl.constexpr, V_DIM: tl.constexpr, FIRST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN_K: tl.constexpr, EVEN_V: tl.constexpr):
+    """Query head h of state s: stores its dq and returns dk plus its dA^T q, and for the state's FIRST head also
+    the state's own term lambda^(L-1-c) v dH^T (computed in the same V loop: v is read once per head)."""
+    do_base = row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh)
+    rows = offs_t.to(tl.float32)
+    d_scores = tl.zeros([BT, BT], dtype=tl.float32)
+    dq = tl.zeros([BT, BK], dtype=tl.float32)
+    dk_state = tl.zeros([BT, BK], dtype=tl.float32)
+    for vt in range(tl.cdiv(V_DIM, BV)):
+        offs_v = vt * BV + tl.arange(0, BV)
+        v_ok = offs_v < V_DIM
+        do = load_tile(do_base, stride_dot, offs_t, t_ok, offs_v, v_ok, EVEN_V)
+        v = load_tile(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
+        state_t = tl.load(state_ptrs_t(HS, pid_c, s, num_state_heads, offs_k, offs_v, K_DIM, V_DIM),
+                          mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)  # [BV, BK]
+        d_scores += tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dq += tl.dot(do, state_t.to(do.dtype), input_precision=DOT_PRECISION)
+        if FIRST:
+            d_state_t = tl.load(state_ptrs_t(DHS, pid_c, s, num_state_heads, offs_k, offs_v, K_DIM, V_DIM),
+                                mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)
+            dk_state += tl.dot(v, d_state_t.to(v.dtype), input_precision=DOT_PRECISION)
+    if FIRST:
+        to_end = tl.exp(tl.where(t_ok, -slope * (length - 1 - offs_t).to(tl.float32), float("-inf")))
+        dk += dk_state * to_end[:, None]
+    causal = offs_t[:, None] >= offs_t[None, :]
+    decay = tl.exp(tl.where(causal, -slope * (rows[:, None] - rows[None, :]), float("-inf")))
+    d_scores = tl.where(causal, d_scores * decay * scale, 0.0)  # no 0 * NaN from a later v
+    q = load_tile(row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh), stride_qt, offs_t, t_ok, offs_k,
+                  k_ok, EVEN_K)
+    k = load_tile(k_base, stride_kt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
+    dq = dq * (tl.exp(-slope * (rows + 1.0)) * scale)[:, None]
+    # A NaN/Inf k (q) reaches only dq (dk) of the rows that see it.
+    dq = masked_dot(d_scores, k, causal, dq, DOT_PRECISION)
+    tl.store(row_base(DQ, b, origin, t0, h, stride_dqb, stride_dqt, stride_dqh) + offs_t[:, None] * stride_dqt
+             + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
+    return masked_dot(tl.trans(d_scores), q, tl.trans(causal), dk, DOT_PRECISION)
 
 
 @launcher(**chunk_launch_options(GRAD_CONFIGS))
@@ -174,49 +219,24 @@ def lightning_dqdk_bwd_kernel(
     mask = tile_mask(t_ok, k_ok, EVEN_K)
     v_base = row_base(V, b, origin, t0, kv, stride_vb, stride_vt, stride_vh)
     k_base = row_base(K, b, origin, t0, kv, stride_kb, stride_kt, stride_kh)
-    rows = offs_t.to(tl.float32)
     dk = tl.zeros([BT, BK], dtype=tl.float32)
-    # Unrolled (groups are small): the states of kv head kv (one per slope), then the query heads of each. Only dk
-    # is carried from one to the next, so a group costs the registers of a single head.
+    # The states of kv head kv (one per slope), then the query heads of each; only dk is carried from one head to
+    # the next, so a group costs the registers of a single head. The first head of a state also adds the state's
+    # own term (peeled, so that its V loop has no branch).
     for si in range(GROUP // HEADS_PER_STATE):
         s = kv * (GROUP // HEADS_PER_STATE) + si
         slope = decay_slope(SLOPES, s)
-        # The state's own term lambda^(L-1-c) v dH^T, in an accumulator of its own before the heads' dq/dA tiles.
-        dk_state = tl.zeros([BT, BK], dtype=tl.float32)
-        for vt in range(tl.cdiv(V_DIM, BV)):
-            offs_v = vt * BV + tl.arange(0, BV)
-            v_ok = offs_v < V_DIM
-            v = load_tile(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
-            d_state_t = tl.load(state_ptrs_t(DHS, pid_c, s, num_state_heads, offs_k, offs_v, K_DIM, V_DIM),
-                                mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)
-            dk_state += tl.dot(v, d_state_t.to(v.dtype), input_precision=DOT_PRECISION)
-        to_end = tl.exp(tl.where(t_ok, -slope * (length - 1 - offs_t).to(tl.float32), float("-inf")))
-        dk += dk_state * to_end[:, None]
-        for r in range(HEADS_PER_STATE):
-            h = s * HEADS_PER_STATE + r
-            do_base = row_base(DO, b, origin, t0, h, stride_dob, stride_dot, stride_doh)
-            d_scores = tl.zeros([BT, BT], dtype=tl.float32)
-            dq = tl.zeros([BT, BK], dtype=tl.float32)
-            for vt in range(tl.cdiv(V_DIM, BV)):
-                offs_v = vt * BV + tl.arange(0, BV)
-                v_ok = offs_v < V_DIM
-                do = load_tile(do_base, stride_dot, offs_t, t_ok, offs_v, v_ok, EVEN_V)
-                v = load_tile(v_base, stride_vt, offs_t, t_ok, offs_v, v_ok, EVEN_V)
-                state_t = tl.load(state_ptrs_t(HS, pid_c, s, num_state_heads, offs_k, offs_v, K_DIM, V_DIM),
-                                  mask=tile_mask_t(k_ok, v_ok, EVEN_V), other=0.0)  # [BV, BK]
-                d_scores += tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                dq += tl.dot(do, state_t.to(do.dtype), input_precision=DOT_PRECISION)
-            causal = offs_t[:, None] >= offs_t[None, :]
-            decay = tl.exp(tl.where(causal, -slope * (rows[:, None] - rows[None, :]), float("-inf")))
-            d_scores = d_scores * decay * scale
-            q = load_tile(row_base(Q, b, origin, t0, h, stride_qb, stride_qt, stride_qh), stride_qt,
-                          offs_t, t_ok, offs_k, k_ok, EVEN_K)
-            k = load_tile(k_base, stride_kt, offs_t, t_ok, offs_k, k_ok, EVEN_K)
-            dq = dq * (tl.exp(-slope * (rows + 1.0)) * scale)[:, None]
-            dq += tl.dot(d_scores.to(k.dtype), k, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(d_scores).to(q.dtype), q, input_precision=DOT_PRECISION)
-            tl.store(row_base(DQ, b, origin, t0, h, stride_dqb, stride_dqt, stride_dqh)
-                     + offs_t[:, None] * stride_dqt + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
+        h = s * HEADS_PER_STATE
+        dk = _dqdk_head(dk, Q, DO, DQ, k_base, v_base, HS, DHS, b, origin, t0, h, pid_c, s, num_state_heads, slope,
+                        scale, offs_t, t_ok, length, offs_k, k_ok, mask, stride_qb, stride_qt, stride_qh, stride_kt,
+                        stride_vt, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh, K_DIM, V_DIM,
+                        True, DOT_PRECISION, BT, BK, BV, EVEN_K, EVEN_V)
+        for r in range(1, HEADS_PER_STATE):
+            dk = _dqdk_head(dk, Q, DO, DQ, k_base, v_base, HS, DHS, b, origin, t0, h + r, pid_c, s,
+                            num_state_heads, slope, scale, offs_t, t_ok, length, offs_k, k_ok, mask, stride_qb,
+                            stride_qt, stride_qh, stride_kt, stride_vt, stride_dob, stride_dot, stride_doh,
+                            stride_dqb, stride_dqt, stride_dqh, K_DIM, V_DIM, False, DOT_PRECISION, BT, BK, BV,
+                            EVEN_K, EVEN_V)
     tl.store(row_base(DK, b, origin, t0, kv, stride_dkb, stride_dkt, stride_dkh)
              + offs_t[:, None] * stride_dkt + offs_k[None, :], dk.to(DK.dtype.element_ty), mask=mask)
 
