@@ -123,7 +123,7 @@ PINNED = {
         "noncausal_partial_fwd_kernel": (3, 76800, 6144), "noncausal_reduce_fwd_kernel": (3, 6144, 6144),
         "noncausal_apply_fwd_kernel": (4, 67584, 51200)}),
     "steps": (_step_traffic, {
-        "recurrent_step_fwd_kernel": (2, 10000, 8704), "recurrent_step_bwd_kernel": (2, 28448, 9984)}),
+        "recurrent_step_fwd_kernel": (2, 10000, 8704), "recurrent_step_bwd_kernel": (2, 18960, 9984)}),
     "lla": (lambda: _bench_traffic("local_linear_attention", B=1, T=40, H=1, D=8), {
         "lla_output_fwd_kernel": (1, 29152, 4000), "lla_dq_bwd_kernel": (1, 36736, 4960),
         "lla_dkdv_bwd_kernel": (1, 10112, 2560)}),

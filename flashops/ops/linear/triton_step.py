@@ -88,11 +88,13 @@ def recurrent_step_bwd_kernel(
     scale, num_heads, num_kv_heads, num_state_heads,
     # meta-parameters
     K_DIM: tl.constexpr, V_DIM: tl.constexpr, SCALAR: tl.constexpr, HAS_S0: tl.constexpr, HAS_DS1: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    SINGLE_HEAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """Gradients of one step; one program per (b, kv head) walks the V tiles (dq, dk, dg need all of V) and the
     states and query heads of its group (dk, dv are their sums: no atomics). Gates imply one state per kv head,
-    so dg sums a single state's terms."""
+    so dg sums a single state's terms. A group's dq accumulators do not all fit in registers, so with GQA dq
+    takes a walk of its own (reading the state twice); SINGLE_HEAD (one query head per kv head and state) folds
+    it into the one walk."""
     pid_bkv = tl.program_id(0)
     b = pid_bkv // num_kv_heads
     kv = pid_bkv % num_kv_heads
@@ -103,27 +105,29 @@ def recurrent_step_bwd_kernel(
     k = tl.load(K + b * stride_kb + kv * stride_kh + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     state_base = tl.cast(b * num_state_heads, tl.int64) * (K_DIM * V_DIM)
     # dq_h = scale * S1 do_h, for every query head (S1 recomputed tile by tile).
-    for si in range(states_per_kv):
-        s = kv * states_per_kv + si
-        decay, _ = _step_decay(G, SLOPES, b, s, stride_gb, stride_gh, offs_k, k_ok, SCALAR)
-        for r in range(heads_per_state):
-            h = s * heads_per_state + r
-            dq = tl.zeros([BK], dtype=tl.float32)
-            for vt in range(tl.cdiv(V_DIM, BV)):
-                offs_v = vt * BV + tl.arange(0, BV)
-                v_ok = offs_v < V_DIM
-                v = tl.load(V + b * stride_vb + kv * stride_vh + offs_v, mask=v_ok, other=0.0).to(tl.float32)
-                do = tl.load(DO + b * stride_dob + h * stride_doh + offs_v, mask=v_ok, other=0.0).to(tl.float32)
-                new = k[:, None] * v[None, :]
-                if HAS_S0:
-                    new += decay[:, None] * tl.load(S0 + state_base + s * (K_DIM * V_DIM) + offs_k[:, None] * V_DIM
-                                                    + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :],
-                                                    other=0.0).to(tl.float32)
-                dq += tl.sum(new * do[None, :], axis=1)
-            tl.store(DQ + (b * num_heads + h) * K_DIM + offs_k, (dq * scale).to(DQ.dtype.element_ty), mask=k_ok)
+    if not SINGLE_HEAD:
+        for si in range(states_per_kv):
+            s = kv * states_per_kv + si
+            decay, _ = _step_decay(G, SLOPES, b, s, stride_gb, stride_gh, offs_k, k_ok, SCALAR)
+            for r in range(heads_per_state):
+                h = s * heads_per_state + r
+                dq = tl.zeros([BK], dtype=tl.float32)
+                for vt in range(tl.cdiv(V_DIM, BV)):
+                    offs_v = vt * BV + tl.arange(0, BV)
+                    v_ok = offs_v < V_DIM
+                    v = tl.load(V + b * stride_vb + kv * stride_vh + offs_v, mask=v_ok, other=0.0).to(tl.float32)
+                    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_v, mask=v_ok, other=0.0).to(tl.float32)
+                    new = k[:, None] * v[None, :]
+                    if HAS_S0:
+                        new += decay[:, None] * tl.load(S0 + state_base + s * (K_DIM * V_DIM) + offs_k[:, None] * V_DIM
+                                                        + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :],
+                                                        other=0.0).to(tl.float32)
+                    dq += tl.sum(new * do[None, :], axis=1)
+                tl.store(DQ + (b * num_heads + h) * K_DIM + offs_k, (dq * scale).to(DQ.dtype.element_ty), mask=k_ok)
     # dS1 total per state: the upstream state gradient plus scale * q_h^T do_h of its query heads.
     dk = tl.zeros([BK], dtype=tl.float32)
     dg = tl.zeros([BK], dtype=tl.float32)
+    dq = tl.zeros([BK], dtype=tl.float32)  # SINGLE_HEAD only
     for vt in range(tl.cdiv(V_DIM, BV)):
         offs_v = vt * BV + tl.arange(0, BV)
         v_ok = offs_v < V_DIM
@@ -137,19 +141,28 @@ def recurrent_step_bwd_kernel(
             d_new = tl.zeros([BK, BV], dtype=tl.float32)
             if HAS_DS1:
                 d_new += tl.load(DS1 + state_off, mask=kv_ok, other=0.0).to(tl.float32)
+            if HAS_S0:
+                prev = tl.load(S0 + state_off, mask=kv_ok, other=0.0).to(tl.float32)
+            if SINGLE_HEAD:  # S1, as in dq's own walk
+                new = k[:, None] * v[None, :]
+                if HAS_S0:
+                    new += decay[:, None] * prev
             for r in range(heads_per_state):
                 h = s * heads_per_state + r
                 q = tl.load(Q + b * stride_qb + h * stride_qh + offs_k, mask=k_ok, other=0.0).to(tl.float32)
                 do = tl.load(DO + b * stride_dob + h * stride_doh + offs_v, mask=v_ok, other=0.0).to(tl.float32)
                 d_new += (scale * q)[:, None] * do[None, :]
+                if SINGLE_HEAD:
+                    dq += tl.sum(new * do[None, :], axis=1)
             dk += tl.sum(d_new * v[None, :], axis=1)
             dv += tl.sum(d_new * k[:, None], axis=0)
             if HAS_S0:
-                prev = tl.load(S0 + state_off, mask=kv_ok, other=0.0).to(tl.float32)
                 dg += tl.sum(d_new * prev, axis=1)
                 tl.store(DS0 + state_off, decay[:, None] * d_new, mask=kv_ok)
         tl.store(DV + pid_bkv * V_DIM + offs_v, dv.to(DV.dtype.element_ty), mask=v_ok)
     tl.store(DK + pid_bkv * K_DIM + offs_k, dk.to(DK.dtype.element_ty), mask=k_ok)
+    if SINGLE_HEAD:
+        tl.store(DQ + pid_bkv * K_DIM + offs_k, (dq * scale).to(DQ.dtype.element_ty), mask=k_ok)
     if not SCALAR:
         decay, g = _step_decay(G, SLOPES, b, kv, stride_gb, stride_gh, offs_k, k_ok, SCALAR)
         dg = tl.where(g < FLOOR, 0.0, dg * decay)
@@ -203,7 +216,8 @@ def step_backward(do, d_new, q, k, v, g, slopes, state, scale):
         DQ=dq, DK=dk, DV=dv, DG=dg if dg is not None else dummy, DS0=d_state if d_state is not None else dummy,
         **strides("q", q, "bh"), **strides("k", k, "bh"), **strides("v", v, "bh"), **strides("g", gate, "bh"),
         **strides("do", do, "bh"), scale=scale, **heads, K_DIM=d_k, V_DIM=d_v, SCALAR=g is None,
-        HAS_S0=state is not None, HAS_DS1=d_new is not None)
+        HAS_S0=state is not None, HAS_DS1=d_new is not None,
+        SINGLE_HEAD=heads["num_heads"] == heads["num_kv_heads"] == heads["num_state_heads"])
     if d_state is not None:
         d_state = d_state.to(state.dtype)
     return dq, dk, dv, dg, d_state
