@@ -32,13 +32,15 @@ from .layout import check_layout, chunks_of, num_chunks, piece_length
 
 
 def _lightning_state(k: Tensor, v: Tensor, slopes: Tensor) -> tuple[Tensor, Tensor]:
-    """M ``[B, H, K, V]`` (fp32; fp64 for fp64 inputs) of a chunk under a constant per-head decay, and its decay
-    ``[H]``."""
-    length, acc = k.shape[1], _internals.compute_dtype(k.dtype)
+    """M ``[B, S, K, V]`` (fp32; fp64 for fp64 inputs) of a chunk under a constant decay per state head (one per
+    slope, S = len(slopes); state s reads kv head ``s // (S / H_kv)``), and its decay ``[S]``."""
+    length, kv_heads, acc = k.shape[1], k.shape[2], _internals.compute_dtype(k.dtype)
     rate = slopes.to(acc).clamp(max=-_internals.LOG_GATE_FLOOR)  # the kernels cap the decay likewise
     steps_left = torch.arange(length - 1, -1, -1, device=k.device, dtype=acc)
-    weight = torch.exp(-steps_left[:, None] * rate[None, :])  # [L, H]: decay from t to the chunk's end
-    state = torch.einsum("bthk,bthv->bhkv", k.to(acc) * weight[None, :, :, None], v.to(acc))
+    weight = torch.exp(-steps_left[:, None] * rate[None, :])  # [L, S]: decay from t to the chunk's end
+    per_kv = slopes.shape[0] // kv_heads
+    weighted = k.to(acc)[:, :, :, None, :] * weight.view(1, length, kv_heads, per_kv, 1)  # [B, L, H_kv, S/H_kv, K]
+    state = torch.einsum("btgjk,btgv->bgjkv", weighted, v.to(acc)).flatten(1, 2)
     return state, torch.exp(-rate * length)
 
 
@@ -62,13 +64,24 @@ def _chunk(entry: Tensor, decay: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return entry[..., -1:], entry[..., :-1]
 
 
-def _plan(layout: str, rank: int, world: int, output_final_state: bool):
-    """(owner of every global chunk as (rank, piece), this rank's chunks, the last chunk the fold crosses)."""
+def _chunks(layout: str, rank: int, world: int, reverse: bool) -> tuple[int, ...]:
+    """The chunks of ``rank``'s pieces in processing order. With reverse, the shard is flipped in time: its
+    pieces come in the other order, and chunk c of the sequence is chunk N - 1 - c of the flipped one."""
+    chunks = chunks_of(layout, rank, world)
+    if not reverse:
+        return chunks
+    last = num_chunks(layout, world) - 1
+    return tuple(last - c for c in reversed(chunks))
+
+
+def _plan(layout: str, rank: int, world: int, output_final_state: bool, reverse: bool):
+    """(owner of every chunk in processing order as (rank, piece), this rank's chunks, the last chunk the fold
+    crosses)."""
     owner = [None] * num_chunks(layout, world)
     for r in range(world):
-        for a, c in enumerate(chunks_of(layout, r, world)):
+        for a, c in enumerate(_chunks(layout, r, world, reverse)):
             owner[c] = (r, a)
-    mine = chunks_of(layout, rank, world)
+    mine = _chunks(layout, rank, world, reverse)
     return owner, mine, (len(owner) if output_final_state else max(mine)) - 1
 
 
@@ -83,7 +96,7 @@ def _prefix_states(gathered, initial_state, decay, owner, last):
 
 
 # The fold's custom ops: their argument lists, written once.
-_SETTINGS = OpArgs(("group", str), ("layout", str), ("output_final_state", bool))
+_SETTINGS = OpArgs(("group", str), ("layout", str), ("output_final_state", bool), ("reverse", bool))
 _STATE_DECAY = OpArgs(("initial_state", Optional[Tensor]), ("decay", Optional[Tensor]))
 FOLD_ARGS = OpArgs(("local", Tensor)) + _STATE_DECAY + _SETTINGS
 FOLD_BWD_ARGS = (OpArgs(("d_entering", Tensor), ("d_final", Optional[Tensor]), ("gathered", Tensor)) + _STATE_DECAY
@@ -93,7 +106,7 @@ FOLD_BWD_ARGS = (OpArgs(("d_entering", Tensor), ("d_final", Optional[Tensor]), (
 def _fold_forward(a) -> tuple[Tensor, Tensor, Tensor]:
     pg = _comm.group_by_name(a.group)
     gathered = _comm.all_gather_impl(a.local, a.group)  # [P, pieces, B, H, K, V (+1)]
-    owner, mine, last = _plan(a.layout, pg.rank(), pg.size(), a.output_final_state)
+    owner, mine, last = _plan(a.layout, pg.rank(), pg.size(), a.output_final_state, a.reverse)
     states = _prefix_states(gathered, a.initial_state, a.decay, owner, last)
     entering = torch.stack([states[c] for c in mine])
     final = states[-1] if a.output_final_state else entering.new_empty(0)
@@ -104,7 +117,7 @@ def _fold_backward_impl(a) -> tuple[Tensor, Tensor]:
     d_entering, d_final, gathered, initial_state, decay = a.d_entering, a.d_final, a.gathered, a.initial_state, a.decay
     output_final_state = a.output_final_state
     pg = _comm.group_by_name(a.group)
-    owner, mine, last = _plan(a.layout, pg.rank(), pg.size(), output_final_state)
+    owner, mine, last = _plan(a.layout, pg.rank(), pg.size(), output_final_state, a.reverse)
     states = _prefix_states(gathered, initial_state, decay, owner, last)
     uses = {c: piece for piece, c in enumerate(mine)}  # chunk -> the piece whose kernel starts from its state
     grad = d_final.clone() if output_final_state and d_final is not None else torch.zeros_like(states[-1])
@@ -166,21 +179,24 @@ _fold = register_autograd(_fold_fwd, _fold_fwd_impl, _fold_backward, _fold_setup
 def _check(q, k, v, g, slopes, initial_state, layout):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _internals.check_tensor(name, t, ndim=4, layout="[B, T/P, H, D] (this rank's shard)")
-    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"k must have the shape of q and v all but its last dimension, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, _, h, d_k = q.shape
+    h_kv = k.shape[2]
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != d_k or v.shape[:3] != k.shape[:3] or h_kv == 0 or h % h_kv:
+        raise ValueError(f"k must be [B, T/P, H_kv, K] and v [B, T/P, H_kv, V], with q [B, T/P, H, K] and H_kv "
+                         f"dividing H, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if g is not None and slopes is not None:
         raise ValueError("pass slopes (Lightning: a constant decay per head) or g (GLA: log-gates), not both")
-    if slopes is not None and (not isinstance(slopes, Tensor) or tuple(slopes.shape) != (q.shape[2],)):
-        raise ValueError(f"slopes must be a tensor of shape [H] = ({q.shape[2]},), got "
+    if slopes is not None and (not isinstance(slopes, Tensor) or tuple(slopes.shape) not in ((h,), (h_kv,))):
+        raise ValueError(f"slopes must be a tensor of shape [H] = ({h},) or [H_kv] = ({h_kv},), got "
                          f"{tuple(slopes.shape) if isinstance(slopes, Tensor) else type(slopes).__name__}")
-    if g is not None and (not isinstance(g, Tensor) or g.shape != q.shape):
-        raise ValueError(f"g must be a tensor of the shape of q {tuple(q.shape)}, got "
+    if g is not None and (not isinstance(g, Tensor) or g.shape != k.shape):
+        raise ValueError(f"g must be a tensor of the shape of k {tuple(k.shape)} ([B, T/P, H_kv, K]), got "
                          f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}")
-    b, _, h, d_k = q.shape
-    want = (b, h, d_k, v.shape[-1])
+    state_heads = h_kv if g is not None else (slopes.shape[0] if slopes is not None else h)
+    want = (b, state_heads, d_k, v.shape[-1])
     if initial_state is not None and (not isinstance(initial_state, Tensor) or tuple(initial_state.shape) != want):
-        raise ValueError(f"initial_state must be a tensor of shape [B, H, K, V] = {want}, got "
+        raise ValueError(f"initial_state must be a tensor of shape [B, H_state, K, V] = {want} (H_state: one state "
+                         f"per slope, or per kv head with g), got "
                          f"{tuple(initial_state.shape) if isinstance(initial_state, Tensor) else initial_state!r}")
     check_layout(layout)
     return piece_length("q", q.shape[1], layout)
@@ -188,7 +204,7 @@ def _check(q, k, v, g, slopes, initial_state, layout):
 
 def lasp2_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Optional[Tensor] = None, g: Optional[Tensor] = None,
                     group=None, scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
-                    output_final_state: bool = False, layout: str = "zigzag",
+                    output_final_state: bool = False, layout: str = "zigzag", reverse: bool = False,
                     backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Causal linear attention with decay over a sequence sharded on the ranks of ``group`` (LASP-2).
 
@@ -197,17 +213,24 @@ def lasp2_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Optional[Tensor]
     :func:`flashops.lightning_attention` / :func:`flashops.gated_linear_attention` on the full sequence.
 
     Args:
-        q, k: ``[B, T/P, H, K]``; v: ``[B, T/P, H, V]``: this rank's part of the sequence in ``layout`` (see
-            :func:`shard`); every rank passes the same shapes.
-        slopes: Lightning's per-head decay rates ``[H]`` (default :func:`flashops.lightning_slopes`; zeros give
-            plain causal linear attention). g: GLA log-gates ``[B, T/P, H, K]`` (this rank's part).
+        q: ``[B, T/P, H, K]``; k: ``[B, T/P, H_kv, K]``; v: ``[B, T/P, H_kv, V]``: this rank's part of the
+            sequence in ``layout`` (see :func:`shard`); every rank passes the same shapes. H_kv divides H (GQA/MQA
+            as in the single-device ops: query head h reads kv head ``h // (H / H_kv)``).
+        slopes: Lightning's decay rates ``[H]`` (one per query head) or ``[H_kv]`` (default
+            :func:`flashops.lightning_slopes` ``(H)``; zeros give plain causal linear attention). g: GLA log-gates
+            ``[B, T/P, H_kv, K]`` (this rank's part).
         group: the process group (default: the default group). scale: default ``1/sqrt(K)``.
-        initial_state: fp32 ``[B, H, K, V]`` (fp64 with fp64 inputs), the same on every rank (its gradient is
-            this rank's part).
+        initial_state: fp32 ``[B, H_state, K, V]`` (fp64 with fp64 inputs; H_state = len(slopes), or H_kv with
+            g), the same on every rank (its gradient is this rank's part).
         output_final_state: also return the state after the last position of the whole sequence (fp32
-            ``[B, H, K, V]``, fp64 with fp64 inputs; the same on every rank).
+            ``[B, H_state, K, V]``, fp64 with fp64 inputs; the same on every rank).
         layout: ``"zigzag"`` (default, as :func:`ring_attention`, so a hybrid model shards once) or
-            ``"contiguous"``. backend: the linear-attention backend (``"triton"``, ``"torch"``).
+            ``"contiguous"``.
+        reverse: run the recurrence from the sequence's last position to its first, as the single-device ops'
+            ``reverse`` (the initial state enters after the last position, the final state is the one at the
+            first). The shard is flipped in time (one copy of q, k, v, g and o each way) and the chunks are
+            folded from the last.
+        backend: the linear-attention backend (``"triton"``, ``"torch"``).
 
     Returns:
         ``(o [B, T/P, H, V], final_state or None)``.
@@ -216,6 +239,8 @@ def lasp2_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Optional[Tensor]
     pg, rank, world = _comm.world_of(group)
     if g is None and slopes is None:
         slopes = lightning_slopes(q.shape[2], device=q.device)
+    if reverse:  # the flipped sequence's shard (see _chunks)
+        q, k, v, g = (None if t is None else t.flip(1) for t in (q, k, v, g))
     pieces = [slice(a * length, (a + 1) * length) for a in range(len(chunks_of(layout, rank, world)))]
 
     if g is None:
@@ -230,7 +255,8 @@ def lasp2_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Optional[Tensor]
     acc = _internals.compute_dtype(q.dtype)
     entering, final, _ = _fold(*FOLD_ARGS.values(
         local=local, initial_state=None if initial_state is None else initial_state.to(acc), decay=decay,
-        group=_comm.group_name(pg), layout=layout, output_final_state=bool(output_final_state)))
+        group=_comm.group_name(pg), layout=layout, output_final_state=bool(output_final_state),
+        reverse=bool(reverse)))
 
     outs = []
     for a, rows in enumerate(pieces):
@@ -242,4 +268,4 @@ def lasp2_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Optional[Tensor]
                                           initial_state=entering[a], backend=backend)
         outs.append(o)
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return o, (final if output_final_state else None)
+    return o.flip(1) if reverse else o, (final if output_final_state else None)

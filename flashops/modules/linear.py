@@ -90,13 +90,11 @@ class _LinearAttentionLayer(KeepsFP32):
         return self._finish(o, projected)
 
 
-def _kv_heads(num_heads: int, num_kv_heads: Optional[int], cp_group) -> int:
+def _kv_heads(num_heads: int, num_kv_heads: Optional[int]) -> int:
     """num_kv_heads checked: a divisor of num_heads (default: num_heads)."""
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
-    if cp_group is not None and num_kv_heads != num_heads:
-        raise ValueError("cp_group (LASP-2) needs num_kv_heads == num_heads: the context-parallel op has no GQA")
     return num_kv_heads
 
 
@@ -149,7 +147,7 @@ class LightningAttention(_LinearAttentionLayer):
             head_dim = embed_dim // num_heads
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
-        self.num_kv_heads = _kv_heads(num_heads, num_kv_heads, cp_group)
+        self.num_kv_heads = _kv_heads(num_heads, num_kv_heads)
         self.state_heads = num_heads
         self.state_dims = (head_dim, head_dim)
         self.layer_idx, self.num_layers = layer_idx, num_layers
@@ -232,7 +230,7 @@ class GatedLinearAttention(_LinearAttentionLayer):
             raise ValueError(f"gate_logit_normalizer must be > 0, got {gate_logit_normalizer}")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.num_kv_heads = self.state_heads = _kv_heads(num_heads, num_kv_heads, cp_group)
+        self.num_kv_heads = self.state_heads = _kv_heads(num_heads, num_kv_heads)
         self.head_k_dim, self.head_v_dim = key_dim // num_heads, value_dim // num_heads
         self.state_dims = (self.head_k_dim, self.head_v_dim)
         kv_key_dim, kv_value_dim = self.num_kv_heads * self.head_k_dim, self.num_kv_heads * self.head_v_dim

@@ -164,6 +164,32 @@ def check_lasp2_attention(rank, world):
         _compare(f"lasp2 lightning {layout} default slopes, scale 1",
                  lambda q, k, v: (cp.lasp2_attention(q, k, v, scale=1.0, layout=layout)[0],),
                  lambda q, k, v: (flashops.lightning_attention(q, k, v, scale=1.0)[0],), sequences, layout)
+        _check_lasp2_gqa_reverse(world, layout)
+
+
+def _check_lasp2_gqa_reverse(world, layout):
+    """GQA (2 kv heads for 4 query heads; Lightning's states per query head by default, per kv head with
+    [H_kv] slopes; GLA's per kv head) and reverse=True, with states, against the single-device ops."""
+    q, k, v, g, _ = _linear_inputs(world, layout, seed=31)
+    k, v, g = k[:, :, ::2].contiguous(), v[:, :, ::2].contiguous(), g[:, :, ::2].contiguous()
+    h0_query, h0_kv = _full(37, B, H, D_K, D_V), _full(38, B, H // 2, D_K, D_V)
+    kv_slopes = flashops.lightning_slopes(H // 2, device=_device())
+    sequences = [(q, True), (k, True), (v, True)]
+    for reverse in (False, True):
+        options = dict(output_final_state=True, reverse=reverse)
+        _compare(f"lasp2 lightning {layout} GQA reverse={reverse}",
+                 lambda q, k, v, h0: cp.lasp2_attention(q, k, v, initial_state=h0, layout=layout, **options),
+                 lambda q, k, v, h0: flashops.lightning_attention(q, k, v, initial_state=h0, **options),
+                 [*sequences, (h0_query, False)], layout, sharded_outputs=(True, False))
+        _compare(f"lasp2 lightning {layout} GQA kv slopes reverse={reverse}",
+                 lambda q, k, v, h0: cp.lasp2_attention(q, k, v, slopes=kv_slopes, initial_state=h0, layout=layout,
+                                                        **options),
+                 lambda q, k, v, h0: flashops.lightning_attention(q, k, v, kv_slopes, initial_state=h0, **options),
+                 [*sequences, (h0_kv, False)], layout, sharded_outputs=(True, False))
+        _compare(f"lasp2 gla {layout} GQA reverse={reverse}",
+                 lambda q, k, v, g, h0: cp.lasp2_attention(q, k, v, g=g, initial_state=h0, layout=layout, **options),
+                 lambda q, k, v, g, h0: flashops.gated_linear_attention(q, k, v, g, initial_state=h0, **options),
+                 [*sequences, (g, True), (h0_kv, False)], layout, sharded_outputs=(True, False))
 
 
 # ------------------------------------------------------------------------------------------ layouts
@@ -205,6 +231,14 @@ def check_errors(rank, world):
         cp.ring_attention(odd[:, :4], odd[:, :2], odd[:, :2])
     with pytest.raises(ValueError, match="not both"):
         cp.lasp2_attention(odd[:, :4], odd[:, :4], odd[:, :4], slopes=torch.zeros(2), g=odd[:, :4])
+    four_heads = _full(42, 1, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"H_kv dividing H, got q \(1, 4, 4, 8\), k \(1, 4, 3, 8\)"):
+        cp.lasp2_attention(four_heads, four_heads[:, :, :3], four_heads[:, :, :3])
+    with pytest.raises(ValueError, match=r"slopes must be a tensor of shape \[H\] = \(4,\) or \[H_kv\] = \(2,\)"):
+        cp.lasp2_attention(four_heads, four_heads[:, :, :2], four_heads[:, :, :2], slopes=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"initial_state must .* \[B, H_state, K, V\] = \(1, 2, 8, 8\)"):
+        cp.lasp2_attention(four_heads, four_heads[:, :, :2], four_heads[:, :, :2], g=four_heads[:, :, :2],
+                           initial_state=torch.zeros(1, 4, 8, 8))
     with pytest.raises(TypeError, match="ProcessGroup"):
         cp.ring_attention(odd[:, :4], odd[:, :4], odd[:, :4], group="world")
     if world > 1:
@@ -242,6 +276,8 @@ def check_modules(rank, world):
         "FlashSelfAttention": lambda group: FlashSelfAttention(32, 4, 2, causal=True, cp_group=group),
         "LightningAttention": lambda group: LightningAttention(32, 4, cp_group=group),
         "GatedLinearAttention": lambda group: GatedLinearAttention(32, 4, cp_group=group),
+        "LightningAttention GQA": lambda group: LightningAttention(32, 4, num_kv_heads=2, cp_group=group),
+        "GatedLinearAttention MQA": lambda group: GatedLinearAttention(32, 4, num_kv_heads=1, cp_group=group),
     }
     for name, make in layers.items():
         single, sharded = _module_pair(make)
@@ -269,7 +305,8 @@ def check_custom_ops(rank, world):
     torch.library.opcheck(ops.ring_attention_fwd.default, (q, k, v, group, 0.25, 3, 0, "zigzag", "torch"))
     torch.library.opcheck(ops.cp_all_gather.default, (q, group))
     torch.library.opcheck(ops.cp_all_to_all.default, (_full(71, world, 3, 2), group))
-    torch.library.opcheck(ops.lasp2_fold_fwd.default, (states, h0, None, group, "zigzag", True))
+    torch.library.opcheck(ops.lasp2_fold_fwd.default, (states, h0, None, group, "zigzag", True, False))
+    torch.library.opcheck(ops.lasp2_fold_fwd.default, (states, h0, None, group, "zigzag", True, True))
     functions = {
         "ring": lambda: cp.ring_attention(q, k, v, causal=True),
         "ulysses": lambda: cp.ulysses_attention(q, k, v, causal=True),

@@ -810,16 +810,17 @@ def _distributed_cases():
         return [Site("future t>=12", {n: later for n in ("q", "k", "v")}, {0: later},
                      grads={"q": later, "k": ..., "v": ...})]
 
-    def linear_make(gated):
+    def linear_make(gated, kv_heads=2):
+        """Two query heads; GLA's state follows the kv heads, Lightning's its default slopes (the query heads)."""
         def build(b, t, dtype, device):
             g = _gen(18)
             x = dict(q=randn(b, t, 2, 8, dtype=dtype, device=device, gen=g),
-                     k=randn(b, t, 2, 8, dtype=dtype, device=device, gen=g),
-                     v=randn(b, t, 2, 12, dtype=dtype, device=device, gen=g),
-                     h0=randn(b, 2, 8, 12, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                              device=device, gen=g))
+                     k=randn(b, t, kv_heads, 8, dtype=dtype, device=device, gen=g),
+                     v=randn(b, t, kv_heads, 12, dtype=dtype, device=device, gen=g),
+                     h0=randn(b, kv_heads if gated else 2, 8, 12,
+                              dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device, gen=g))
             if gated:
-                x["g"] = F.logsigmoid(randn(b, t, 2, 8, dtype=dtype, device=device, gen=g, scale=2.0)) / 4
+                x["g"] = F.logsigmoid(randn(b, t, kv_heads, 8, dtype=dtype, device=device, gen=g, scale=2.0)) / 4
             return x
         return build
 
@@ -845,8 +846,8 @@ def _distributed_cases():
             if t <= 12:
                 return []
             later, changes = along(1, slice(12, None)), {0: along(1, slice(12, None)), 1: ...}
-            # The linear-attention backward spreads a non-finite k or v to dq (and GLA's dg) of the earlier rows of
-            # its own kernel call (docs/linear.md): here the local piece holding row 12; LASP-2 adds nothing.
+            # GLA's dg of a poisoned k or v's kernel chunk may turn NaN (docs/linear.md): here the local piece
+            # holding row 12; LASP-2 adds nothing.
             call = along(1, slice(12 - 12 % piece, None))
             everything = {n: ... for n in ("q", "k", "v", "g", "h0") if n in x}
             return [
@@ -856,7 +857,7 @@ def _distributed_cases():
                 # k, v enter the outputs through the states only: no gradient of another piece or rank changes,
                 # nor the initial state's (the fold's backward sends each chunk only its own share).
                 Site("future k, v (t>=12)", {n: later for n in ("k", "v")}, changes,
-                     grads={"q": call, "k": later, "v": later, **({"g": call} if "g" in x else {})}),
+                     grads={"q": later, "k": later, "v": later, **({"g": call} if "g" in x else {})}),
             ]
         return sites
 
@@ -883,6 +884,8 @@ def _distributed_cases():
              linear_sites(DIST_CHUNK), length=zigzag, reference=single_linear, world=world),
         Case("lasp2_attention[gla, contiguous, states]", ("torch",), linear_make(True), lasp2("contiguous"),
              linear_sites(2 * DIST_CHUNK), length=contiguous, reference=single_linear, world=world),
+        Case("lasp2_attention[lightning, zigzag, states, mqa]", ("torch",), linear_make(False, kv_heads=1),
+             lasp2("zigzag"), linear_sites(DIST_CHUNK), length=zigzag, reference=single_linear, world=world),
     ]
 
 
