@@ -41,9 +41,10 @@ def parse_window(causal: bool, window_size) -> tuple[Optional[int], Optional[int
     return _attention._window(causal, window_size)
 
 
-def softmax_scale(value, head_dim: int) -> float:
-    """``softmax_scale`` checked as ``flash_attention`` does; None gives ``1/sqrt(head_dim)``."""
-    return _attention._scalars(value, 0.0, 0.0, head_dim)[0]
+def softmax_scale(value, head_dim: int, softcap: float = 0.0) -> tuple[float, float]:
+    """``(softmax_scale, softcap)`` checked as ``flash_attention`` does; None gives ``1/sqrt(head_dim)``."""
+    scale, softcap, _ = _attention._scalars(value, softcap, 0.0, head_dim)
+    return scale, softcap
 
 
 def attention_backend(q: Tensor, backend: Optional[str]) -> str:
@@ -53,30 +54,30 @@ def attention_backend(q: Tensor, backend: Optional[str]) -> str:
     return _dispatch.select(_attention.OP, _dispatch.Request(q.device, q.dtype, features), backend).name
 
 
-def _block_args(q: Tensor, k: Tensor, scale: float, window_left: Optional[int],
+def _block_args(q: Tensor, k: Tensor, scale: float, softcap: float, window_left: Optional[int],
                 window_right: Optional[int]) -> dict:
-    """The attention custom ops' ``AttentionArgs`` fields for a dense block: no varlen, ALiBi, block mask, bias,
-    dropout or softcap."""
+    """The attention custom ops' ``AttentionArgs`` fields for a dense block: no varlen, ALiBi, block mask, bias
+    or dropout."""
     return vars(AttentionArgs(max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], softmax_scale=scale,
-                              window_left=window_left, window_right=window_right))
+                              window_left=window_left, window_right=window_right, softcap=softcap))
 
 
-def block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window_left: Optional[int],
+def block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, softcap: float, window_left: Optional[int],
                   window_right: Optional[int], backend: str) -> tuple[Tensor, Tensor]:
     """Attention of q ``[B, Tq, H, D]`` over one key/value block ``[B, Tk, Hkv, D]``: ``(out, lse)`` with lse
     fp32 ``[B, H, Tq]`` (-inf and out 0 for rows that see no key of the block). Key j is visible to query i
     when ``i + Tk - Tq - window_left <= j <= i + Tk - Tq + window_right`` (None: unbounded on that side)."""
-    fields = _block_args(q, k, scale, window_left, window_right)
+    fields = _block_args(q, k, scale, softcap, window_left, window_right)
     return _attention._attention_fwd_impl(*_attention.FWD_ARGS.values(q=q, k=k, v=v, **fields, backend=backend))
 
 
 def block_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   *, scale: float, window_left: Optional[int], window_right: Optional[int],
+                   *, scale: float, softcap: float, window_left: Optional[int], window_right: Optional[int],
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """The block's share of (dq, dk, dv), given the output and log-sum-exp of the *whole* attention (over
     every block) for these queries: with the global statistics, the FlashAttention backward of one block
     yields exactly that block's terms of the gradients."""
-    fields = _block_args(q, k, scale, window_left, window_right)
+    fields = _block_args(q, k, scale, softcap, window_left, window_right)
     if backend == "torch":
         # The statistics are global: a NaN on another rank reaches them while this block's q, k, v are finite.
         # torch's fused CPU backward forms delta from them, and falling back from it only where they are not

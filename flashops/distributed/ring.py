@@ -99,8 +99,8 @@ def _rows(x: Tensor, rows: tuple[int, int]) -> Tensor:
 # ------------------------------------------------------------------------------------ forward, backward
 # The custom ops' argument lists, written once.
 _QKV = OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor))
-_SETTINGS = OpArgs(("group", str), ("scale", float), ("window_left", Optional[int]), ("window_right", Optional[int]),
-                   ("layout", str)) + BACKEND
+_SETTINGS = OpArgs(("group", str), ("scale", float), ("softcap", float), ("window_left", Optional[int]),
+                   ("window_right", Optional[int]), ("layout", str)) + BACKEND
 FWD_ARGS = _QKV + _SETTINGS
 BWD_ARGS = (OpArgs(("dout", Tensor), ("dlse", Optional[Tensor])) + _QKV + OpArgs(("out", Tensor), ("lse", Tensor))
             + _SETTINGS)
@@ -123,7 +123,7 @@ def _ring_forward(a) -> tuple[Tensor, Tensor]:
         for call in step_plan(layout, world, rank, source, t, a.window_left, a.window_right):
             part, part_lse = _internals.block_forward(
                 _rows(q, call.q_rows), _rows(block[0], call.kv_rows), _rows(block[1], call.kv_rows), scale=scale,
-                window_left=call.window_left, window_right=call.window_right, backend=backend)
+                softcap=a.softcap, window_left=call.window_left, window_right=call.window_right, backend=backend)
             merge_partial(_rows(out, call.q_rows), lse[..., call.q_rows[0]:call.q_rows[1]], part, part_lse)
         if incoming is not None:
             block = tuple(incoming.wait())
@@ -153,7 +153,8 @@ def _ring_backward(a) -> tuple[Tensor, Tensor, Tensor]:
             dq_c, dk_c, dv_c = _internals.block_backward(
                 dout[:, rows], None if dlse is None else dlse[..., rows], q[:, rows],
                 _rows(block[0], call.kv_rows), _rows(block[1], call.kv_rows), out[:, rows], lse[..., rows],
-                scale=a.scale, window_left=call.window_left, window_right=call.window_right, backend=a.backend)
+                scale=a.scale, softcap=a.softcap, window_left=call.window_left, window_right=call.window_right,
+                backend=a.backend)
             dq[:, rows] += dq_c
             _rows(dk, call.kv_rows).add_(dk_c)
             _rows(dv, call.kv_rows).add_(dv_c)
@@ -212,7 +213,7 @@ def check_self_attention(q: Tensor, k: Tensor, v: Tensor, layout: str) -> None:
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False,
                    softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
-                   layout: str = "zigzag", backend: Optional[str] = None) -> Tensor:
+                   softcap: float = 0.0, layout: str = "zigzag", backend: Optional[str] = None) -> Tensor:
     """Exact attention over a sequence sharded on the ranks of ``group`` (ring attention).
 
     Args:
@@ -223,6 +224,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
         causal: causal mask over global positions. softmax_scale: default ``1/sqrt(D)``.
         window_size: ``(left, right)`` sliding window over global positions (-1: unlimited); with ``causal``
             the right side is at most 0.
+        softcap: if > 0, logits become ``softcap * tanh(logits / softcap)`` (as :func:`flashops.flash_attention`;
+            elementwise, so every block applies it and the partials merge as usual).
         layout: ``"zigzag"`` (default; equal causal work on every rank) or ``"contiguous"``.
         backend: the attention backend that runs each block (``"triton"``, ``"torch"``); default: automatic.
 
@@ -240,7 +243,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
     check_self_attention(q, k, v, layout)
     pg = _comm.resolve_group(group)
     left, right = _internals.parse_window(causal, window_size)
-    scale = _internals.softmax_scale(softmax_scale, q.shape[-1])
+    scale, softcap = _internals.softmax_scale(softmax_scale, q.shape[-1], softcap)
     name = _internals.attention_backend(q, backend)
-    return _ring(*FWD_ARGS.values(q=q, k=k, v=v, group=_comm.group_name(pg), scale=scale, window_left=left,
-                                  window_right=right, layout=layout, backend=name))[0]
+    return _ring(*FWD_ARGS.values(q=q, k=k, v=v, group=_comm.group_name(pg), scale=scale, softcap=softcap,
+                                  window_left=left, window_right=right, layout=layout, backend=name))[0]

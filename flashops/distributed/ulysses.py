@@ -43,32 +43,42 @@ def _heads_to_sequence(x: Tensor, world: int) -> Tensor:
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False,
                       softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
-                      layout: str = "zigzag", backend: Optional[str] = None) -> Tensor:
+                      softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, layout: str = "zigzag",
+                      backend: Optional[str] = None) -> Tensor:
     """Exact attention over a sharded sequence by all-to-all over heads (Ulysses); same arguments, shapes and
-    results as :func:`ring_attention`.
+    results as :func:`ring_attention`, plus ``alibi_slopes``.
 
     Needs ``H`` divisible by the group size P; K/V heads are repeated as needed so that P divides them
     (``H/Hkv`` must allow it). Communication: two all-to-alls forward (q/k/v in, output back), two backward.
+    ``alibi_slopes`` (fp32 ``[H]`` or ``[B, H]``, the same on every rank, as :func:`flashops.flash_attention`'s)
+    bias by global positions: each rank attends over the whole sequence for its group of heads, so it takes
+    that group's slopes.
     """
     check_self_attention(q, k, v, layout)
-    pg, _, world = _comm.world_of(group)
+    pg, rank, world = _comm.world_of(group)
     b, t_local, h, d = q.shape
     repeats = _kv_repeats(h, k.shape[2], world)
     if repeats > 1:
         k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
     h_kv = k.shape[2]
-    scale = _internals.softmax_scale(softmax_scale, d)
+    scale, softcap = _internals.softmax_scale(softmax_scale, d, softcap)
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or alibi_slopes.shape[-1] != h or alibi_slopes.dim() not in (1, 2):
+            raise ValueError(f"alibi_slopes must be a tensor of shape [H] or [B, H] with H = {h}, got "
+                             f"{tuple(alibi_slopes.shape) if isinstance(alibi_slopes, Tensor) else alibi_slopes!r}")
+        heads_per_rank = h // world
+        alibi_slopes = alibi_slopes[..., rank * heads_per_rank:(rank + 1) * heads_per_rank]
     sent = [_heads_to_sequence(x, world) for x in (q, k, v)]
     received = _comm.all_to_all(torch.cat(sent, dim=3), pg)  # [P (source rank), B, T/P, (H + 2 Hkv)/P, D]
     heads_here = (h + 2 * h_kv) // world
     sequence = received.permute(1, 0, 2, 3, 4).reshape(b, world * t_local, heads_here, d)  # rank-major rows
-    needs_order = causal or tuple(window_size) != (-1, -1)
+    needs_order = causal or tuple(window_size) != (-1, -1) or alibi_slopes is not None
     if needs_order:
         order = natural_order(layout, world, t_local, q.device)
         sequence = sequence.index_select(1, order)
     q_all, k_all, v_all = sequence.split([h // world, h_kv // world, h_kv // world], dim=2)
     out = flash_attention(q_all, k_all, v_all, causal=causal, softmax_scale=scale, window_size=window_size,
-                          backend=backend)
+                          softcap=softcap, alibi_slopes=alibi_slopes, backend=backend)
     if needs_order:
         out = out.index_select(1, order.argsort())
     back = _comm.all_to_all(out.reshape(b, world, t_local, h // world, d).permute(1, 0, 2, 3, 4), pg)

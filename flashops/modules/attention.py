@@ -263,7 +263,7 @@ class FlashSelfAttention(SelfAttentionProjections):
 
     ``cp_group``: a process group over which the sequence is sharded (context parallelism): ``x`` is then this
     rank's part ``[B, T/P, C]`` in the zigzag layout (:func:`flashops.distributed.shard`) and attention runs
-    as :func:`flashops.distributed.ring_attention` (no softcap, ALiBi, dropout or packed input there).
+    as :func:`flashops.distributed.ring_attention` (softcap passes on; no ALiBi, dropout or packed input there).
     """
 
     fp32_names = ("alibi_slopes",)
@@ -274,8 +274,8 @@ class FlashSelfAttention(SelfAttentionProjections):
                  softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
                  softcap: float = 0.0, alibi: bool = False, cp_group=None, device=None, dtype=None):
         super().__init__(embed_dim, num_heads, num_kv_heads, head_dim, bias, {"device": device, "dtype": dtype})
-        if cp_group is not None and (softcap or alibi or dropout):
-            raise ValueError("cp_group (ring attention) does not support softcap, alibi or dropout")
+        if cp_group is not None and (alibi or dropout):
+            raise ValueError("cp_group (ring attention) does not support alibi or dropout")
         self.cp_group = cp_group
         self.causal, self.dropout, self.softmax_scale = causal, dropout, softmax_scale
         self.window_size, self.softcap = tuple(window_size), softcap
@@ -306,7 +306,7 @@ class FlashSelfAttention(SelfAttentionProjections):
             if packed:
                 raise ValueError("a layer with cp_group takes [B, T/P, C] shards, not packed input (cu_seqlens)")
             out = ring_attention(q, k, v, group=self.cp_group, causal=self.causal, softmax_scale=self.softmax_scale,
-                                 window_size=self.window_size)
+                                 window_size=self.window_size, softcap=self.softcap)
         elif packed:
             out = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
         else:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import flashops
 from flashops import distributed as cp
+from flashops.modules.attention import alibi_slopes
 from flashops.nn import FlashSelfAttention, GatedLinearAttention, LightningAttention
 from flashops.testing import GRAD_FACTOR, assert_close
 
@@ -105,11 +106,11 @@ EXACT_CASES = [  # layout, causal, window, key/value heads
 ]
 
 
-def _check_exact(op, world, cases, backend=None, heads=H, dtype=torch.float32):
+def _check_exact(op, world, cases, backend=None, heads=H, dtype=torch.float32, **extra):
     for layout, causal, window, h_kv in cases:
         q, k, v = _qkv(world, layout, h_kv, heads=heads)
-        options = dict(causal=causal, window_size=window, backend=backend)
-        _compare(f"{op.__name__} {layout} causal={causal} window={window} Hkv={h_kv} {dtype}",
+        options = dict(causal=causal, window_size=window, backend=backend, **extra)
+        _compare(f"{op.__name__} {layout} causal={causal} window={window} Hkv={h_kv} {dtype} {sorted(extra)}",
                  lambda q, k, v: (op(q, k, v, layout=layout, **options),),
                  lambda q, k, v: (flashops.flash_attention(q, k, v, **options),),
                  [(q, True), (k, True), (v, True)], layout, dtype=dtype)
@@ -119,11 +120,17 @@ def check_ring_attention(rank, world):
     _check_exact(cp.ring_attention, world, EXACT_CASES)
     # bf16: partials merge and dK/dV accumulate in fp32, so the error is that of the single-device op.
     _check_exact(cp.ring_attention, world, EXACT_CASES[:1], dtype=torch.bfloat16)
+    # Softcap is elementwise on the logits: every block applies it, the partials merge as usual.
+    _check_exact(cp.ring_attention, world, EXACT_CASES[:4], softcap=2.0)
 
 
 def check_ulysses_attention(rank, world):
     # Hkv = 1 and 2 with P = 4: the key/value heads are repeated until P divides them.
     _check_exact(cp.ulysses_attention, world, EXACT_CASES)
+    slopes = alibi_slopes(H).to(_device())
+    per_batch = slopes[None].repeat(B, 1) * torch.tensor([[1.0], [0.5]], device=_device())
+    _check_exact(cp.ulysses_attention, world, EXACT_CASES[:4], softcap=2.0, alibi_slopes=slopes)
+    _check_exact(cp.ulysses_attention, world, EXACT_CASES[4:], alibi_slopes=per_batch)
 
 
 def check_ring_attention_triton(rank, world):
@@ -274,6 +281,8 @@ def _module_pair(make):
 def check_modules(rank, world):
     layers = {
         "FlashSelfAttention": lambda group: FlashSelfAttention(32, 4, 2, causal=True, cp_group=group),
+        "FlashSelfAttention softcap": lambda group: FlashSelfAttention(32, 4, 2, causal=True, softcap=5.0,
+                                                                       cp_group=group),
         "LightningAttention": lambda group: LightningAttention(32, 4, cp_group=group),
         "GatedLinearAttention": lambda group: GatedLinearAttention(32, 4, cp_group=group),
         "LightningAttention GQA": lambda group: LightningAttention(32, 4, num_kv_heads=2, cp_group=group),
@@ -302,7 +311,8 @@ def check_custom_ops(rank, world):
     qa, ka, va, g = (cp.shard(x) for x in (qa, ka, va, g))
     states = _full(70, 2, B, H, D_K, D_V + 1).requires_grad_()
     ops = torch.ops.flashops
-    torch.library.opcheck(ops.ring_attention_fwd.default, (q, k, v, group, 0.25, 3, 0, "zigzag", "torch"))
+    torch.library.opcheck(ops.ring_attention_fwd.default, (q, k, v, group, 0.25, 0.0, 3, 0, "zigzag", "torch"))
+    torch.library.opcheck(ops.ring_attention_fwd.default, (q, k, v, group, 0.25, 2.0, None, 0, "zigzag", "torch"))
     torch.library.opcheck(ops.cp_all_gather.default, (q, group))
     torch.library.opcheck(ops.cp_all_to_all.default, (_full(71, world, 3, 2), group))
     torch.library.opcheck(ops.lasp2_fold_fwd.default, (states, h0, None, group, "zigzag", True, False))

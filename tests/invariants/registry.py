@@ -783,6 +783,9 @@ def window_reach(x: dict, p: int, left, right) -> Site:
                 grads={"q": queries, "k": keys, "v": keys})
 
 
+ALIBI_SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])  # the four query heads of the distributed exact cases
+
+
 def _distributed_cases():
     world = DIST_WORLD
 
@@ -880,6 +883,13 @@ def _distributed_cases():
         Case("ulysses_attention[zigzag, causal window (4, 0)]", ("torch",), exact_make,
              exact("ulysses_attention", "zigzag", **causal_window), exact_sites(13, 4, 0), length=zigzag,
              reference=single_exact(**causal_window), world=world),
+        Case("ring_attention[contiguous, window (3, 2), softcap]", ("torch",), exact_make,
+             exact("ring_attention", "contiguous", softcap=2.0, **two_sided), exact_sites(9, 3, 2),
+             length=contiguous, reference=single_exact(softcap=2.0, **two_sided), world=world),
+        Case("ulysses_attention[zigzag, causal window (4, 0), softcap, alibi]", ("torch",), exact_make,
+             exact("ulysses_attention", "zigzag", softcap=2.0, alibi_slopes=ALIBI_SLOPES, **causal_window),
+             exact_sites(13, 4, 0), length=zigzag,
+             reference=single_exact(softcap=2.0, alibi_slopes=ALIBI_SLOPES, **causal_window), world=world),
         Case("lasp2_attention[lightning, zigzag, states]", ("torch",), linear_make(False), lasp2("zigzag"),
              linear_sites(DIST_CHUNK), length=zigzag, reference=single_linear, world=world),
         Case("lasp2_attention[gla, contiguous, states]", ("torch",), linear_make(True), lasp2("contiguous"),
