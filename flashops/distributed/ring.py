@@ -213,7 +213,8 @@ def check_self_attention(q: Tensor, k: Tensor, v: Tensor, layout: str) -> None:
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False,
                    softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
-                   softcap: float = 0.0, layout: str = "zigzag", backend: Optional[str] = None) -> Tensor:
+                   softcap: float = 0.0, return_lse: bool = False, layout: str = "zigzag",
+                   backend: Optional[str] = None):
     """Exact attention over a sequence sharded on the ranks of ``group`` (ring attention).
 
     Args:
@@ -226,11 +227,15 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
             the right side is at most 0.
         softcap: if > 0, logits become ``softcap * tanh(logits / softcap)`` (as :func:`flashops.flash_attention`;
             elementwise, so every block applies it and the partials merge as usual).
+        return_lse: also return the log-sum-exp of this rank's rows, ``[B, H, T/P]`` (fp32, fp64 for fp64
+            inputs; natural log; -inf for a row that sees no key), as :func:`flashops.flash_attention`'s; it is
+            differentiable (a loss on it reaches q, k and v).
         layout: ``"zigzag"`` (default; equal causal work on every rank) or ``"contiguous"``.
         backend: the attention backend that runs each block (``"triton"``, ``"torch"``); default: automatic.
 
     Returns:
-        ``out [B, T/P, H, D]``, this rank's rows of the output. Differentiable in q, k, v.
+        ``out [B, T/P, H, D]``, this rank's rows of the output, or ``(out, lse)`` with ``return_lse``.
+        Differentiable in q, k, v.
 
     Each rank sends its K/V block around the ring: P - 1 steps forward, each overlapped with one block of
     compute; the backward sends the blocks P - 1 steps and fp32 dK/dV accumulators P steps.
@@ -245,5 +250,6 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
     left, right = _internals.parse_window(causal, window_size)
     scale, softcap = _internals.softmax_scale(softmax_scale, q.shape[-1], softcap)
     name = _internals.attention_backend(q, backend)
-    return _ring(*FWD_ARGS.values(q=q, k=k, v=v, group=_comm.group_name(pg), scale=scale, softcap=softcap,
-                                  window_left=left, window_right=right, layout=layout, backend=name))[0]
+    out, lse = _ring(*FWD_ARGS.values(q=q, k=k, v=v, group=_comm.group_name(pg), scale=scale, softcap=softcap,
+                                      window_left=left, window_right=right, layout=layout, backend=name))
+    return (out, lse) if return_lse else out

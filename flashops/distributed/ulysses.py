@@ -43,8 +43,8 @@ def _heads_to_sequence(x: Tensor, world: int) -> Tensor:
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False,
                       softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
-                      softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, layout: str = "zigzag",
-                      backend: Optional[str] = None) -> Tensor:
+                      softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
+                      layout: str = "zigzag", backend: Optional[str] = None):
     """Exact attention over a sharded sequence by all-to-all over heads (Ulysses); same arguments, shapes and
     results as :func:`ring_attention`, plus ``alibi_slopes``.
 
@@ -77,9 +77,14 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
         order = natural_order(layout, world, t_local, q.device)
         sequence = sequence.index_select(1, order)
     q_all, k_all, v_all = sequence.split([h // world, h_kv // world, h_kv // world], dim=2)
-    out = flash_attention(q_all, k_all, v_all, causal=causal, softmax_scale=scale, window_size=window_size,
-                          softcap=softcap, alibi_slopes=alibi_slopes, backend=backend)
+    out, lse = flash_attention(q_all, k_all, v_all, causal=causal, softmax_scale=scale, window_size=window_size,
+                               softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, backend=backend)
     if needs_order:
-        out = out.index_select(1, order.argsort())
+        out, lse = out.index_select(1, order.argsort()), lse.index_select(2, order.argsort())
     back = _comm.all_to_all(out.reshape(b, world, t_local, h // world, d).permute(1, 0, 2, 3, 4), pg)
-    return back.permute(1, 2, 0, 3, 4).reshape(b, t_local, h, d)
+    out = back.permute(1, 2, 0, 3, 4).reshape(b, t_local, h, d)
+    if not return_lse:
+        return out
+    # [B, H/P, T] (rank-major rows) -> piece p: rows of rank p -> [P (head group), B, H/P, T/P] -> [B, H, T/P]
+    lse_back = _comm.all_to_all(lse.reshape(b, h // world, world, t_local).permute(2, 0, 1, 3).contiguous(), pg)
+    return out, lse_back.permute(1, 0, 2, 3).reshape(b, h, t_local)

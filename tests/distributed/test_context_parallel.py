@@ -116,12 +116,29 @@ def _check_exact(op, world, cases, backend=None, heads=H, dtype=torch.float32, *
                  [(q, True), (k, True), (v, True)], layout, dtype=dtype)
 
 
+def _check_exact_lse(op, world, cases, **extra):
+    """return_lse=True: the log-sum-exp of this rank's rows (compared as [B, T, H], so that it shards like the
+    output), with a loss on it as well as on the output."""
+    for layout, causal, window, h_kv in cases:
+        q, k, v = _qkv(world, layout, h_kv)
+        options = dict(causal=causal, window_size=window, return_lse=True, **extra)
+
+        def rows_first(result):
+            return result[0], result[1].transpose(1, 2)
+
+        _compare(f"{op.__name__} {layout} causal={causal} window={window} Hkv={h_kv} return_lse {sorted(extra)}",
+                 lambda q, k, v: rows_first(op(q, k, v, layout=layout, **options)),
+                 lambda q, k, v: rows_first(flashops.flash_attention(q, k, v, **options)),
+                 [(q, True), (k, True), (v, True)], layout, sharded_outputs=(True, True))
+
+
 def check_ring_attention(rank, world):
     _check_exact(cp.ring_attention, world, EXACT_CASES)
     # bf16: partials merge and dK/dV accumulate in fp32, so the error is that of the single-device op.
     _check_exact(cp.ring_attention, world, EXACT_CASES[:1], dtype=torch.bfloat16)
     # Softcap is elementwise on the logits: every block applies it, the partials merge as usual.
     _check_exact(cp.ring_attention, world, EXACT_CASES[:4], softcap=2.0)
+    _check_exact_lse(cp.ring_attention, world, EXACT_CASES)
 
 
 def check_ulysses_attention(rank, world):
@@ -131,6 +148,8 @@ def check_ulysses_attention(rank, world):
     per_batch = slopes[None].repeat(B, 1) * torch.tensor([[1.0], [0.5]], device=_device())
     _check_exact(cp.ulysses_attention, world, EXACT_CASES[:4], softcap=2.0, alibi_slopes=slopes)
     _check_exact(cp.ulysses_attention, world, EXACT_CASES[4:], alibi_slopes=per_batch)
+    _check_exact_lse(cp.ulysses_attention, world, EXACT_CASES)
+    _check_exact_lse(cp.ulysses_attention, world, EXACT_CASES[:2], softcap=2.0, alibi_slopes=slopes)
 
 
 def check_ring_attention_triton(rank, world):

@@ -799,6 +799,21 @@ def _distributed_cases():
     def single_exact(**options):
         return lambda x, backend: flashops.flash_attention(x["q"], x["k"], x["v"], backend=backend, **options)
 
+    def with_lse(run):
+        """(out, lse as [B, T, H]): return_lse=True, the log-sum-exp laid out like the output for the sites."""
+        def call(x, backend):
+            out, lse = run(x, backend)
+            return out, lse.transpose(1, 2)
+        return call
+
+    def exact_lse(op_name, layout, **options):
+        def run(x, backend):
+            op = getattr(flashops.distributed, op_name)
+            q, k, v = (to_shard(x[n], layout) for n in ("q", "k", "v"))
+            out, lse = op(q, k, v, layout=layout, backend=backend, return_lse=True, **options)
+            return from_shards(out, layout), from_shards(lse.transpose(1, 2), layout)
+        return run
+
     def exact_make(b, t, dtype, device):
         return qkv(b, t, dtype, device, heads=4, kv_heads=2)
 
@@ -810,7 +825,7 @@ def _distributed_cases():
         if t <= 12:
             return []
         later = along(1, slice(12, None))
-        return [Site("future t>=12", {n: later for n in ("q", "k", "v")}, {0: later},
+        return [Site("future t>=12", {n: later for n in ("q", "k", "v")}, {0: later, 1: later},
                      grads={"q": later, "k": ..., "v": ...})]
 
     def linear_make(gated, kv_heads=2):
@@ -883,6 +898,12 @@ def _distributed_cases():
         Case("ulysses_attention[zigzag, causal window (4, 0)]", ("torch",), exact_make,
              exact("ulysses_attention", "zigzag", **causal_window), exact_sites(13, 4, 0), length=zigzag,
              reference=single_exact(**causal_window), world=world),
+        Case("ring_attention[zigzag, causal, gqa, return_lse]", ("torch",), exact_make,
+             exact_lse("ring_attention", "zigzag", causal=True), causal_sites, length=zigzag,
+             reference=with_lse(single_exact(causal=True, return_lse=True)), world=world),
+        Case("ulysses_attention[contiguous, causal, return_lse]", ("torch",), exact_make,
+             exact_lse("ulysses_attention", "contiguous", causal=True), causal_sites, length=contiguous,
+             reference=with_lse(single_exact(causal=True, return_lse=True)), world=world),
         Case("ring_attention[contiguous, window (3, 2), softcap]", ("torch",), exact_make,
              exact("ring_attention", "contiguous", softcap=2.0, **two_sided), exact_sites(9, 3, 2),
              length=contiguous, reference=single_exact(softcap=2.0, **two_sided), world=world),
