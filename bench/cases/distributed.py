@@ -7,7 +7,8 @@ same seed and keeps its zigzag part; times are the slowest rank's.
 Ops (inputs ``[B, T, H, D]``, T the whole sequence, P ranks, zigzag layout):
   ring_attention      causal exact attention, K/V heads Hkv (GQA); providers: each attention backend.
   ulysses_attention   the same by all-to-all (skipped where P does not divide H).
-  lasp2_attention     Lightning (default slopes, scale 1); lasp2_gla: GLA (g = logsigmoid(N(0, 1)) / 16).
+  lasp2_attention     Lightning (default slopes: one state per query head, scale 1); lasp2_gla: GLA
+                      (g = logsigmoid(N(0, 1)) / 16, one state per kv head). Both with GQA (k, v, g with Hkv heads).
 Sweeps: GPU bf16, B = 1, H = 16, Hkv = 4, D = 128, T/P in {8k, 32k} (quick: 8k); CPU fp32, B = 1, H = 4, Hkv = 2,
 D = 32, T/P in {64, 256} (quick) or {256, 1024} (full). Modes fwd and fwd+bwd.
 Reference: the single-device flashops op on the gathered sequence, in fp32 (its own cases check it against the
@@ -18,7 +19,8 @@ Traffic (extra metrics, MB sent by this rank, measured with ``flashops.distribut
 one backward, next to the formulas; e = bytes per element, S = one fp32 state B*H*K*V*4):
   ring     fwd (P-1) * 2*B*(T/P)*Hkv*D*e (the K/V blocks); bwd the same plus P * 2*B*(T/P)*Hkv*D*4 (fp32 dK/dV)
   ulysses  fwd and bwd (P-1)/P * B*(T/P)*D*e * (2H + 2Hkv') (q, k, v in, out back; Hkv' = Hkv repeated to P)
-  lasp2    fwd and bwd (P-1) * 2 * S (two chunks per rank; GLA adds the decay column: K*(V+1)), independent of T
+  lasp2    fwd and bwd (P-1) * 2 * S (two chunks per rank; S with H states for Lightning, Hkv for GLA, which adds
+           the decay column: K*(V+1)), independent of T
 """
 
 from __future__ import annotations
@@ -59,10 +61,11 @@ def _attention_inputs(c, device, generator) -> dict:
 
 def _linear_inputs(gated: bool):
     def make(c, device, generator) -> dict:
-        shape = (c["B"], c["T"], c["H"], c["D"])
-        full = {n: torch.randn(shape, generator=generator, device=device) for n in ("q", "k", "v")}
+        shape, kv_shape = (c["B"], c["T"], c["H"], c["D"]), (c["B"], c["T"], c["Hkv"], c["D"])
+        full = {n: torch.randn(s, generator=generator, device=device)
+                for n, s in (("q", shape), ("k", kv_shape), ("v", kv_shape))}
         if gated:
-            full["g"] = F.logsigmoid(torch.randn(shape, generator=generator, device=device)) / 16
+            full["g"] = F.logsigmoid(torch.randn(kv_shape, generator=generator, device=device)) / 16
         return {n: cp.shard(x.to(c.dtype)).contiguous() for n, x in full.items()}
 
     return make
@@ -122,7 +125,7 @@ def _ulysses_bytes(c) -> tuple[float, float]:
 
 def _lasp2_bytes(gated: bool):
     def formula(c) -> tuple[float, float]:
-        state = c["B"] * c["H"] * c["D"] * (c["D"] + (1 if gated else 0)) * 4
+        state = c["B"] * (c["Hkv"] if gated else c["H"]) * c["D"] * (c["D"] + (1 if gated else 0)) * 4
         moved = (c["P"] - 1) * 2 * state
         return moved, moved
 
@@ -175,7 +178,7 @@ def _attention_op(name, run, formula) -> Op:
 def _linear_op(name, dispatch_op, gated, flops) -> Op:
     differentiable = ("q", "k", "v", "g") if gated else ("q", "k", "v")
     return Op(
-        name=name, family="distributed", cases=lambda sweep, device: _sweep(name, sweep, device, gqa=False),
+        name=name, family="distributed", cases=lambda sweep, device: _sweep(name, sweep, device, gqa=True),
         make_inputs=_linear_inputs(gated), reference=_linear_reference, flops=flops,
         flop_formula="whole sequence, as the linear family (chunk 64)",
         providers=flashops_providers(dispatch_op, _lasp2, lambda c: {"head_dim_k": c["D"], "head_dim_v": c["D"]}),
