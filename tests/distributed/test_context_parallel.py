@@ -274,16 +274,26 @@ def check_errors(rank, world):
 
 
 def check_empty_inputs(rank, world):
-    """An empty batch or sequence gives empty outputs and gradients on every op (Ulysses: empty sequence only;
-    its empty batch waits for flash_attention's torch backend to accept B = 0)."""
+    """An empty batch or sequence gives empty outputs and gradients on every op and option (the log-sum-exp, GQA,
+    reverse), the log-sum-exp included in the loss."""
+    def with_lse(out_lse):
+        out, lse = out_lse
+        return out + lse.sum()
+
+    half = H // 2
     ops = {"ring": lambda x: cp.ring_attention(x, x, x, causal=True),
            "ulysses": lambda x: cp.ulysses_attention(x, x, x, causal=True),
+           "ring lse": lambda x: with_lse(cp.ring_attention(x, x, x, causal=True, return_lse=True)),
+           "ulysses lse": lambda x: with_lse(cp.ulysses_attention(x, x, x, return_lse=True)),
            "lasp2": lambda x: cp.lasp2_attention(x, x, x)[0],
-           "gla": lambda x: cp.lasp2_attention(x, x, x, g=torch.zeros_like(x))[0]}
-    for shape, names in [((0, 4, H, D_K), ("ring", "lasp2", "gla")), ((B, 0, H, D_K), tuple(ops))]:
-        for name in names:
+           "gla": lambda x: cp.lasp2_attention(x, x, x, g=torch.zeros_like(x))[0],
+           "lasp2 gqa reverse": lambda x: cp.lasp2_attention(x, x[:, :, :half], x[:, :, :half], reverse=True)[0],
+           "gla gqa reverse": lambda x: cp.lasp2_attention(x, x[:, :, :half], x[:, :, :half],
+                                                           g=torch.zeros_like(x[:, :, :half]), reverse=True)[0]}
+    for shape in [(0, 4, H, D_K), (B, 0, H, D_K)]:
+        for name, op in ops.items():
             x = torch.zeros(shape, device=_device(), requires_grad=True)
-            out = ops[name](x)
+            out = op(x)
             out.sum().backward()
             assert out.shape == shape and x.grad.shape == shape, (name, shape)
 
