@@ -8,7 +8,8 @@ here, so that a change of those internals is mended in this file alone:
 - ``flashops.ops.attention``: ``OP`` (its dispatch name), ``FWD_ARGS``/``BWD_ARGS`` with
   ``_attention_fwd_impl``/``_attention_bwd_impl`` (the argument lists and plain implementations behind the
   ``flashops::attention_fwd/bwd`` custom ops, whose ``window_left/right`` take any integers), ``_window`` and
-  ``_scalars`` (the checks of ``window_size`` and ``softmax_scale``); ``args.AttentionArgs``; the torch
+  ``_scalars`` (the checks of ``window_size`` and ``softmax_scale``), ``_check_slopes`` (ALiBi slopes);
+  ``args.AttentionArgs``; the torch
   backend's ``pytorch.backward`` with ``fused=False`` (see :func:`block_backward`);
 - ``flashops._dispatch`` (backend selection) and ``flashops._validation`` (input checks);
 - ``flashops.ops.linear.common.LOG_GATE_FLOOR`` (the floor the linear kernels apply to log-gates, which a
@@ -31,8 +32,8 @@ from ..ops.attention import pytorch as _attention_pytorch
 from ..ops.attention.args import AttentionArgs
 from ..ops.linear.common import LOG_GATE_FLOOR
 
-__all__ = ["LOG_GATE_FLOOR", "attention_backend", "block_backward", "block_forward", "check_attention_inputs",
-           "check_tensor", "compute_dtype", "parse_window", "softmax_scale"]
+__all__ = ["LOG_GATE_FLOOR", "attention_backend", "block_backward", "block_forward", "check_alibi_slopes",
+           "check_attention_inputs", "check_tensor", "compute_dtype", "parse_window", "softmax_scale"]
 
 
 def parse_window(causal: bool, window_size) -> tuple[Optional[int], Optional[int]]:
@@ -45,6 +46,11 @@ def softmax_scale(value, head_dim: int, softcap: float = 0.0) -> tuple[float, fl
     """``(softmax_scale, softcap)`` checked as ``flash_attention`` does; None gives ``1/sqrt(head_dim)``."""
     scale, softcap, _ = _attention._scalars(value, softcap, 0.0, head_dim)
     return scale, softcap
+
+
+def check_alibi_slopes(alibi_slopes: Optional[Tensor], batch: int, heads: int, device) -> Optional[Tensor]:
+    """``alibi_slopes`` checked as ``flash_attention`` does: fp32 ``[H]`` or ``[B, H]`` on q's device."""
+    return _attention._check_slopes(alibi_slopes, batch, heads, device)
 
 
 def attention_backend(q: Tensor, backend: Optional[str]) -> str:

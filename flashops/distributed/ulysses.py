@@ -62,10 +62,9 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
         k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
     h_kv = k.shape[2]
     scale, softcap = _internals.softmax_scale(softmax_scale, d, softcap)
+    # Checked whole: a slice of slopes for more heads than q's would pass flash_attention's own check.
+    alibi_slopes = _internals.check_alibi_slopes(alibi_slopes, b, h, q.device)
     if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, Tensor) or alibi_slopes.shape[-1] != h or alibi_slopes.dim() not in (1, 2):
-            raise ValueError(f"alibi_slopes must be a tensor of shape [H] or [B, H] with H = {h}, got "
-                             f"{tuple(alibi_slopes.shape) if isinstance(alibi_slopes, Tensor) else alibi_slopes!r}")
         heads_per_rank = h // world
         alibi_slopes = alibi_slopes[..., rank * heads_per_rank:(rank + 1) * heads_per_rank]
     sent = [_heads_to_sequence(x, world) for x in (q, k, v)]
@@ -80,7 +79,9 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
     out, lse = flash_attention(q_all, k_all, v_all, causal=causal, softmax_scale=scale, window_size=window_size,
                                softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, backend=backend)
     if needs_order:
-        out, lse = out.index_select(1, order.argsort()), lse.index_select(2, order.argsort())
+        rank_major = order.argsort()
+        out = out.index_select(1, rank_major)
+        lse = lse.index_select(2, rank_major) if return_lse else lse
     back = _comm.all_to_all(out.reshape(b, world, t_local, h // world, d).permute(1, 0, 2, 3, 4), pg)
     out = back.permute(1, 2, 0, 3, 4).reshape(b, t_local, h, d)
     if not return_lse:

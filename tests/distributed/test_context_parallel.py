@@ -258,6 +258,8 @@ def check_errors(rank, world):
     with pytest.raises(ValueError, match="not both"):
         cp.lasp2_attention(odd[:, :4], odd[:, :4], odd[:, :4], slopes=torch.zeros(2), g=odd[:, :4])
     four_heads = _full(42, 1, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(4,\) or \(1, 4\), got \(8,\)"):
+        cp.ulysses_attention(four_heads, four_heads, four_heads, alibi_slopes=torch.zeros(8, device=_device()))
     with pytest.raises(ValueError, match=r"H_kv dividing H, got q \(1, 4, 4, 8\), k \(1, 4, 3, 8\)"):
         cp.lasp2_attention(four_heads, four_heads[:, :, :3], four_heads[:, :, :3])
     with pytest.raises(ValueError, match=r"slopes must be a tensor of shape \[H\] = \(4,\) or \[H_kv\] = \(2,\)"):
