@@ -13,7 +13,8 @@ here, so that a change of those internals is mended in this file alone:
   backend's ``pytorch.backward`` with ``fused=False`` (see :func:`block_backward`);
 - ``flashops._dispatch`` (backend selection) and ``flashops._validation`` (input checks);
 - ``flashops.ops.linear.common.LOG_GATE_FLOOR`` (the floor the linear kernels apply to log-gates, which a
-  state computed outside them must apply too);
+  state computed outside them must apply too) and ``flashops.ops.linear``'s input checks (``_check_qkv``,
+  ``_check_gates``, ``_check_slopes``, ``_check_state``);
 - ``flashops._numerics.compute_dtype`` (fp32 accumulators, fp64 for fp64 inputs, as the kernels' torch paths).
 """
 
@@ -28,12 +29,14 @@ from .. import _dispatch
 from .._numerics import compute_dtype
 from .._validation import check_attention_inputs, check_tensor
 from ..ops import attention as _attention
+from ..ops import linear as _linear
 from ..ops.attention import pytorch as _attention_pytorch
 from ..ops.attention.args import AttentionArgs
 from ..ops.linear.common import LOG_GATE_FLOOR
 
 __all__ = ["LOG_GATE_FLOOR", "attention_backend", "block_backward", "block_forward", "check_alibi_slopes",
-           "check_attention_inputs", "check_tensor", "compute_dtype", "parse_window", "softmax_scale"]
+           "check_attention_inputs", "check_linear_inputs", "check_tensor", "compute_dtype", "parse_window",
+           "softmax_scale"]
 
 
 def parse_window(causal: bool, window_size) -> tuple[Optional[int], Optional[int]]:
@@ -51,6 +54,22 @@ def softmax_scale(value, head_dim: int, softcap: float = 0.0) -> tuple[float, fl
 def check_alibi_slopes(alibi_slopes: Optional[Tensor], batch: int, heads: int, device) -> Optional[Tensor]:
     """``alibi_slopes`` checked as ``flash_attention`` does: fp32 ``[H]`` or ``[B, H]`` on q's device."""
     return _attention._check_slopes(alibi_slopes, batch, heads, device)
+
+
+def check_linear_inputs(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], slopes: Optional[Tensor],
+                        initial_state: Optional[Tensor], layout: str) -> Optional[Tensor]:
+    """q, k, v, then g (GLA) or slopes (Lightning), then the initial state, checked as ``gated_linear_attention`` /
+    ``lightning_attention`` check them; returns Lightning's slopes (default ``lightning_slopes(H)``), None with g."""
+    _linear._check_qkv(q, k, v, layout=layout)
+    if g is not None:
+        _linear._check_gates("g", g, k)
+        state_heads = k.shape[2]
+    else:
+        slopes = _linear._check_slopes(slopes, q.shape[2], k.shape[2], q.device)
+        state_heads = slopes.shape[0]
+    _linear._check_state("initial_state", initial_state, q.shape[0], state_heads, q.shape[3], v.shape[3], q.device,
+                         what="batch rows")
+    return None if g is not None else slopes
 
 
 def attention_backend(q: Tensor, backend: Optional[str]) -> str:

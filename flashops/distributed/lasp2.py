@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._custom_ops import OpArgs, eager, register_autograd
-from ..ops.linear import gated_linear_attention, lightning_attention, lightning_slopes
+from ..ops.linear import gated_linear_attention, lightning_attention
 from . import _comm, _internals
 from .layout import check_layout, chunks_of, num_chunks, piece_length
 
@@ -176,30 +176,14 @@ def _fold_backward(ctx, d_entering, d_final, d_gathered):
 _fold = register_autograd(_fold_fwd, _fold_fwd_impl, _fold_backward, _fold_setup)
 
 
-def _check(q, k, v, g, slopes, initial_state, layout):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _internals.check_tensor(name, t, ndim=4, layout="[B, T/P, H, D] (this rank's shard)")
-    b, _, h, d_k = q.shape
-    h_kv = k.shape[2]
-    if k.shape[:2] != q.shape[:2] or k.shape[3] != d_k or v.shape[:3] != k.shape[:3] or h_kv == 0 or h % h_kv:
-        raise ValueError(f"k must be [B, T/P, H_kv, K] and v [B, T/P, H_kv, V], with q [B, T/P, H, K] and H_kv "
-                         f"dividing H, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+def _check(q, k, v, g, slopes, initial_state, layout) -> tuple[Optional[Tensor], int]:
+    """(Lightning's slopes or None with g, the piece length): the single-device ops' checks, run before any
+    communication so that a bad input fails on its rank without leaving the peers waiting."""
     if g is not None and slopes is not None:
         raise ValueError("pass slopes (Lightning: a constant decay per head) or g (GLA: log-gates), not both")
-    if slopes is not None and (not isinstance(slopes, Tensor) or tuple(slopes.shape) not in ((h,), (h_kv,))):
-        raise ValueError(f"slopes must be a tensor of shape [H] = ({h},) or [H_kv] = ({h_kv},), got "
-                         f"{tuple(slopes.shape) if isinstance(slopes, Tensor) else type(slopes).__name__}")
-    if g is not None and (not isinstance(g, Tensor) or g.shape != k.shape):
-        raise ValueError(f"g must be a tensor of the shape of k {tuple(k.shape)} ([B, T/P, H_kv, K]), got "
-                         f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}")
-    state_heads = h_kv if g is not None else (slopes.shape[0] if slopes is not None else h)
-    want = (b, state_heads, d_k, v.shape[-1])
-    if initial_state is not None and (not isinstance(initial_state, Tensor) or tuple(initial_state.shape) != want):
-        raise ValueError(f"initial_state must be a tensor of shape [B, H_state, K, V] = {want} (H_state: one state "
-                         f"per slope, or per kv head with g), got "
-                         f"{tuple(initial_state.shape) if isinstance(initial_state, Tensor) else initial_state!r}")
+    slopes = _internals.check_linear_inputs(q, k, v, g, slopes, initial_state, "[B, T/P, H, D] (this rank's shard)")
     check_layout(layout)
-    return piece_length("q", q.shape[1], layout)
+    return slopes, piece_length("q", q.shape[1], layout)
 
 
 def lasp2_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Optional[Tensor] = None, g: Optional[Tensor] = None,
@@ -235,10 +219,8 @@ def lasp2_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Optional[Tensor]
     Returns:
         ``(o [B, T/P, H, V], final_state or None)``.
     """
-    length = _check(q, k, v, g, slopes, initial_state, layout)
+    slopes, length = _check(q, k, v, g, slopes, initial_state, layout)
     pg, rank, world = _comm.world_of(group)
-    if g is None and slopes is None:
-        slopes = lightning_slopes(q.shape[2], device=q.device)
     if reverse:  # the flipped sequence's shard (see _chunks)
         q, k, v, g = (None if t is None else t.flip(1) for t in (q, k, v, g))
     pieces = [slice(a * length, (a + 1) * length) for a in range(len(chunks_of(layout, rank, world)))]
